@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch is pinned here (a local CPU build on our machines); the package itself asks for torch>=2.3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: install demo test lint bench figures clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q $(TORCH_PIN) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hessrank.demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check hessrank tests experiments
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hessrank tests experiments
+
+# Peers (pyhessian) go into the same venv only for benchmarks; hessrank/ never imports them.
+$(VENV)/.installed-bench: $(STAMP)
+	$(PIP) install -q $(TORCH_PIN) -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(PY) experiments/benchmarks/run_all.py
+
+figures: $(STAMP)
+	$(PY) -m hessrank.cli figures --out paper_figures
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,83 @@
+"""The round protocol every federated algorithm implements (DESIGN.md §5).
+
+A round is: the server broadcasts, sampled clients compute on their own data, the server
+aggregates. Client work is a pure function of (message, local data, rng). Every tensor that
+travels is counted in floats, up (client -> server) and down (server -> client).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hessrank.fl.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local training set: ``inputs`` (n, ...) and integer ``targets`` (n,)."""
+
+    client_id: int
+    inputs: Tensor
+    targets: Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@dataclass
+class RoundStats:
+    """What one round reports to the runner (which logs it to metrics.jsonl).
+
+    train_loss: size-weighted mean over the sampled clients of their mean local loss.
+    floats_up / floats_down: per sampled client, floats sent in each direction this round.
+    ranks: per factorized layer, its rank after the round (FeDLRT; empty otherwise).
+    extra: anything else worth logging (JSON-serializable scalars).
+    """
+
+    train_loss: float
+    floats_up: dict[int, int]
+    floats_down: dict[int, int]
+    ranks: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class FederatedAlgorithm(ABC):
+    """Base class of FedAvg, FedLoRA, FedLoRU (+p/m) and FeDLRT.
+
+    Subclasses set ``name`` and implement the abstract methods. ``__init__`` receives the dense
+    model built from the config (already seeded) and may replace layers by factorized ones.
+    """
+
+    name: str = ""
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+
+    @abstractmethod
+    def run_round(
+        self, round_idx: int, clients: list[ClientData], lr: float, generator: torch.Generator
+    ) -> RoundStats:
+        """Run one communication round with the sampled ``clients`` at learning rate ``lr``."""
+
+    @abstractmethod
+    def effective_model(self) -> nn.Module:
+        """The global model as a plain dense network (same class and state_dict keys as the
+        model built from the config), for evaluation, checkpoints and Hessian analysis."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every tensor needed to resume the run exactly (factors, bases, personal pairs...)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+
+    def client_model(self, client_id: int) -> nn.Module:
+        """The model a client evaluates with; the global one except for personalized methods."""
+        return self.effective_model()
