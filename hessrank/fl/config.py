@@ -58,7 +58,7 @@ class TrainConfig:
     personal_rank: int = 4  # pFedLoRU
     personal_alpha: float = 4.0
     personal_steps: int = 0  # pFedLoRU local steps on the personal pair; 0: same as global
-    client_ranks: list[int] | None = None  # mFedLoRU: rank per client (<= rank); None: cycle r, r/2, r/4
+    client_ranks: list[int] | None = None  # mFedLoRU ranks (<= rank); None: r, r/2, r/4
     # FeDLRT
     correction: str = "full"  # full | simplified | none
     trunc_theta: float = 0.1  # relative truncation threshold (vartheta)
@@ -71,13 +71,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+            choices = ", ".join(ALGORITHMS)
+            raise ValueError(f"unknown algorithm {self.algo!r}; choose one of {choices}")
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
         if self.correction not in ("full", "simplified", "none"):
-            raise ValueError(f"unknown correction {self.correction!r}; choose full, simplified or none")
+            raise ValueError(
+                f"unknown correction {self.correction!r}; choose full, simplified or none"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

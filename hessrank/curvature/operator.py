@@ -1,0 +1,413 @@
+"""HessianOperator: products with the Hessian of a model's loss over a dataset, via torch.func.
+
+For parameters θ (the selected subset, flattened in ``params`` order, p entries) and batches
+b = 1..B of sizes n_b (N = Σ n_b), the loss is the dataset mean L(θ) = Σ_b (n_b/N) L_b(θ) with
+L_b the batch-mean ``loss_fn``; the operator is H = ∇²L = Σ_b (n_b/N) ∇²L_b, so unequal batches
+give the same operator as the whole data in one batch.
+
+Products are Hessian-vector products by ``torch.func``: reverse-over-reverse (``vjp`` of
+``grad``) or forward-over-reverse (``jvp`` of ``grad``), over a block of k tangents either by
+``vmap`` or by a loop. With ``cache=True`` each batch's reverse-over-reverse linearization (the
+``vjp`` closure of the gradient) is built once and reused, so a product costs only the
+tangent pass. ``"auto"`` settings are chosen by a short timing calibration on the first block
+(see :meth:`HessianOperator.calibrate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from hessrank.curvature.data import Batches, as_batches
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_HVP_MODES = ("rev-rev", "fwd-rev")
+_BLOCK_MODES = ("vmap", "loop")
+_CALIBRATION: dict[tuple, tuple[str, str]] = {}
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: str):
+    """Temporarily put every submodule in ``mode`` ("eval" or "train"), then restore flags."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
+    """Names of the parameters to differentiate: ``params`` checked, or every trainable one."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, t in named.items() if t.requires_grad]
+        if not names:
+            raise ValueError(
+                "the model has no trainable parameters (all have requires_grad=False); "
+                "pass params=[...] with the names to differentiate"
+            )
+        return names
+    names = list(params)
+    if not names:
+        raise ValueError("params is empty; pass at least one parameter name or None for all")
+    for n in names:
+        if n not in named:
+            raise ValueError(f"unknown parameter {n!r}; valid names: {', '.join(named)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"params lists a name twice: {names}")
+    return names
+
+
+def check_finite_params(model: nn.Module) -> None:
+    """Raise naming the first parameter or buffer with NaN/inf entries."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"{kind} {name!r} has NaN or inf entries; the Hessian is undefined there "
+                    "(check the checkpoint or the training run that produced it)"
+                )
+
+
+class HessianOperator:
+    """The Hessian of a model's mean loss over ``data``, as a (1, p, p) operator.
+
+    Args:
+        model: the network; it is evaluated functionally and never modified.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch **mean** loss.
+        data: an (inputs, targets) pair or an iterable of such batches (a DataLoader works);
+            read once at construction.
+        params: names of the parameters to differentiate (default: all trainable); the others
+            are held fixed. Vectors are flat in this order.
+        mode: "eval" (BatchNorm running statistics, dropout off; default) or "train".
+        hvp: "rev-rev", "fwd-rev" or "auto" (timed on the first block).
+        block: "vmap", "loop" or "auto" — how a block of k tangents is pushed through.
+        cache: keep each batch's linearization across products: True, False or "auto"
+            (on when the estimated graph memory fits ``cache_budget_mb``). Implies "rev-rev".
+        check_determinism: evaluate the first batch's gradient twice on first use and raise if
+            the two differ (dropout in train mode, random augmentation, ...).
+        batch_size: split a single (inputs, targets) pair into batches of this size.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> op = HessianOperator(model, nn.functional.cross_entropy, (x, y))
+        >>> op.shape
+        (1, 23, 23)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable | tuple[Tensor, Tensor],
+        params: Sequence[str] | None = None,
+        mode: str = "eval",
+        *,
+        hvp: str = "auto",
+        block: str = "auto",
+        cache: bool | str = "auto",
+        check_determinism: bool = True,
+        batch_size: int | None = None,
+        cache_budget_mb: float = 2048.0,
+    ) -> None:
+        if hvp not in (*_HVP_MODES, "auto"):
+            raise ValueError(f"hvp must be one of {_HVP_MODES + ('auto',)}, got {hvp!r}")
+        if block not in (*_BLOCK_MODES, "auto"):
+            raise ValueError(f"block must be one of {_BLOCK_MODES + ('auto',)}, got {block!r}")
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        with module_mode(model, mode):
+            pass  # validates mode
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.param_names = select_params(model, params)
+        check_finite_params(model)
+        named = dict(model.named_parameters())
+        self._params = {n: named[n].detach().clone() for n in self.param_names}
+        fixed = {n: t.detach() for n, t in named.items() if n not in self._params}
+        fixed.update({n: b.detach() for n, b in model.named_buffers()})
+        self._fixed = fixed
+        ref = next(iter(self._params.values()))
+        self._dtype, self._device = ref.dtype, ref.device
+        self.batches: Batches = as_batches(
+            data, dtype=self._dtype, device=self._device, batch_size=batch_size
+        )
+        self._shapes = [self._params[n].shape for n in self.param_names]
+        self._numels = [int(math.prod(s)) for s in self._shapes]
+        self._p = sum(self._numels)
+        self._hvp, self._block, self._cache_opt = hvp, block, cache
+        self._cache_budget_mb = cache_budget_mb
+        self._cached: list[Callable | None] | None = None
+        self._check_determinism = check_determinism
+        self._ready = False
+        self.num_matvecs = 0
+        self.loss_value = self._check_losses()
+
+    # ---- operator protocol -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, self._p, self._p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_samples(self) -> int:
+        return self.batches.num_samples
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """The product strategy in use (after calibration): hvp, block, cache."""
+        self._prepare(2)
+        return {"hvp": self._hvp, "block": self._block, "cache": self._cached is not None,
+                "mode": self.mode}
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """H V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""
+        squeeze = V.ndim
+        if V.ndim == 1:
+            V = V[None, :, None]
+        elif V.ndim == 2:
+            V = V[None]
+        if V.ndim != 3 or V.shape[0] != 1 or V.shape[1] != self._p:
+            raise ValueError(f"expected V of shape (1, {self._p}, k), got {tuple(V.shape)}")
+        out = self.apply_block(V[0])[None]
+        if squeeze == 1:
+            return out[0, :, 0]
+        if squeeze == 2:
+            return out[0]
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v)
+
+    def apply_block(self, V: Tensor) -> Tensor:
+        """H V for a (p, k) block: Σ_b (n_b/N) H_b V, one pass over the data."""
+        k = V.shape[1]
+        self._prepare(k)
+        V = V.to(dtype=self._dtype, device=self._device)
+        tangents = self.unflatten(V)
+        out = torch.zeros(self._p, k, dtype=self._dtype, device=self._device)
+        with module_mode(self.model, self.mode):
+            for b, w in enumerate(self.batches.weights):
+                out.add_(self._flatten_block(self._batch_hvp(b, tangents)), alpha=w)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                "a Hessian-vector product has NaN/inf entries; the loss is not twice "
+                "differentiable at these weights or overflows in this dtype"
+            )
+        self.num_matvecs += k
+        return out
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64) for cross-checks."""
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X, dtype=np.float64)
+            one = X.ndim == 1
+            Xt = torch.as_tensor(X.reshape(self._p, -1))
+            Y = self.apply_block(Xt).detach().cpu().to(torch.float64).numpy()
+            return Y[:, 0] if one else Y
+
+        return LinearOperator((self._p, self._p), matvec=mm, matmat=mm, rmatvec=mm,
+                              dtype=np.float64)
+
+    # ---- vectors ---------------------------------------------------------------------------
+    def unflatten(self, V: Tensor) -> dict[str, Tensor]:
+        """(p, k) block → {name: (k, *shape)} tangents."""
+        k = V.shape[1]
+        parts = torch.split(V, self._numels, dim=0)
+        return {
+            n: part.T.reshape(k, *shape)
+            for n, part, shape in zip(self.param_names, parts, self._shapes)
+        }
+
+    def _flatten_block(self, tangents: dict[str, Tensor]) -> Tensor:
+        """{name: (k, *shape)} → (p, k)."""
+        return torch.cat([tangents[n].reshape(tangents[n].shape[0], -1) for n in self.param_names],
+                         dim=1).T
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """{name: shape} → (p,), in ``params`` order."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.param_names])
+
+    def parameters_vector(self) -> Tensor:
+        """θ flat, in ``params`` order."""
+        return self.flatten(self._params)
+
+    # ---- loss and gradient ---------------------------------------------------------------------
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(self.model, (params, self._fixed), (x,))
+        return self.loss_fn(out, y)
+
+    def gradient(self) -> Tensor:
+        """∇L(θ) flat (p,), the size-weighted mean over batches."""
+        g = torch.zeros(self._p, dtype=self._dtype, device=self._device)
+        with module_mode(self.model, self.mode):
+            for b, w in enumerate(self.batches.weights):
+                gb = grad(self._loss)(self._params, self.batches.inputs[b], self.batches.targets[b])
+                g.add_(self.flatten(gb), alpha=w)
+        return g
+
+    def _check_losses(self) -> float:
+        total = 0.0
+        with torch.no_grad(), module_mode(self.model, self.mode):
+            for b, w in enumerate(self.batches.weights):
+                val = self._loss(self._params, self.batches.inputs[b], self.batches.targets[b])
+                if val.ndim != 0:
+                    raise ValueError(
+                        f"loss_fn must return a scalar batch mean, got shape {tuple(val.shape)}; "
+                        "use reduction='mean'"
+                    )
+                if not torch.isfinite(val):
+                    raise ValueError(
+                        f"the loss is {val.item()} on batch {b} (weights are finite): check the "
+                        "inputs/targets of that batch and the model's numerics"
+                    )
+                total += w * float(val)
+        return total
+
+    # ---- product machinery --------------------------------------------------------------------
+    def _grad_fn(self, b: int) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        x, y = self.batches.inputs[b], self.batches.targets[b]
+        return lambda p: grad(self._loss)(p, x, y)
+
+    def _linearization(self, b: int, hvp: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        """v ↦ H_b v for one batch, with the primal work done once for the returned closure."""
+        if self._cached is not None and self._cached[b] is not None:
+            return self._cached[b]
+        g = self._grad_fn(b)
+        if hvp == "rev-rev":
+            _, vjp_fn = vjp(g, self._params)
+            fn = lambda v: vjp_fn(v)[0]  # noqa: E731  (H symmetric: vᵀH = (Hv)ᵀ)
+        else:
+            params = self._params
+            fn = lambda v: jvp(g, (params,), (v,))[1]  # noqa: E731
+        if self._cached is not None:
+            self._cached[b] = fn
+        return fn
+
+    def _batch_hvp(self, b: int, tangents: dict[str, Tensor], hvp: str | None = None,
+                   block: str | None = None) -> dict[str, Tensor]:
+        hvp = hvp or self._hvp
+        block = block or self._block
+        fn = self._linearization(b, hvp)
+        k = next(iter(tangents.values())).shape[0]
+        if block == "vmap" and k > 1:
+            return vmap(fn)(tangents)
+        outs = [fn({n: t[i] for n, t in tangents.items()}) for i in range(k)]
+        return {n: torch.stack([o[n] for o in outs]) for n in self.param_names}
+
+    def _prepare(self, k: int) -> None:
+        if self._ready:
+            return
+        if self._check_determinism:
+            self._determinism_check()
+        if self._cache_opt == "auto":
+            # the cached linearization is reverse-over-reverse: only when hvp allows it
+            use_cache = self._hvp != "fwd-rev" and (
+                self._estimated_graph_mb() <= self._cache_budget_mb
+            )
+        else:
+            use_cache = bool(self._cache_opt)
+        if use_cache and self._hvp == "fwd-rev":
+            raise ValueError("cache=True keeps a reverse-over-reverse linearization; "
+                             "use hvp='rev-rev' or 'auto' with it, or cache=False")
+        if use_cache:
+            self._hvp = "rev-rev"
+            self._cached = [None] * len(self.batches)
+        if self._hvp == "auto" or self._block == "auto":
+            self.calibrate(max(2, min(k, 8)))
+        self._ready = True
+
+    def calibrate(self, k: int = 4, repeats: int = 3) -> tuple[str, str]:
+        """Pick (hvp, block) by timing each candidate on the first batch with k tangents.
+
+        Rule: the fastest median of ``repeats`` timings after one warm-up wins. With the
+        linearization cached only the block strategy is timed (products are then tangent-only).
+        The choice is remembered per (model class, parameter shapes, batch shape, dtype).
+        """
+        key = (type(self.model).__name__, tuple(self._shapes),
+               tuple(self.batches.inputs[0].shape), self._dtype, self._cached is not None)
+        if key in _CALIBRATION:
+            hvp, block = _CALIBRATION[key]
+        else:
+            hvps = [self._hvp] if self._hvp != "auto" else list(_HVP_MODES)
+            blocks = [self._block] if self._block != "auto" else list(_BLOCK_MODES)
+            gen = torch.Generator().manual_seed(0)
+            V = torch.randn(self._p, k, generator=gen, dtype=torch.float64).to(self._dtype)
+            tangents = self.unflatten(V.to(self._device))
+            timings: dict[tuple[str, str], float] = {}
+            with module_mode(self.model, self.mode):
+                for h in hvps:
+                    for bl in blocks:
+                        ts = []
+                        for _ in range(repeats + 1):  # the first run is a warm-up
+                            t0 = time.perf_counter()
+                            self._batch_hvp(0, tangents, h, bl)
+                            ts.append(time.perf_counter() - t0)
+                        timings[(h, bl)] = float(np.median(ts[1:]))
+            hvp, block = min(timings, key=timings.get)
+            _CALIBRATION[key] = (hvp, block)
+        self._hvp, self._block = hvp, block
+        return hvp, block
+
+    def _estimated_graph_mb(self) -> float:
+        """Rough memory of all batches' kept linearizations: 4 × activations + 3 × params."""
+        numel = 0
+
+        def hook(_m, _i, out):
+            nonlocal numel
+            if isinstance(out, Tensor):
+                numel += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad(), module_mode(self.model, self.mode):
+                self._loss(self._params, self.batches.inputs[0], self.batches.targets[0])
+        finally:
+            for h in handles:
+                h.remove()
+        per_sample = numel / max(self.batches.sizes[0], 1)
+        elt = torch.finfo(self._dtype).bits // 8
+        total = 4 * per_sample * self.num_samples + 3 * self._p * len(self.batches)
+        return total * elt / 2**20
+
+    def _determinism_check(self) -> None:
+        with module_mode(self.model, self.mode):
+            x, y = self.batches.inputs[0], self.batches.targets[0]
+            try:
+                g1 = self.flatten(grad(self._loss)(self._params, x, y))
+                g2 = self.flatten(grad(self._loss)(self._params, x, y))
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the model cannot be differentiated functionally in mode={self.mode!r}: {err}"
+                ) from err
+        tol = 1e-10 if self._dtype == torch.float64 else 1e-5
+        diff = float((g1 - g2).norm() / g1.norm().clamp_min(torch.finfo(self._dtype).tiny))
+        if diff > tol:
+            raise ValueError(
+                f"the loss is not deterministic: two gradients on the same batch differ by "
+                f"{diff:.2e} (relative). A random layer (dropout) is active in mode={self.mode!r} "
+                "or the model draws random numbers; use mode='eval' or check_determinism=False"
+            )
