@@ -16,6 +16,7 @@ tangent pass. ``"auto"`` settings are chosen by a short timing calibration on th
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,21 @@ def module_mode(model: nn.Module, mode: str):
     finally:
         for m, f in flags:
             m.training = f
+
+
+def functional_model(model: nn.Module, mode: str) -> nn.Module:
+    """The module to evaluate functionally in ``mode``.
+
+    "eval" uses ``model`` itself. "train" uses a private copy whose BatchNorm layers normalize
+    with batch statistics and stop tracking running statistics: the in-place running-mean
+    update is not a function of the weights and torch.func refuses to differentiate through it.
+    The caller's model is never modified.
+    """
+    if mode == "eval":
+        return model
+    twin = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(twin)
+    return twin
 
 
 def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
@@ -131,11 +147,12 @@ class HessianOperator:
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         with module_mode(model, mode):
             pass  # validates mode
+        self.param_names = select_params(model, params)
+        check_finite_params(model)
+        model = functional_model(model, mode)
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
-        self.param_names = select_params(model, params)
-        check_finite_params(model)
         named = dict(model.named_parameters())
         self._params = {n: named[n].detach().clone() for n in self.param_names}
         fixed = {n: t.detach() for n, t in named.items() if n not in self._params}

@@ -39,7 +39,7 @@ def stable_rank(
 ) -> StableRankResult:
     """srank(H) = ‖H‖_F² / ‖H‖₂² for each stacked symmetric operator.
 
-    Spends m = num_matvecs − s Lanczos steps and s residual probes (s defaults to an eighth of the
+    Spends m = num_matvecs − s Lanczos steps and s residual probes (s defaults to a quarter of the
     budget). ‖H‖₂ = max |θ| over the Ritz values — a lower bound that converges fast for the
     outliers of a Hessian; ‖H‖_F² is the Krylov-deflated estimate (exact on the Krylov space,
     sampled on its complement). Also reports tr(H), the top-k stable rank Σ_{i≤k} θ_i²/θ_1²
@@ -50,7 +50,7 @@ def stable_rank(
         op: operator (J, p, p) or a dense symmetric tensor.
         num_matvecs: total products per stacked operator (≥ 4).
         seed: seeds every random draw.
-        num_probes: residual probes (default max(2, num_matvecs/8)).
+        num_probes: residual probes (default max(2, num_matvecs/4)).
         k_top: how many top eigenvalues to keep and use for the top-k stable rank.
     Returns:
         :class:`StableRankResult` with error bars (delta method) and the matvecs spent.

@@ -146,12 +146,13 @@ class DeflatedEstimate:
 
 
 def default_num_probes(num_matvecs: int) -> int:
-    """Residual probes for a deflated estimate: an eighth of the budget, at least 2.
+    """Residual probes for a deflated estimate: a quarter of the budget, at least 2.
 
-    The Krylov part is exact and shrinks the sampled remainder as it grows, so most of the
-    budget goes to Lanczos steps; two probes are the minimum for a standard error.
+    Measured on briefly trained small MLPs and CNNs (tests/curvature): at 40–50 matvecs the
+    Lanczos part already pins ‖H‖₂ to machine precision and the error of ‖H‖_F² is the sampled
+    remainder, which a quarter of the budget brought under 1% where an eighth did not.
     """
-    return max(2, round(num_matvecs / 8))
+    return max(2, round(num_matvecs / 4))
 
 
 def deflated_estimate(
@@ -224,7 +225,7 @@ def frobenius_sq(
         num_matvecs: total products spent (Lanczos steps + residual probes).
         seed: seeds every random draw; same seed, same result.
         method: "deflated" (default) or "hutchinson" (plain (1/s) Σ ‖H g‖², for comparison).
-        num_probes: residual probes for "deflated" (default: an eighth of the budget, ≥ 2).
+        num_probes: residual probes for "deflated" (default: a quarter of the budget, ≥ 2).
     Returns:
         TraceResult(value, stderr, num_matvecs) with one entry per stacked operator.
     """
