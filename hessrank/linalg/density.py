@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.linalg.lanczos import lanczos_tridiagonal
+from hessrank.linalg.lanczos import lanczos_tridiagonal, restart_generator
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
 
 
@@ -59,7 +59,10 @@ class DensityResult:
         """tr f(H) per stacked operator and its standard error over probes, each (J,)."""
         per_probe = self.dim * np.sum(self.weights * f(self.nodes), axis=-1)  # (J, L)
         L = per_probe.shape[-1]
-        se = per_probe.std(axis=-1, ddof=1) / math.sqrt(L) if L > 1 else np.full(L, np.nan)
+        if L > 1:
+            se = per_probe.std(axis=-1, ddof=1) / math.sqrt(L)
+        else:
+            se = np.full(per_probe.shape[:-1], np.nan)
         return per_probe.mean(axis=-1), se
 
     def smoothed(
@@ -67,13 +70,16 @@ class DensityResult:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Density on a grid by Gaussian smoothing of the quadrature, normalized to integrate to 1.
 
-        Returns (grid (G,), density (J, G)). ``sigma`` defaults to 1% of the spectral range.
+        Returns (grid (G,), density (J, G)). ``sigma`` defaults to 1% of the spectral range. The
+        default grid has at least 10 points per σ so that the density integrates to 1 on it.
         """
         lo, hi = float(self.nodes.min()), float(self.nodes.max())
         width = max(hi - lo, 1e-12)
         if sigma is None:
             sigma = 0.01 * width
         if grid is None:
+            span = hi - lo + 10 * sigma
+            num_points = max(num_points, min(int(10 * span / sigma) + 1, 20_000))
             grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
         z = (grid[None, None, None, :] - self.nodes[..., None]) / sigma
         kern = np.exp(-0.5 * z * z) / (sigma * math.sqrt(2 * math.pi))
@@ -125,13 +131,13 @@ def spectral_density(
     m = min(int(lanczos_steps), p)
     if m < 1:
         raise ValueError(f"lanczos_steps must be >= 1, got {lanczos_steps}")
-    gen = make_generator(seed)
+    gen, restart = make_generator(seed), restart_generator(seed)
     alphas, betas = [], []
     done = 0
     while done < num_probes:
         b = min(chunk, num_probes - done)
         V = random_block((J, p, b), gen, kind="rademacher", dtype=op.dtype, device=op.device)
-        kr = lanczos_tridiagonal(op, V, m, generator=gen, keep_basis=False)
+        kr = lanczos_tridiagonal(op, V, m, generator=restart, keep_basis=False)
         alphas.append(kr.alpha)
         betas.append(kr.beta)
         done += b

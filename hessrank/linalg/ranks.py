@@ -55,6 +55,8 @@ def stable_rank(
     Returns:
         :class:`StableRankResult` with error bars (delta method) and the matvecs spent.
     """
+    if k_top < 1:
+        raise ValueError(f"k_top must be >= 1, got {k_top}")
     if num_matvecs < 4:
         raise ValueError(
             f"stable_rank needs num_matvecs >= 4 (Lanczos steps plus 2 residual probes), "

@@ -6,7 +6,7 @@ one dict per stacked operator for tidy tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from torch import Tensor
@@ -16,8 +16,21 @@ def _f(x) -> float:
     return float(x)
 
 
+class _ToDict:
+    """``to_dict()``: every field as plain Python (arrays to nested lists, tensors dropped)."""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                continue
+            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+
 @dataclass(frozen=True)
-class EigenResult:
+class EigenResult(_ToDict):
     """Ritz pairs from Lanczos.
 
     eigenvalues: (J, k) Ritz values ordered by ``which``.
@@ -48,7 +61,7 @@ class EigenResult:
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(_ToDict):
     """A trace-like scalar per stacked operator (tr(H), ‖H‖_F² = tr(H²), ...).
 
     value, stderr: (J,); stderr is the sample standard error of the stochastic part (0 where the
@@ -70,7 +83,7 @@ class TraceResult:
 
 
 @dataclass(frozen=True)
-class StableRankResult:
+class StableRankResult(_ToDict):
     """srank(H) = ‖H‖_F² / ‖H‖₂² with its ingredients and relatives.
 
     value, stderr: (J,) stable rank and its delta-method error bar.

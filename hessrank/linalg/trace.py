@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.linalg.lanczos import Krylov, lanczos_tridiagonal
+from hessrank.linalg.lanczos import Krylov, lanczos_tridiagonal, restart_generator
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
 from hessrank.linalg.results import TraceResult
 
@@ -169,18 +169,22 @@ def deflated_estimate(
     """
     op = as_operator(op)
     J, p, _ = op.shape
+    if num_probes is not None and num_probes < 2:
+        raise ValueError(
+            f"num_probes must be >= 2 (two residual probes give the error bar), got {num_probes}"
+        )
     s = default_num_probes(num_matvecs) if num_probes is None else int(num_probes)
     m = num_matvecs - s
+    if num_matvecs >= p:  # the Krylov space can be the whole space: exact, no probe needed
+        m, s = p, 0
     if m < 1:
         raise ValueError(
             f"num_matvecs={num_matvecs} leaves no Lanczos step after {s} residual probes; "
             f"use num_matvecs >= {s + 2} or fewer probes"
         )
-    if m >= p:
-        m, s = p, 0
     gen = make_generator(seed)
     start = random_block((J, p, 1), gen, kind="gaussian", dtype=op.dtype, device=op.device)
-    kr = lanczos_tridiagonal(op, start, m, generator=gen, keep_basis=True)
+    kr = lanczos_tridiagonal(op, start, m, generator=restart_generator(seed), keep_basis=True)
     alpha, beta = kr.alpha[:, 0], kr.beta[:, 0]  # (J, m)
     fro_krylov = alpha.pow(2).sum(-1) + 2 * beta[:, :-1].pow(2).sum(-1) + beta[:, -1].pow(2)
     tr_krylov = alpha.sum(-1)
