@@ -1,0 +1,294 @@
+"""Run directories of the federated trainer: atomic writes, checkpoints, and a reader.
+
+Layout (DESIGN.md §5)::
+
+    RUN/config.json                      TrainConfig (with the algorithm's notes)
+    RUN/partition.json                   Partition.to_json() of the client split
+    RUN/metrics.jsonl                    one JSON object per evaluated round
+    RUN/checkpoints/round_00000.safetensors, round_00005.safetensors, ...
+
+A checkpoint holds ``model.<key>`` (the dense effective weights and buffers of the global
+model, exactly the state_dict keys of ``build_model(config.model, ...)``), ``state.<name>``
+(the algorithm's :meth:`state_tensors`, for resuming), ``rng.<name>`` (generator states) and
+string metadata ``round``, ``algo``, ``input_shape`` (JSON), ``num_outputs`` and the
+cumulative communication. Every file is written atomically (temporary file in the same
+directory, fsync, ``os.replace``), so a killed run leaves either the old or the new file.
+
+Example:
+    >>> run = RunDir("runs/x")                       # doctest: +SKIP
+    >>> model = run.load_model(run.rounds()[-1])     # dense global model, eval mode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from hessrank.fl.config import TrainConfig
+
+if TYPE_CHECKING:
+    import pandas
+
+    from hessrank.datasets import Dataset
+    from hessrank.fl.partition import Partition
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "RunDir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "checkpoint_path",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
+CONFIG_FILE = "config.json"
+PARTITION_FILE = "partition.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"^round_(\d+)\.safetensors$")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def checkpoint_path(run: str | Path, round_idx: int) -> Path:
+    """RUN/checkpoints/round_{round:05d}.safetensors."""
+    return Path(run) / CHECKPOINT_DIR / f"round_{int(round_idx):05d}.safetensors"
+
+
+def save_checkpoint(
+    run: str | Path,
+    round_idx: int,
+    *,
+    model_state: dict[str, Tensor],
+    algo_state: dict[str, Tensor],
+    rng: dict[str, Tensor],
+    algo: str,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write round ``round_idx``'s checkpoint atomically and return its path.
+
+    Args:
+        model_state: dense effective state_dict of the global model (stored as ``model.*``).
+        algo_state: the algorithm's state tensors (``state.*``).
+        rng: generator states as uint8 tensors (``rng.*``).
+        algo: algorithm name, stored in the metadata.
+        metadata: extra JSON-serializable metadata (values stored as JSON strings).
+    """
+    tensors: dict[str, Tensor] = {}
+    for prefix, group in (("model", model_state), ("state", algo_state), ("rng", rng)):
+        for key, value in group.items():
+            tensors[f"{prefix}.{key}"] = value.detach().cpu().contiguous().clone()
+    meta = {"round": str(int(round_idx)), "algo": str(algo)}
+    for key, value in (metadata or {}).items():
+        meta[key] = json.dumps(value)
+    path = checkpoint_path(run, round_idx)
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the string metadata of one checkpoint file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable safetensors checkpoint (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    try:
+        tensors = st_load(path.read_bytes())
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({err}); delete it to "
+            "resume from the previous checkpoint"
+        ) from None
+    if "round" not in meta:
+        raise ValueError(f"checkpoint {path} has no 'round' metadata; not written by hessrank")
+    return tensors, meta
+
+
+def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries ``prefix.<key>`` of a checkpoint, keyed by ``<key>``."""
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+class RunDir:
+    """Reader of a run directory written by :func:`hessrank.fl.train`.
+
+    Args:
+        path: the run directory (holds ``config.json``).
+    Raises:
+        FileNotFoundError: the directory does not exist.
+        ValueError: it exists but is not a run directory (no or unreadable ``config.json``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no run directory at {self.path}; train one first")
+        cfg = self.path / CONFIG_FILE
+        if not cfg.is_file():
+            raise ValueError(
+                f"{self.path} is not a run directory: it has no {CONFIG_FILE}; point at the "
+                "directory given to `hessrank train --out`"
+            )
+        try:
+            self.config: TrainConfig = TrainConfig.load(cfg)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{cfg} is not a valid TrainConfig JSON ({err})") from None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}, algo={self.config.algo!r}, rounds={self.rounds()})"
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def rounds(self) -> list[int]:
+        """Rounds with a checkpoint, ascending (0 is the initialization)."""
+        folder = self.path / CHECKPOINT_DIR
+        if not folder.is_dir():
+            return []
+        found = (_CKPT_RE.match(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def checkpoint_path(self, round: int) -> Path:
+        """Path of round ``round``'s checkpoint; ValueError listing the saved rounds if absent."""
+        path = checkpoint_path(self.path, round)
+        if not path.is_file():
+            raise ValueError(
+                f"run {self.path} has no checkpoint for round {round}; saved rounds: "
+                f"{self.rounds()}"
+            )
+        return path
+
+    def read(self, round: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Raw tensors and metadata of round ``round``'s checkpoint."""
+        return read_checkpoint(self.checkpoint_path(round))
+
+    def load_model(self, round: int, dtype: torch.dtype | None = None) -> nn.Module:
+        """The dense global model after ``round`` rounds, in eval mode.
+
+        Args:
+            round: a saved round (see :meth:`rounds`).
+            dtype: parameter dtype; default the run's ``config.dtype``.
+        Raises:
+            ValueError: no such round, corrupt file, or keys that do not match the model the
+                config builds (the message names the file).
+        """
+        from hessrank.models import build_model
+
+        path = self.checkpoint_path(round)
+        tensors, meta = read_checkpoint(path)
+        state = split_prefix(tensors, "model")
+        try:
+            input_shape = tuple(json.loads(meta["input_shape"]))
+            num_outputs = int(json.loads(meta["num_outputs"]))
+        except KeyError as err:
+            raise ValueError(f"checkpoint {path} lacks metadata {err.args[0]!r}") from None
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+            cfg = self.config
+            model = build_model(cfg.model, input_shape, num_outputs, **cfg.model_kwargs)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {path} does not match model {self.config.model!r}: missing keys "
+                f"{missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+        target = dtype if dtype is not None else getattr(torch, self.config.dtype)
+        model = model.to(target)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {path} does not fit the model: {err}") from None
+        return model.eval()
+
+    # ---- data -----------------------------------------------------------------------------
+    @cached_property
+    def _dataset(self) -> Dataset:
+        from hessrank.datasets import load_dataset
+
+        return load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+
+    def dataset(self) -> Dataset:
+        """The run's dataset (loaded once, cached)."""
+        return self._dataset
+
+    def partition(self) -> Partition:
+        """The client split saved at the start of the run."""
+        from hessrank.fl.partition import Partition
+
+        path = self.path / PARTITION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"run {self.path} has no {PARTITION_FILE}")
+        return Partition.from_json(json.loads(path.read_text()))
+
+    def client_data(self) -> list[tuple[Tensor, Tensor]]:
+        """Per client c, (inputs (n_c, ...), targets (n_c, ...)) of its training samples;
+        floating tensors in the run's dtype, so that L_c is the loss the clients trained on."""
+        ds = self.dataset()
+        dtype = getattr(torch, self.config.dtype)
+        out = []
+        for idx in self.partition().indices:
+            index = torch.as_tensor(idx, dtype=torch.long)
+            x, y = ds.train_x[index], ds.train_y[index]
+            out.append((x.to(dtype), y.to(dtype) if y.is_floating_point() else y))
+        return out
+
+    def loss_fn(self):
+        """The batch-mean loss ℓ(outputs, targets) of the run's dataset."""
+        return self.dataset().loss_fn()
+
+    def metrics(self) -> pandas.DataFrame:
+        """metrics.jsonl as a DataFrame, one row per logged round (empty if none)."""
+        import pandas as pd
+
+        path = self.path / METRICS_FILE
+        rows = read_metrics(path) if path.is_file() else []
+        return pd.DataFrame(rows)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl file, skipping a torn last line."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a partial line from a kill mid-write; the runner truncates it on resume
+    return rows

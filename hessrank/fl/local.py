@@ -1,0 +1,141 @@
+"""Client-side local training: mini-batch SGD over one client's data (McMahan et al., 2017).
+
+Every algorithm's client step goes through :func:`local_sgd`, so batching, shuffling and the
+optimizer are identical across FedAvg, FedLoRA, FedLoRU and their variants.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hessrank.fl.base import ClientData
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one call of :func:`local_sgd` did.
+
+    mean_loss: mean over the steps of the mini-batch loss (each a batch mean), before each step.
+    num_steps: optimizer steps taken. seconds: wall-clock time of the loop.
+    """
+
+    mean_loss: float
+    num_steps: int
+    seconds: float
+
+
+def batch_indices(
+    n: int, batch_size: int, *, epochs: int, steps: int, generator: torch.Generator
+) -> list[Tensor]:
+    """Index tensors of the mini-batches of one client's local training.
+
+    With ``steps > 0``: exactly ``steps`` batches of ``min(batch_size, n)`` indices, read in order
+    from a sequence of fresh permutations of range(n) (a permutation's tail shorter than a batch
+    is dropped, a new permutation starts). Otherwise ``epochs`` passes, each a fresh permutation
+    cut into batches of ``batch_size`` (the last one may be smaller). Every permutation is
+    ``torch.randperm(n, generator=generator)``, so the batches are a function of the
+    generator's state.
+    """
+    if n < 1:
+        raise ValueError("a client with no samples cannot train; check the partition's min size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[Tensor] = []
+    if steps > 0:
+        b = min(batch_size, n)
+        perm, pos = torch.randperm(n, generator=generator), 0
+        while len(out) < steps:
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=generator), 0
+            out.append(perm[pos : pos + b])
+            pos += b
+        return out
+    if epochs < 1:
+        raise ValueError(f"need local_epochs >= 1 or local_steps >= 1, got {epochs} and {steps}")
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return out
+
+
+@torch.no_grad()
+def _sgd_step(
+    params: list[nn.Parameter],
+    buffers: list[Tensor | None],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """One SGD step in place, the same arithmetic as ``torch.optim.SGD`` (see local_sgd)."""
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        g = p.grad
+        if weight_decay != 0.0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0.0:
+            if buffers[i] is None:
+                buffers[i] = g.detach().clone()
+            else:
+                buffers[i].mul_(momentum).add_(g)
+            g = buffers[i]
+        p.add_(g, alpha=-lr)
+
+
+def local_sgd(
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    data: ClientData,
+    loss_fn: LossFn,
+    *,
+    lr: float,
+    batch_size: int,
+    epochs: int = 1,
+    steps: int = 0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    generator: torch.Generator,
+) -> LocalResult:
+    """Train ``params`` of ``model`` in place by SGD on ``data`` (model in train mode).
+
+    Each step minimizes the batch-mean loss ``loss_fn(model(x_b), y_b)`` by the update of
+    ``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov):
+        g ← ∇ + wd·θ;  m ← g (first step) or μ·m + g;  θ ← θ − lr·m,
+    written out here because ``torch.optim`` imports torch._dynamo on its first step (seconds
+    of start-up). The momentum buffer is fresh for every call, i.e. for every round. Batches
+    come from :func:`batch_indices`. Parameters not in ``params`` get no update (their
+    gradients are not even computed).
+    """
+    params = list(params)
+    start = time.perf_counter()
+    batches = batch_indices(
+        data.size, batch_size, epochs=epochs, steps=steps, generator=generator
+    )
+    trainable = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in trainable)
+    buffers: list[Tensor | None] = [None] * len(params)
+    model.train()
+    total = 0.0
+    try:
+        for idx in batches:
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model(data.inputs[idx]), data.targets[idx])
+            loss.backward()
+            _sgd_step(params, buffers, lr, momentum, weight_decay)
+            total += float(loss.detach())
+    finally:
+        for p in params:
+            p.grad = None
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    return LocalResult(total / len(batches), len(batches), time.perf_counter() - start)

@@ -1,0 +1,409 @@
+"""The federated training loop: setup, client sampling, rounds, evaluation, checkpoints, resume.
+
+Reproducibility contract: everything random is a function of ``config.seed``. The model is
+built right after ``torch.manual_seed(seed)``; the partition and the dataset take the seed;
+factor initializations use their own seeded generators; every draw during training (client
+sampling, batch order, FedLoRU's redraws) comes from one *round generator* whose state is
+stored in every checkpoint together with torch's global RNG state. On CPU, the same config
+gives bit-for-bit the same weights, and a run killed after checkpoint k and resumed gives the
+same weights as an uninterrupted one.
+
+Example:
+    >>> from hessrank.fl import train                                  # doctest: +SKIP
+    >>> run = train({"algo": "fedloru", "rounds": 10}, "runs/demo")    # doctest: +SKIP
+    >>> run.metrics()[["round", "test_accuracy"]]                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hessrank.checkpoints import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PARTITION_FILE,
+    RunDir,
+    atomic_write_text,
+    read_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    split_prefix,
+)
+from hessrank.fl.base import ClientData, FederatedAlgorithm
+from hessrank.fl.config import TrainConfig
+
+__all__ = [
+    "ALGORITHM_CLASSES",
+    "algorithm_class",
+    "evaluate",
+    "label_weighted_accuracy",
+    "learning_rate",
+    "sample_clients",
+    "train",
+]
+
+ALGORITHM_CLASSES: dict[str, str] = {
+    "fedavg": "hessrank.fl.fedavg:FedAvg",
+    "fedlora": "hessrank.fl.fedlora:FedLoRA",
+    "fedloru": "hessrank.fl.fedloru:FedLoRU",
+    "pfedloru": "hessrank.fl.fedloru:PFedLoRU",
+    "mfedloru": "hessrank.fl.fedloru:MFedLoRU",
+    "fedlrt": "hessrank.fl.fedlrt:FeDLRT",
+}
+"""Algorithm name → "module:class", imported on first use (FeDLRT may be absent)."""
+
+_ROUND_SEED_OFFSET = 1_000_003  # round generator seed = seed + offset: a stream of its own
+_EVAL_BATCH = 2048
+
+Callback = Callable[[int, FederatedAlgorithm], None]
+
+
+def algorithm_class(name: str) -> type[FederatedAlgorithm]:
+    """The class registered under ``name`` (imported lazily)."""
+    if name not in ALGORITHM_CLASSES:
+        raise ValueError(f"unknown algorithm {name!r}; valid names: {', '.join(ALGORITHM_CLASSES)}")
+    module_name, _, cls_name = ALGORITHM_CLASSES[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"algorithm {name!r} is not available in this build ({err})") from None
+    return getattr(module, cls_name)
+
+
+def sample_clients(num_clients: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """max(1, ⌊C·K⌋) distinct client ids drawn uniformly without replacement, ascending.
+
+    Always consumes one ``torch.randperm(K, generator)``, also for C = 1.
+    """
+    m = max(1, math.floor(fraction * num_clients + 1e-9))
+    perm = torch.randperm(num_clients, generator=generator)
+    return sorted(int(i) for i in perm[:m])
+
+
+def learning_rate(config: TrainConfig, round_idx: int) -> float:
+    """Learning rate of round t = 1..T.
+
+    constant: λ; cosine: λ·½(1 + cos(π·(t−1)/T)); step: λ·decay^⌊(t−1)/step_every⌋.
+    """
+    t, total = round_idx - 1, max(config.rounds, 1)
+    if config.lr_schedule == "constant":
+        return float(config.lr)
+    if config.lr_schedule == "cosine":
+        return float(config.lr * 0.5 * (1.0 + math.cos(math.pi * t / total)))
+    if config.lr_schedule == "step":
+        return float(config.lr * config.lr_decay ** (t // max(config.lr_step_every, 1)))
+    raise ValueError(
+        f"unknown lr_schedule {config.lr_schedule!r}; choose constant, cosine or step"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], task: str
+) -> dict[str, float]:
+    """Mean loss (size-weighted over chunks, i.e. the full-batch mean) and, for classification,
+    accuracy of ``model`` in eval mode on (x, y)."""
+    model.eval()
+    n = x.shape[0]
+    loss_sum, correct = 0.0, 0
+    for i in range(0, n, _EVAL_BATCH):
+        xb, yb = x[i : i + _EVAL_BATCH], y[i : i + _EVAL_BATCH]
+        out = model(xb)
+        loss_sum += float(loss_fn(out, yb)) * xb.shape[0]
+        if task == "classification":
+            correct += int((out.argmax(dim=1) == yb).sum())
+    result = {"loss": loss_sum / n}
+    if task == "classification":
+        result["accuracy"] = correct / n
+    return result
+
+
+# ---- setup -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Setup:
+    config: TrainConfig
+    dataset: Any
+    partition: Any
+    algorithm: FederatedAlgorithm
+    clients: list[ClientData]
+    test: tuple[Tensor, Tensor]
+    train: tuple[Tensor, Tensor]
+    input_shape: tuple[int, ...]
+    num_outputs: int
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _build(config: TrainConfig, partition_json: dict | None) -> _Setup:
+    from hessrank.datasets import load_dataset
+    from hessrank.fl.partition import Partition, make_partition
+    from hessrank.models import build_model
+
+    dtype = getattr(torch, str(config.dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {config.dtype!r}; use float32 or float64")
+    if config.lr_schedule not in ("constant", "cosine", "step"):
+        raise ValueError(
+            f"unknown lr_schedule {config.lr_schedule!r}; choose constant, cosine or step"
+        )
+    for name in ("rounds", "batch_size", "save_every", "eval_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    ds = load_dataset(config.dataset, root=config.data_root, seed=config.seed)
+    if partition_json is not None:
+        part = Partition.from_json(partition_json)
+    else:
+        part = make_partition(
+            ds.train_y, config.clients, config.partition, alpha=config.dirichlet_alpha,
+            shards_per_client=config.shards_per_client, min_size=config.min_client_size,
+            seed=config.seed,
+        )  # fmt: skip
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
+    model = model.to(dtype)
+    algorithm = algorithm_class(config.algo)(model, config)
+    algorithm.loss_fn = ds.loss_fn()
+    clients = []
+    for cid, idx in enumerate(part.indices):
+        index = torch.as_tensor(idx, dtype=torch.long)
+        x, y = _cast(ds.train_x[index], dtype), _cast(ds.train_y[index], dtype)
+        clients.append(ClientData(cid, x, y))
+    return _Setup(
+        config, ds, part, algorithm, clients,
+        test=(_cast(ds.test_x, dtype), _cast(ds.test_y, dtype)),
+        train=(_cast(ds.train_x, dtype), _cast(ds.train_y, dtype)),
+        input_shape=tuple(ds.input_shape), num_outputs=ds.output_dim,
+    )  # fmt: skip
+
+
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    """Fields that must agree for a resume: all but ``notes`` (written by the algorithms) and
+    ``rounds`` (a run may be extended), unless a cosine schedule depends on ``rounds``."""
+    d = config.to_dict()
+    d.pop("notes")
+    if config.lr_schedule != "cosine":
+        d.pop("rounds")
+    return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
+
+
+def _check_same(saved: TrainConfig, config: TrainConfig, out: Path) -> None:
+    a, b = _comparable(saved), _comparable(config)
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise ValueError(
+            f"{out} holds a run with a different config ({shown}); choose another --out or "
+            "delete that directory"
+        )
+
+
+# ---- evaluation and logging ---------------------------------------------------------------
+def _personalized(algorithm: FederatedAlgorithm) -> bool:
+    return type(algorithm).client_model is not FederatedAlgorithm.client_model
+
+
+@torch.no_grad()
+def label_weighted_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, client_targets: Tensor, num_classes: int
+) -> float:
+    """Accuracy on (x, y) reweighted to a client's label distribution:
+    Σ_k p_c(k)·acc(k), with acc(k) the accuracy on test samples of class k and p_c the label
+    histogram of the client's training data — the client's own test distribution under label
+    skew, estimated from the shared test set."""
+    model.eval()
+    out = torch.cat([model(x[i : i + _EVAL_BATCH]) for i in range(0, len(x), _EVAL_BATCH)])
+    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(
+        0, y, (out.argmax(1) == y).to(torch.float64)
+    )
+    per_class = hits / torch.bincount(y, minlength=num_classes).clamp(min=1).to(torch.float64)
+    hist = torch.bincount(client_targets, minlength=num_classes).to(torch.float64)
+    return float((per_class * hist).sum() / hist.sum())
+
+
+def _personal_eval(setup: _Setup) -> dict[str, float]:
+    """Personalized evaluation (pFedLoRU): client c's own model, mean over clients of
+    :func:`label_weighted_accuracy` (classification) or of the test loss (regression)."""
+    ds, algo = setup.dataset, setup.algorithm
+    x, y = setup.test
+    scores = []
+    for client in setup.clients:
+        model = algo.client_model(client.client_id)
+        if ds.task == "classification":
+            scores.append(label_weighted_accuracy(model, x, y, client.targets, ds.num_classes))
+        else:
+            scores.append(evaluate(model, x, y, algo.loss_fn, ds.task)["loss"])
+    key = "personal_test_accuracy" if ds.task == "classification" else "personal_test_loss"
+    return {key: float(np.mean(scores))}
+
+
+def _eval_row(setup: _Setup) -> dict[str, Any]:
+    model = setup.algorithm.effective_model()
+    loss_fn, task = setup.algorithm.loss_fn, setup.dataset.task
+    tr = evaluate(model, *setup.train, loss_fn, task)
+    te = evaluate(model, *setup.test, loss_fn, task)
+    row: dict[str, Any] = {
+        "train_loss": tr["loss"],
+        "test_loss": te["loss"],
+        "test_accuracy": te.get("accuracy"),
+    }
+    if _personalized(setup.algorithm):
+        row.update(_personal_eval(setup))
+    return row
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Tensor]:
+    return {"round": generator.get_state(), "torch": torch.get_rng_state()}
+
+
+def _save(setup: _Setup, out: Path, round_idx: int, gen: torch.Generator, cum: dict) -> None:
+    algo = setup.algorithm
+    save_checkpoint(
+        out, round_idx,
+        model_state=algo.effective_model().state_dict(),
+        algo_state=algo.state_tensors(),
+        rng=_rng_state(gen),
+        algo=setup.config.algo,
+        metadata={
+            "input_shape": list(setup.input_shape), "num_outputs": setup.num_outputs,
+            "cum_floats_up": cum["up"], "cum_floats_down": cum["down"],
+        },
+    )  # fmt: skip
+
+
+def _append_metrics(out: Path, row: dict[str, Any]) -> None:
+    with open(out / METRICS_FILE, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+# ---- training --------------------------------------------------------------------------------
+def train(
+    config: TrainConfig | dict,
+    out: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> RunDir:
+    """Run (or resume) federated training and write a run directory.
+
+    Args:
+        config: a :class:`TrainConfig` or its dict form (not modified; the algorithm's notes
+            go into the copy saved as ``out/config.json``).
+        out: the run directory (created if needed).
+        resume: if ``out`` holds a run with the same config, continue from its last
+            checkpoint (metrics after it are dropped); a run already at ``config.rounds`` is
+            returned as is. With ``resume=False`` an existing run of the same config is
+            restarted from scratch (its checkpoints and metrics are deleted).
+        progress: show a tqdm bar over rounds.
+        callback: called as ``callback(round, algorithm)`` after each round is logged and
+            checkpointed (tests use it to simulate a kill).
+    Returns:
+        :class:`~hessrank.checkpoints.RunDir` of ``out``.
+    Raises:
+        ValueError: invalid config, or ``out`` holds a run with a different config.
+    """
+    cfg = TrainConfig.from_dict(copy.deepcopy(config)) if isinstance(config, dict) else (
+        copy.deepcopy(config)
+    )
+    out = Path(out)
+    saved_rounds: list[int] = []
+    partition_json = None
+    if (out / CONFIG_FILE).is_file():
+        existing = RunDir(out)
+        _check_same(existing.config, cfg, out)
+        cfg.notes = {**existing.config.notes, **cfg.notes}
+        if resume:
+            saved_rounds = existing.rounds()
+            if (out / PARTITION_FILE).is_file() and saved_rounds:
+                partition_json = json.loads((out / PARTITION_FILE).read_text())
+        else:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+    if saved_rounds and saved_rounds[-1] >= cfg.rounds:
+        return RunDir(out)
+
+    setup = _build(cfg, partition_json)
+    algo = setup.algorithm
+    gen = torch.Generator().manual_seed(cfg.seed + _ROUND_SEED_OFFSET)
+    cum = {"up": 0, "down": 0}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    if saved_rounds:
+        start = saved_rounds[-1]
+        tensors, meta = read_checkpoint(out / CHECKPOINT_DIR / f"round_{start:05d}.safetensors")
+        algo.load_state_tensors(split_prefix(tensors, "state"))
+        rng = split_prefix(tensors, "rng")
+        gen.set_state(rng["round"])
+        torch.set_rng_state(rng["torch"])
+        cum = {"up": int(json.loads(meta["cum_floats_up"])),
+               "down": int(json.loads(meta["cum_floats_down"]))}  # fmt: skip
+        rows = [r for r in read_metrics(out / METRICS_FILE) if r["round"] <= start] if (
+            out / METRICS_FILE
+        ).is_file() else []
+        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        start = 0
+        atomic_write_text(
+            out / PARTITION_FILE, json.dumps(setup.partition.to_json(), separators=(",", ":"))
+        )
+        t0 = time.perf_counter()
+        row = {"round": 0, **_eval_row(setup), "lr": None, "sampled": [],
+               "floats_up": {}, "floats_down": {}, "floats_up_total": 0, "floats_down_total": 0,
+               "cum_floats_up": 0, "cum_floats_down": 0, "cum_floats": 0, "ranks": {},
+               "local_loss": None, "extra": {}}  # fmt: skip
+        row["seconds"] = time.perf_counter() - t0
+        atomic_write_text(out / METRICS_FILE, json.dumps(row) + "\n")
+        _save(setup, out, 0, gen, cum)
+
+    bar = tqdm(
+        range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds,
+        disable=not progress, desc=f"{cfg.algo} rounds", unit="round",
+    )  # fmt: skip
+    for t in bar:
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, t)
+        sampled = sample_clients(cfg.clients, cfg.client_fraction, gen)
+        stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen)
+        up, down = sum(stats.floats_up.values()), sum(stats.floats_down.values())
+        cum["up"] += up
+        cum["down"] += down
+        evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
+        ev = _eval_row(setup) if evaluated else {
+            "train_loss": None, "test_loss": None, "test_accuracy": None
+        }
+        row = {"round": t, **ev, "lr": lr, "sampled": sampled,
+               "floats_up": {str(k): v for k, v in stats.floats_up.items()},
+               "floats_down": {str(k): v for k, v in stats.floats_down.items()},
+               "floats_up_total": up, "floats_down_total": down,
+               "cum_floats_up": cum["up"], "cum_floats_down": cum["down"],
+               "cum_floats": cum["up"] + cum["down"], "ranks": dict(stats.ranks),
+               "local_loss": stats.train_loss, "extra": dict(stats.extra)}  # fmt: skip
+        row["seconds"] = time.perf_counter() - t0
+        _append_metrics(out, row)
+        if t % cfg.save_every == 0 or t == cfg.rounds:
+            _save(setup, out, t, gen, cum)
+        if evaluated:
+            shown = ev["test_accuracy"] if ev["test_accuracy"] is not None else ev["test_loss"]
+            bar.set_postfix(train_loss=f"{ev['train_loss']:.4f}", test=f"{shown:.4f}")
+        if callback is not None:
+            callback(t, algo)
+    bar.close()
+    return RunDir(out)

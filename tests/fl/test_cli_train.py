@@ -1,0 +1,72 @@
+"""`hessrank train`: flags generated from TrainConfig, config files, typos, an end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from hessrank.cli import build_parser, main
+from hessrank.fl.cli import build_config
+from hessrank.fl.config import TrainConfig
+
+
+def _parse(*argv: str):
+    return build_parser().parse_args(["train", "--out", "unused", *argv])
+
+
+def test_every_config_field_has_a_documented_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse("--help")
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_flags_are_typed_and_override_only_when_given():
+    args = _parse("--algo", "mfedloru", "--client-ranks", "8,4,2", "--factorize", "fc2",
+                  "--from-scratch", "--lr", "0.3", "--model-kwargs", '{"hidden": [8]}',
+                  "--data-root", "none")  # fmt: skip
+    cfg = build_config(args)
+    assert cfg.algo == "mfedloru" and cfg.client_ranks == [8, 4, 2] and cfg.factorize == ["fc2"]
+    assert cfg.from_scratch is True and cfg.lr == 0.3 and cfg.model_kwargs == {"hidden": [8]}
+    assert cfg.data_root is None and cfg.rounds == TrainConfig().rounds
+    assert build_config(_parse("--no-from-scratch")).from_scratch is False
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    TrainConfig(algo="fedlora", rounds=7, rank=3).save(path)
+    cfg = build_config(_parse("--config", str(path), "--rank", "5"))
+    assert (cfg.algo, cfg.rounds, cfg.rank) == ("fedlora", 7, 5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--clinets", "3"], ["--client", "3"], ["--algo", "fedsgd"], ["--rounds", "ten"]],
+    ids=["typo", "abbreviation", "bad-choice", "bad-type"],
+)
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(*argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_invalid_value_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--clients", "0"]) == 2
+    assert "clients must be >= 1" in capsys.readouterr().err
+
+
+def test_end_to_end_train(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--algo", "fedloru", "--clients", "3",
+                 "--rounds", "2", "--local-steps", "2", "--model-kwargs", '{"hidden": [8, 8]}',
+                 "--rank", "2", "--partition", "iid", "--quiet"])  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["algo"] == "fedloru" and saved["rank"] == 2 and "merge" in saved["notes"]
+    assert (out / "checkpoints" / "round_00002.safetensors").is_file()
+    assert "round 2" in capsys.readouterr().out
