@@ -1,0 +1,117 @@
+"""``make demo``: the main job on the embedded default data, end to end, in a few minutes.
+
+1. Train a FedLoRU federation on scikit-learn's digits (20 clients, Dirichlet(0.5) label split).
+2. At every saved round, estimate the stable rank srank(H) = ‖H‖_F²/‖H‖₂² (± stderr) of every
+   client's loss, of the server's loss (all training data) and of random 50-sample subsets,
+   with the joint FederatedHessian (one data pass per client serves client and server).
+3. Write the tidy table and the figures, and print what they show — computed from the numbers.
+
+``python -m hessrank.demo --fast`` is a ~30-second version with fewer rounds and clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hessrank.analysis.trajectory import analyze
+from hessrank.fl import train
+from hessrank.plotting import plot_all
+
+FULL = dict(clients=20, rounds=30, save_every=5, matvecs=40, subsets="subset:50x3")
+FAST = dict(clients=6, rounds=4, save_every=2, matvecs=24, subsets="subset:50x2")
+
+
+def run_config(clients: int, rounds: int, save_every: int, seed: int) -> dict:
+    """The federation under study: FedLoRU on digits, MLP 64-64-64-10, rank 8, merge every 5."""
+    return dict(
+        algo="fedloru", dataset="digits", model="mlp", clients=clients, partition="dirichlet",
+        dirichlet_alpha=0.5, rounds=rounds, save_every=save_every, local_epochs=2, lr=0.1,
+        batch_size=16, rank=8, lora_alpha=8.0, merge_every=5, seed=seed,
+    )
+
+
+def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per round: server srank ± stderr, client mean and range, ratio, and the share of clients
+    whose srank exceeds the server's by more than 2 combined standard errors."""
+    sr = table[table["quantity"] == "stable-rank"]
+    rows = []
+    for r, g in sr.groupby("round"):
+        server = g[g["subject_kind"] == "server"].iloc[0]
+        clients = g[g["subject_kind"] == "client"]
+        subsets = g[g["subject_kind"] == "subset"]
+        z = (clients["value"] - server["value"]) / np.hypot(clients["stderr"], server["stderr"])
+        rows.append({
+            "round": int(r),
+            "server": server["value"], "server_stderr": server["stderr"],
+            "client_mean": clients["value"].mean(), "client_min": clients["value"].min(),
+            "client_max": clients["value"].max(),
+            "subset50_mean": subsets["value"].mean() if len(subsets) else np.nan,
+            "ratio": clients["value"].mean() / server["value"],
+            "clients_above_2se": float((z > 2).mean()),
+            "clients_below_2se": float((z < -2).mean()),
+        })
+    per_round = pd.DataFrame(rows)
+    acc = metrics.dropna(subset=["test_accuracy"]).iloc[-1]["test_accuracy"]
+    above = per_round["clients_above_2se"].mean()
+    below = per_round["clients_below_2se"].mean()
+    holds = int((per_round["ratio"] > 1).sum())
+    verdict = (
+        "supports" if above > 0.5 and holds == len(per_round)
+        else "contradicts" if below > 0.5 else "does not settle"
+    )
+    text = (
+        f"FedLoRU reached test accuracy {acc:.3f}. Across {len(per_round)} saved rounds the mean "
+        f"client stable rank was {per_round['ratio'].min():.2f}–{per_round['ratio'].max():.2f}× "
+        f"the server's (above it in {holds}/{len(per_round)} rounds); on average "
+        f"{100 * above:.0f}% of clients lay more than 2 standard errors above the server and "
+        f"{100 * below:.0f}% more than 2 below. Random 50-sample subsets averaged "
+        f"{np.nanmean(per_round['subset50_mean'] / per_round['server']):.2f}× the server's "
+        f"stable rank. On this run the evidence {verdict} the hypothesis that client Hessians "
+        "have higher stable rank than the server Hessian."
+    )
+    return per_round, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hessrank.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"),
+                        help="output directory (default: demo_out)")
+    parser.add_argument("--fast", action="store_true", help="a ~30 s version")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    size = FAST if args.fast else FULL
+    t0 = time.perf_counter()
+    print(f"[1/3] training FedLoRU on digits: {size['clients']} clients, {size['rounds']} rounds")
+    run = train(run_config(size["clients"], size["rounds"], size["save_every"], args.seed),
+                args.out / "run", progress=True)
+    print("[2/3] client vs server Hessian spectra at every saved round")
+    analysis = args.out / "analysis"
+    table = analyze(run.path, subjects=f"server,clients,{size['subsets']}",
+                    quantities="stable-rank,top-eig", matvecs=size["matvecs"], seed=args.seed,
+                    out=analysis, progress=True)
+    print("[3/3] figures")
+    figures = plot_all(analysis, args.out / "figures")
+    per_round, text = summarize(table, run.metrics())
+    per_round.to_csv(args.out / "summary.csv", index=False)
+    with pd.option_context("display.width", 120, "display.precision", 3):
+        print(per_round.to_string(index=False))
+    print()
+    print(text)
+    print(f"\ntable:   {analysis / 'results.csv'}\nsummary: {args.out / 'summary.csv'}")
+    for f in figures:
+        if f.suffix == ".png":
+            print(f"figure:  {f}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
