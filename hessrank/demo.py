@@ -58,22 +58,27 @@ def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame,
         })
     per_round = pd.DataFrame(rows)
     acc = metrics.dropna(subset=["test_accuracy"]).iloc[-1]["test_accuracy"]
-    above = per_round["clients_above_2se"].mean()
-    below = per_round["clients_below_2se"].mean()
-    holds = int((per_round["ratio"] > 1).sum())
-    verdict = (
-        "supports" if above > 0.5 and holds == len(per_round)
-        else "contradicts" if below > 0.5 else "does not settle"
+    per_round["verdict"] = np.select(
+        [per_round["clients_above_2se"] > 0.5, per_round["clients_below_2se"] > 0.5],
+        ["client > server", "client < server"], default="mixed",
     )
+
+    def rounds_with(label: str) -> str:
+        rs = per_round.loc[per_round["verdict"] == label, "round"].tolist()
+        return ", ".join(map(str, rs)) if rs else "none"
+
     text = (
-        f"FedLoRU reached test accuracy {acc:.3f}. Across {len(per_round)} saved rounds the mean "
+        f"FedLoRU reached test accuracy {acc:.3f}. Over {len(per_round)} saved rounds the mean "
         f"client stable rank was {per_round['ratio'].min():.2f}–{per_round['ratio'].max():.2f}× "
-        f"the server's (above it in {holds}/{len(per_round)} rounds); on average "
-        f"{100 * above:.0f}% of clients lay more than 2 standard errors above the server and "
-        f"{100 * below:.0f}% more than 2 below. Random 50-sample subsets averaged "
-        f"{np.nanmean(per_round['subset50_mean'] / per_round['server']):.2f}× the server's "
-        f"stable rank. On this run the evidence {verdict} the hypothesis that client Hessians "
-        "have higher stable rank than the server Hessian."
+        "the server's. A majority of clients lay more than 2 standard errors above the server "
+        f"at rounds {rounds_with('client > server')}, and more than 2 below at rounds "
+        f"{rounds_with('client < server')} (mixed: {rounds_with('mixed')}). Random 50-sample "
+        f"subsets averaged {np.nanmean(per_round['subset50_mean'] / per_round['server']):.2f}× "
+        "the server's stable rank. The hypothesis that client Hessians have higher stable rank "
+        "than the server's "
+        + ("holds at every saved round of this run."
+           if (per_round["verdict"] == "client > server").all()
+           else "does not hold along the whole trajectory of this run.")
     )
     return per_round, text
 
