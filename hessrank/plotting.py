@@ -1,0 +1,256 @@
+"""Figures from an analysis directory (the tidy table of :mod:`hessrank.analysis.trajectory`).
+
+- stable rank vs round: the server as a line with ±stderr bars, the clients as their mean with
+  a min–max band (the spread across clients, not an error bar), each subset size as the mean
+  over its draws with ±1 standard deviation across draws, the test set as a dashed line;
+- the ratio (mean client stable rank) / (server stable rank) vs round, band min/server–max/server;
+- SLQ spectral densities at chosen rounds (log-scale y), from the stored raw tridiagonals;
+- top eigenvalues vs round (server, and the client mean of λ₁);
+- gradient alignment vs truncation rank per weight matrix (last round), ± jackknife stderr.
+
+Every figure is saved as PNG and PDF; functions return the paths. Matplotlib runs headless
+(Agg backend).
+
+Example:
+    >>> paths = plot_all("runs/x/analysis")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from hessrank.linalg import DensityResult  # noqa: E402
+
+__all__ = [
+    "load_table",
+    "plot_alignment",
+    "plot_all",
+    "plot_densities",
+    "plot_eigenvalues",
+    "plot_ratio",
+    "plot_stable_rank",
+]
+
+
+def load_table(analysis_dir: str | Path) -> pd.DataFrame:
+    """results.parquet (or results.csv) of an analysis directory."""
+    d = Path(analysis_dir)
+    if (d / "results.parquet").is_file():
+        return pd.read_parquet(d / "results.parquet")
+    if (d / "results.csv").is_file():
+        return pd.read_csv(d / "results.csv", keep_default_na=True).fillna({"layer": ""})
+    raise FileNotFoundError(
+        f"{d} has no results.parquet or results.csv; run `hessrank analyze RUN_DIR --out {d}`"
+    )
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _client_stats(sub: pd.DataFrame) -> pd.DataFrame:
+    return sub.groupby("round")["value"].agg(["mean", "min", "max", "std"]).reset_index()
+
+
+def plot_stable_rank(table: pd.DataFrame, out: str | Path,
+                     quantity: str = "stable-rank") -> list[Path]:
+    """``quantity`` vs round: server line, client mean with min–max band, subsets by size."""
+    t = table[table["quantity"] == quantity]
+    if t.empty:
+        raise ValueError(f"the table has no {quantity!r} rows; analyze with --quantities "
+                         f"{quantity}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    server = t[t["subject_kind"] == "server"].sort_values("round")
+    if not server.empty:
+        ax.errorbar(server["round"], server["value"], yerr=server["stderr"], color="k",
+                    marker="o", ms=3, capsize=2, label="server (± stderr)")
+    clients = t[t["subject_kind"] == "client"]
+    if not clients.empty:
+        cs = _client_stats(clients)
+        ax.plot(cs["round"], cs["mean"], color="C0", marker="s", ms=3,
+                label=f"clients mean (band: min–max of {clients['subject'].nunique()})")
+        ax.fill_between(cs["round"], cs["min"], cs["max"], color="C0", alpha=0.2)
+    subsets = t[t["subject_kind"] == "subset"]
+    for i, (n, sub) in enumerate(sorted(subsets.groupby("subject_size"), key=lambda x: x[0])):
+        st = _client_stats(sub)
+        ax.errorbar(st["round"], st["mean"], yerr=st["std"].fillna(0), color=f"C{i + 1}",
+                    marker="^", ms=3, capsize=2,
+                    label=f"subsets n={n} (mean ± sd of {sub['subject'].nunique()} draws)")
+    test = t[t["subject_kind"] == "test"].sort_values("round")
+    if not test.empty:
+        ax.plot(test["round"], test["value"], "k--", label="test set")
+    ax.set_xlabel("round")
+    ax.set_ylabel(quantity)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(out), quantity.replace("-", "_") + "_vs_round")
+
+
+def plot_ratio(table: pd.DataFrame, out: str | Path, quantity: str = "stable-rank") -> list[Path]:
+    """(mean client ``quantity``) / (server ``quantity``) vs round, band min/server–max/server."""
+    t = table[table["quantity"] == quantity]
+    server = t[t["subject_kind"] == "server"].set_index("round")["value"]
+    clients = t[t["subject_kind"] == "client"]
+    if server.empty or clients.empty:
+        raise ValueError(f"the ratio needs {quantity!r} rows of the server and the clients; "
+                         "analyze with --subjects server,clients")
+    cs = _client_stats(clients).set_index("round").join(server.rename("server"), how="inner")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(cs.index, cs["mean"] / cs["server"], color="C0", marker="o", ms=3,
+            label="mean client / server")
+    ax.fill_between(cs.index, cs["min"] / cs["server"], cs["max"] / cs["server"], color="C0",
+                    alpha=0.2, label="min–max client / server")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{quantity} ratio client / server")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(out), quantity.replace("-", "_") + "_ratio")
+
+
+def _density_files(analysis_dir: Path) -> dict[int, dict[str, Path]]:
+    found: dict[int, dict[str, Path]] = {}
+    for p in sorted((analysis_dir / "densities").glob("round_*_*.npz")):
+        head, _, name = p.stem.partition("_")[2].partition("_")
+        found.setdefault(int(head), {})[name] = p
+    return found
+
+
+def _pick_rounds(available: Sequence[int], rounds) -> list[int]:
+    from hessrank.analysis.trajectory import select_rounds
+
+    if rounds is not None:
+        return select_rounds(rounds, available)
+    a = sorted(available)
+    return sorted({a[0], a[len(a) // 2], a[-1]})
+
+
+def plot_densities(analysis_dir: str | Path, out: str | Path,
+                   rounds: str | Sequence[int] | None = None,
+                   num_points: int = 400) -> list[Path]:
+    """Smoothed SLQ densities (server, clients, subsets, test) at chosen rounds, log-scale y."""
+    analysis_dir = Path(analysis_dir)
+    files = _density_files(analysis_dir)
+    if not files:
+        raise ValueError(f"{analysis_dir} has no densities; analyze with --quantities density")
+    chosen = _pick_rounds(list(files), rounds)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], chosen):
+        res = {name: _load_density(p) for name, p in files[r].items()}
+        lo = min(float(d.nodes.min()) for d in res.values())
+        hi = max(float(d.nodes.max()) for d in res.values())
+        sigma = 0.01 * max(hi - lo, 1e-12)
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
+        first_client, peak = True, 0.0
+        for name, d in sorted(res.items()):
+            _, dens = d.smoothed(grid, sigma=sigma)
+            y = np.maximum(dens[0], 1e-300)
+            peak = max(peak, float(y.max()))
+            if name.startswith("client"):
+                ax.plot(grid, y, color="C0", lw=0.7, alpha=0.6,
+                        label="clients" if first_client else None)
+                first_client = False
+            elif name == "server":
+                ax.plot(grid, y, color="k", lw=1.5, label="server")
+            else:
+                ax.plot(grid, y, lw=0.9, label=name)
+        ax.set_yscale("log")
+        ax.set_ylim(peak * 1e-7, peak * 3)  # tails below 1e-7 of the peak: smoothing artefacts
+        ax.set_title(f"round {r}")
+        ax.set_xlabel("eigenvalue")
+    axes[0][0].set_ylabel("density (σ = 1% of range)")
+    axes[0][-1].legend(fontsize=6)
+    return _save(fig, Path(out), "densities")
+
+
+def _load_density(path: Path) -> DensityResult:
+    with np.load(path) as z:
+        return DensityResult.from_tridiagonals(z["alpha"][None], z["beta"][None], int(z["dim"]),
+                                               int(z["num_matvecs"]), int(z["seed"]))
+
+
+def plot_eigenvalues(table: pd.DataFrame, out: str | Path) -> list[Path]:
+    """Top Ritz values (by magnitude) of the server vs round; client mean of λ₁ dashed."""
+    t = table[table["quantity"] == "top-eig"]
+    if t.empty:
+        raise ValueError("the table has no top-eig rows; analyze with --quantities top-eig")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    server = t[t["subject_kind"] == "server"]
+    kinds = ["server"] if not server.empty else [t["subject_kind"].iloc[0]]
+    base = server if not server.empty else t[t["subject_kind"] == kinds[0]]
+    base = base[base["subject"] == base["subject"].iloc[0]]
+    for k, sub in base.groupby("k"):
+        sub = sub.sort_values("round")
+        ax.plot(sub["round"], sub["value"], color=plt.cm.viridis(k / (base["k"].max() + 1)),
+                lw=1.2 if k == 1 else 0.7, label=f"λ{k}" if k <= 3 else None)
+    clients = t[(t["subject_kind"] == "client") & (t["k"] == 1)]
+    if not clients.empty:
+        cs = _client_stats(clients)
+        ax.plot(cs["round"], cs["mean"], "C3--", label="clients mean λ1")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"top eigenvalues ({base['subject'].iloc[0]})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(out), "top_eigenvalues")
+
+
+def plot_alignment(table: pd.DataFrame, out: str | Path, round: int | None = None) -> list[Path]:
+    """Mean pairwise client-gradient cosine vs truncation rank, one line per weight matrix."""
+    t = table[table["quantity"] == "alignment"]
+    if t.empty:
+        raise ValueError("the table has no alignment rows; analyze with --quantities alignment")
+    r = int(t["round"].max()) if round is None else int(round)
+    t = t[t["round"] == r]
+    ranks = sorted(k for k in t["k"].unique() if k > 0)
+    pos = {k: i for i, k in enumerate(ranks)}
+    pos[0] = len(ranks)  # the full gradient sits at the right
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer, sub in t.groupby("layer"):
+        sub = sub.assign(x=sub["k"].map(pos)).sort_values("x")
+        ax.errorbar(sub["x"], sub["value"], yerr=sub["stderr"].fillna(0), marker="o", ms=3,
+                    capsize=2, label=layer)
+    ax.set_xticks(range(len(ranks) + 1), [str(k) for k in ranks] + ["full"])
+    ax.set_xlabel("truncation rank r")
+    ax.set_ylabel("mean pairwise cosine of client gradients")
+    ax.set_title(f"round {r} (± jackknife stderr over clients)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(out), "alignment_vs_rank")
+
+
+def plot_all(analysis_dir: str | Path, out: str | Path | None = None,
+             rounds: str | Sequence[int] | None = None) -> list[Path]:
+    """Every figure the analysis directory has data for; returns the saved paths."""
+    analysis_dir = Path(analysis_dir)
+    table = load_table(analysis_dir)
+    out = Path(out) if out is not None else analysis_dir / "figures"
+    qs = set(table["quantity"])
+    kinds = set(table["subject_kind"])
+    paths: list[Path] = []
+    if "stable-rank" in qs:
+        paths += plot_stable_rank(table, out)
+        if {"server", "client"} <= kinds:
+            paths += plot_ratio(table, out)
+    if "effective-rank" in qs and _density_files(analysis_dir):
+        paths += plot_densities(analysis_dir, out, rounds)
+    if "top-eig" in qs:
+        paths += plot_eigenvalues(table, out)
+    if "alignment" in qs:
+        paths += plot_alignment(table, out)
+    if not paths:
+        raise ValueError(f"nothing to plot in {analysis_dir}: the table has quantities "
+                         f"{sorted(qs)}")
+    return paths
