@@ -13,7 +13,8 @@ import sys
 
 _SUBCOMMAND_MODULES = (
     "hessrank.fl.cli",  # train
-    "hessrank.analysis.cli",  # analyze, plot, figures
+    "hessrank.analysis.cli",  # analyze, plot
+    "hessrank.figures",  # figures
 )
 
 

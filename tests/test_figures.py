@@ -1,0 +1,72 @@
+"""hessrank figures: every figure's files from a fast run, --only, and bad names."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from hessrank.cli import main
+from hessrank.figures import CSV_COLUMNS, FIGURES, make_figures, parse_only
+
+
+@pytest.fixture(scope="module")
+def fast_figures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("figures")
+    out = root / "out"
+    paths = make_figures(out, fast=True, work=root / "work")
+    return out, root / "work", paths
+
+
+@pytest.mark.slow
+def test_fast_run_writes_every_file(fast_figures):
+    out, work, paths = fast_figures
+    for name in FIGURES:
+        for suffix in (".png", ".pdf", ".csv", ".json"):
+            path = out / f"{name}{suffix}"
+            assert path in paths, path
+            assert path.stat().st_size > 0, path
+        frame = pd.read_csv(out / f"{name}.csv")
+        assert list(frame.columns) == CSV_COLUMNS[name]
+        assert len(frame) > 0
+        meta = json.loads((out / f"{name}.json").read_text())
+        assert meta["reading"] and meta["command"].startswith("hessrank figures")
+        assert "--fast" in meta["command"]
+    assert (out / "README.md") in paths
+    readme = (out / "README.md").read_text()
+    for name in FIGURES:
+        assert f"## {name}" in readme
+    # checkpoints stay in the work directory, not next to the figures
+    assert not list(out.rglob("*.safetensors"))
+    assert list(work.rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_only_reuses_runs_and_keeps_readme(fast_figures, tmp_path):
+    _, work, _ = fast_figures
+    out = tmp_path / "only"
+    paths = make_figures(out, fast=True, only="communication,fedlrt_lowrank_lsq", work=work)
+    names = {p.stem for p in paths if p.suffix == ".png"}
+    assert names == {"communication", "fedlrt_lowrank_lsq"}
+    readme = (out / "README.md").read_text()
+    assert "## communication" in readme and "## client_vs_server_stable_rank" not in readme
+    comm = pd.read_csv(out / "communication.csv")
+    assert comm.loc[comm["algo"] == "fedavg", "relative_to_fedavg"].item() == pytest.approx(1.0)
+
+
+def test_parse_only():
+    assert parse_only(None) == list(FIGURES)
+    assert parse_only("communication, gradient_alignment") == ["gradient_alignment",
+                                                                "communication"]
+    with pytest.raises(ValueError, match="unknown figure.*'nope'.*valid names"):
+        parse_only("communication,nope")
+
+
+def test_cli_unknown_figure_exits_2(tmp_path, capsys):
+    rc = main(["figures", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+               "--only", "nope", "--fast", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown figure" in err and "client_vs_server_stable_rank" in err
+    assert not (tmp_path / "w").exists()  # failed before any training
