@@ -60,7 +60,12 @@ class FederatedHessian:
         self.weights = w
         self.client_sizes = sizes
         first = self.clients[0]
+        for op in self.clients[1:]:
+            # one private module twin and one parameter copy for all clients (same weights)
+            op.model, op._needs_mode = first.model, first._needs_mode
+            op._params, op._fixed = first._params, first._fixed
         self.param_names = first.param_names
+        self._ready = False
         self.num_matvecs = 0
 
     @property
@@ -84,18 +89,40 @@ class FederatedHessian:
     def subject_names(self) -> list[str]:
         return [f"client{c}" for c in range(self.num_clients)] + ["server"]
 
+    def _prepare(self, k: int) -> None:
+        """Settle every client's product strategy once: client 0 decides the "auto" hvp and
+        block choice (one calibration, not K), each client still decides its own cache."""
+        if self._ready:
+            return
+        first = self.clients[0]
+        first._prepare(k)
+        for op in self.clients[1:]:
+            if op._hvp == "auto":
+                op._hvp = first._hvp
+            if op._block == "auto":
+                op._block = first._block
+            op._prepare(k)
+        self._ready = True
+
     def matmat(self, V: Tensor) -> Tensor:
         """V (K+1, p, k) → (K+1, p, k): clients' own products and the server's weighted sum."""
         J, p, _ = self.shape
         if V.ndim != 3 or V.shape[0] != J or V.shape[1] != p:
             raise ValueError(f"expected V of shape ({J}, {p}, k), got {tuple(V.shape)}")
         k = V.shape[2]
-        out = torch.empty_like(V, dtype=self.dtype, device=self.device)
-        server = torch.zeros(p, k, dtype=self.dtype, device=self.device)
+        self._prepare(2 * k)
+        V = V.to(dtype=self.dtype, device=self.device)
+        out = torch.empty(J, p, k, dtype=self.dtype, device=self.device)
+        server = None
         for c, op in enumerate(self.clients):
-            both = op.apply_block(torch.cat([V[c], V[-1]], dim=1))  # (p, 2k), one data pass
-            out[c] = both[:, :k]
-            server.add_(both[:, k:], alpha=self.weights[c])
-        out[-1] = server
+            rows = torch.cat([V[c].T, V[-1].T], dim=0)  # (2k, p): own and server tangents
+            hv = op._apply_rows(rows)  # one data pass over client c
+            op.num_matvecs += 2 * k
+            out[c] = hv[:k].T
+            if server is None:
+                server = hv[k:].mul_(self.weights[c])
+            else:
+                server.add_(hv[k:], alpha=self.weights[c])
+        out[-1] = server.T
         self.num_matvecs += k
         return out
