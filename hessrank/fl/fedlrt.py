@@ -84,6 +84,7 @@ from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear, usv_from_dense
 from hessrank.fl.fedavg import weighted_average
+from hessrank.fl.layers import check_factorizable, default_factorizable, set_submodule
 from hessrank.fl.local import batch_indices
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -151,15 +152,6 @@ def truncation_rank(sigma: Tensor, theta: float, r_min: int, r_max: int) -> int:
     return max(1, min(max(keep, r_min), r_max, k))
 
 
-def _default_factorizable(model: nn.Module) -> list[str]:
-    try:  # the shared rule, once hessrank.fl.layers exists
-        from hessrank.fl.layers import default_factorizable
-    except ImportError:  # same rule: every Linear/Conv2d except the first and the last
-        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        return names[1:-1]
-    return list(default_factorizable(model))
-
-
 @dataclass
 class _Augmented:
     """Server-side view of one layer during a round."""
@@ -195,27 +187,16 @@ class FeDLRT(FederatedAlgorithm):
         self._template = copy.deepcopy(model)
         names = list(config.factorize) if config.factorize is not None else None
         if names is None:
-            names = _default_factorizable(model)
+            names = default_factorizable(model)
         if not names:
             raise ValueError(
                 "FeDLRT found no layer to factorize (the default skips the first and last "
                 "Linear/Conv2d); pass factorize=[<layer names>], e.g. factorize=['fc'] for a "
                 "single-layer model"
             )
-        modules = dict(model.named_modules())
-        valid = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        names = check_factorizable(model, names)
         for n in names:
-            if n not in modules or not isinstance(modules[n], (nn.Linear, nn.Conv2d)):
-                raise ValueError(
-                    f"cannot factorize {n!r}: not an nn.Linear/nn.Conv2d of the model; valid "
-                    f"names: {', '.join(valid)}"
-                )
-        if len(set(names)) != len(names):
-            raise ValueError(f"factorize lists a layer twice: {names}")
-        for n in names:
-            parent_name, _, child = n.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, usv_from_dense(modules[n], config.rank))
+            set_submodule(model, n, usv_from_dense(model.get_submodule(n), config.rank))
         super().__init__(model, config)
         self.layer_names = names
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss

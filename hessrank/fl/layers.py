@@ -251,7 +251,24 @@ def default_factorizable(model: nn.Module) -> list[str]:
     return names[1:-1]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def check_factorizable(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` checked against the model's Linear/Conv2d layers: unknown or repeated names
+    raise a ValueError listing the valid ones. Returns the names as a list."""
+    valid = factorizable_names(model)
+    names = list(names)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(
+            f"cannot factorize {unknown}: not Linear/Conv2d layers of this model; valid names: "
+            f"{', '.join(valid)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"factorize lists a layer more than once: {names}; name each once")
+    return names
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -278,21 +295,12 @@ def factorize(
     Returns:
         ``model``, whose listed layers are :class:`LoRALinear` / :class:`LoRAConv2d`.
     """
-    valid = factorizable_names(model)
-    names = default_factorizable(model) if names is None else list(names)
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise ValueError(
-            f"cannot factorize {unknown}: not Linear/Conv2d layers of this model; valid names: "
-            f"{', '.join(valid)}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"factorize lists a layer more than once: {names}; name each once")
+    names = check_factorizable(model, default_factorizable(model) if names is None else names)
     for name in names:
         base = model.get_submodule(name)
         cls = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
         layer = cls(base, rank, alpha, from_scratch=from_scratch, generator=generator)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 

@@ -41,6 +41,18 @@ def _probe_chunks(total: int, chunk: int):
         done += k
 
 
+def _probe_samples(op: Operator, num_probes: int, seed: int, kind: str, chunk: int,
+                   statistic) -> Tensor:
+    """(J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product."""
+    J, p, _ = op.shape
+    gen = make_generator(seed)
+    samples = []
+    for k in _probe_chunks(num_probes, chunk):
+        G = random_block((J, p, k), gen, kind=kind, dtype=op.dtype, device=op.device)
+        samples.append(statistic(G.double(), op.matmat(G).double()).cpu())
+    return torch.cat(samples, dim=1)
+
+
 def hutchinson(
     op: Operator | Tensor,
     *,
@@ -61,14 +73,9 @@ def hutchinson(
     """
     op = as_operator(op)
     _check_budget(num_matvecs, 1, "hutchinson")
-    J, p, _ = op.shape
-    gen = make_generator(seed)
-    samples = []
-    for k in _probe_chunks(num_matvecs, chunk):
-        G = random_block((J, p, k), gen, kind=distribution, dtype=op.dtype, device=op.device)
-        HG = op.matmat(G)
-        samples.append(torch.einsum("jpk,jpk->jk", G.double(), HG.double()).cpu())
-    mean, se = _mean_stderr(torch.cat(samples, dim=1))
+    samples = _probe_samples(op, num_matvecs, seed, distribution, chunk,
+                             lambda G, HG: torch.einsum("jpk,jpk->jk", G, HG))
+    mean, se = _mean_stderr(samples)
     return TraceResult(mean, se, num_matvecs, int(seed), f"hutchinson-{distribution}")
 
 
@@ -78,13 +85,9 @@ def frobenius_sq_hutchinson(
     """‖H‖_F² = tr(H²) ≈ (1/s) Σ_i ‖H g_i‖², Rademacher g — the recipe of PyHessian-style code."""
     op = as_operator(op)
     _check_budget(num_matvecs, 1, "frobenius_sq (hutchinson)")
-    J, p, _ = op.shape
-    gen = make_generator(seed)
-    samples = []
-    for k in _probe_chunks(num_matvecs, chunk):
-        G = random_block((J, p, k), gen, kind="rademacher", dtype=op.dtype, device=op.device)
-        samples.append(op.matmat(G).double().pow(2).sum(dim=1).cpu())
-    mean, se = _mean_stderr(torch.cat(samples, dim=1))
+    samples = _probe_samples(op, num_matvecs, seed, "rademacher", chunk,
+                             lambda G, HG: HG.pow(2).sum(dim=1))
+    mean, se = _mean_stderr(samples)
     return TraceResult(mean, se, num_matvecs, int(seed), "hutchinson")
 
 
