@@ -33,6 +33,20 @@ class Batches:
         return len(self.targets)
 
 
+def standard_strides(x: Tensor) -> Tensor:
+    """``x`` with row-major strides. A tensor with a size-1 dimension can be contiguous and
+    channels_last at once (single-channel images: strides (64, 1, 8, 1)); torch 2.13's conv
+    backward then asks vmap a memory-format question it cannot answer ("NYI: querying
+    is_contiguous inside of vmap"), so inputs are given the plain layout once, here."""
+    expected, acc = [], 1
+    for size in reversed(x.shape):
+        expected.append(acc)
+        acc *= size
+    if list(x.stride()) == expected[::-1]:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _is_pair(data) -> bool:
     return (
         isinstance(data, (tuple, list))
@@ -51,7 +65,8 @@ def as_batches(
 ) -> Batches:
     """Read ``data`` once into a tuple of batches on ``device``.
 
-    Floating-point inputs are cast to ``dtype`` (the model's), integer targets are kept.
+    Floating-point inputs are cast to ``dtype`` (the model's) and given row-major strides
+    (:func:`standard_strides`), integer targets are kept.
     A (inputs, targets) pair becomes one batch, or chunks of ``batch_size`` if given. Empty
     batches are dropped; no data at all is an error.
     """
@@ -84,6 +99,7 @@ def as_batches(
             continue
         if torch.is_floating_point(x):
             x = x.to(dtype)
+        x = standard_strides(x)
         if torch.is_floating_point(y):
             y = y.to(dtype)
         xs.append(x.to(device))

@@ -210,6 +210,7 @@ class HessianOperator:
         self._check_determinism = check_determinism
         self._ready = False
         self._graph_mb: float | None = None
+        self._act_per_sample: float | None = None
         self.num_matvecs = 0
         self.loss_value = self._check_losses()
 
@@ -449,6 +450,8 @@ class HessianOperator:
           activation memory);
         - challengers: "fwd-rev" only without a cache; "vmap" only when k copies of the
           activations (¼ of the graph estimate per copy) fit ``cache_budget_mb``;
+        - a challenger that raises on its warm-up call (an operation without a ``vmap``
+          rule, such as max-pooling's double backward in torch 2.13) is dropped;
         - the default and the challengers are timed in interleaved rounds (order rotated each
           round, one warm-up call each) until each has ``repeats`` timings and 0.25 s in total
           (at most 25 rounds: tiny problems get more rounds); each is judged by its fastest
@@ -489,7 +492,12 @@ class HessianOperator:
                 first = k * (time.perf_counter() - t0)
             if len(candidates) > 1 and first <= 1.0:
                 for h, bl in candidates[1:]:
-                    self._batch_hvp(0, tangents, h, bl)  # warm-up
+                    try:
+                        self._batch_hvp(0, tangents, h, bl)  # warm-up
+                    except RuntimeError:
+                        # e.g. torch 2.13 has no vmap rule for max-pool's double backward
+                        # ("NYI: querying is_contiguous inside of vmap"): not a candidate
+                        candidates.remove((h, bl))
                 times: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
                 for r in range(25):
                     order = candidates[r % len(candidates):] + candidates[:r % len(candidates)]
@@ -514,6 +522,20 @@ class HessianOperator:
         """Rough memory of all batches' kept linearizations: 4 × activations + 3 × params."""
         if self._graph_mb is not None:
             return self._graph_mb
+        total = 4 * self.activations_per_sample() * self.num_samples + 3 * self._p * len(
+            self.batches)
+        self._graph_mb = total * self.element_size / 2**20
+        return self._graph_mb
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per entry of the operator's dtype."""
+        return torch.finfo(self._dtype).bits // 8
+
+    def activations_per_sample(self) -> float:
+        """Output entries of all leaf modules per sample, from one forward pass on batch 0."""
+        if self._act_per_sample is not None:
+            return self._act_per_sample
         numel = 0
 
         def hook(_m, _i, out):
@@ -529,11 +551,8 @@ class HessianOperator:
         finally:
             for h in handles:
                 h.remove()
-        per_sample = numel / max(self.batches.sizes[0], 1)
-        elt = torch.finfo(self._dtype).bits // 8
-        total = 4 * per_sample * self.num_samples + 3 * self._p * len(self.batches)
-        self._graph_mb = total * elt / 2**20
-        return self._graph_mb
+        self._act_per_sample = numel / max(self.batches.sizes[0], 1)
+        return self._act_per_sample
 
     def _determinism_check(self) -> None:
         with self._mode():

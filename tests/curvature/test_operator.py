@@ -10,6 +10,7 @@ from torch.nn.functional import cross_entropy
 from torch.utils.data import DataLoader, TensorDataset
 
 import hessrank as hr
+from hessrank.curvature.data import as_batches
 
 from .conftest import build_case
 
@@ -229,3 +230,30 @@ def test_bad_options():
         hr.HessianOperator(
             small_model(), lambda o, t: cross_entropy(o, t, reduction="none"), small_data()
         )
+
+
+def test_auto_calibration_skips_a_block_strategy_that_cannot_run():
+    """Single-channel images whose strides also read as channels_last (scikit-learn digits:
+    (64, 1, 8, 1)) make torch 2.13's conv backward ask a question vmap cannot answer ("NYI:
+    querying is_contiguous inside of vmap"): "auto" must drop the vmap candidate (it crashed
+    the calibration on the digits CNN) and still give exact products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(20, 4, 4, 1, dtype=torch.float64).permute(0, 3, 1, 2)  # strides (16,1,4,1)
+    y = torch.randint(0, 3, (20,))
+    raw = type(as_batches((x, y), dtype=torch.float64, device=torch.device("cpu")))((x,), (y,))
+    assert as_batches((x, y), dtype=torch.float64,
+                      device=torch.device("cpu")).inputs[0].stride() == (16, 16, 4, 1)
+    forced = hr.HessianOperator(model, nn.functional.cross_entropy, (x, y), cache=True,
+                                block="vmap")
+    forced.batches = raw  # bypass the stride fix of as_batches to reach the torch limitation
+    with pytest.raises(RuntimeError, match="vmap"):
+        forced.matmat(torch.randn(forced.shape[1], 2, dtype=torch.float64))
+    op = hr.HessianOperator(model, nn.functional.cross_entropy, (x, y), cache=True)
+    op.batches = raw
+    V = torch.randn(op.shape[1], 3, dtype=torch.float64)
+    out = op.matmat(V)
+    assert op.settings["block"] == "loop"
+    H = hr.dense_hessian(model, nn.functional.cross_entropy, (x, y))
+    torch.testing.assert_close(out, H @ V, rtol=0, atol=1e-10)
