@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hessrank.curvature import FederatedHessian, HessianOperator
+from hessrank.curvature.stacked import StackedClientHessians
 from hessrank.datasets import load_dataset
 from hessrank.fl.partition import make_partition
 from hessrank.linalg import stable_rank
@@ -42,10 +43,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "federated.md"
 MATVECS = 40
 
 
-def setting(model_name: str, K: int, seed: int = 0):
-    """(model, loss, client_data) for digits split iid among K clients."""
+def setting(model_name: str, K: int, seed: int = 0, partition: str = "iid"):
+    """(model, loss, client_data) for digits split among K clients (iid, or Dirichlet with
+    α = 0.5: unequal sizes, which the stacked strategy pads)."""
     ds = load_dataset("digits", seed=seed)
-    part = make_partition(ds.train_y, K, "iid", seed=seed)
+    part = make_partition(ds.train_y, K, partition, alpha=0.5, seed=seed)
     clients = [(ds.train_x[torch.as_tensor(i)], ds.train_y[torch.as_tensor(i)])
                for i in part.indices]
     torch.manual_seed(seed)
@@ -61,6 +63,7 @@ def joint(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
 
 
 def separate(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
+    kw = {k: v for k, v in kw.items() if k != "strategy"}  # FederatedHessian's own setting
     pooled = (torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
 
     def run() -> np.ndarray:
@@ -72,7 +75,9 @@ def separate(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
 
 
 class PassCounter:
-    """Counts samples (and samples × tangents) pushed through HessianOperator._batch_hvp."""
+    """Counts samples (and samples × tangents) pushed through product calls:
+    HessianOperator._batch_hvp, and StackedClientHessians._unit_products (padded samples,
+    one tangent per unit)."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -89,20 +94,33 @@ class PassCounter:
             counter.tangent_samples += n * k
             return counter._orig(op, b, tangents, hvp, block)
 
+        self._orig_units = StackedClientHessians._unit_products
+
+        def counted_units(st, i, rows):
+            a, b = st.groups[i]
+            counter.samples += (b - a) * st.units.unit_size
+            counter.tangent_samples += (b - a) * st.units.unit_size
+            return counter._orig_units(st, i, rows)
+
         HessianOperator._batch_hvp = counted
+        StackedClientHessians._unit_products = counted_units
         return self
 
     def __exit__(self, *exc) -> None:
         HessianOperator._batch_hvp = self._orig
+        StackedClientHessians._unit_products = self._orig_units
 
 
 CONFIGS = {
-    "cached-loop": {"cache": True, "block": "loop"},
-    "cached-vmap": {"cache": True, "block": "vmap"},
+    "stacked": {"cache": True, "block": "loop", "strategy": "stacked"},
+    "cached-loop": {"cache": True, "block": "loop", "strategy": "per-client"},
+    "cached-vmap": {"cache": True, "block": "vmap", "strategy": "per-client"},
     "uncached-vmap": {"cache": False, "hvp": "fwd-rev", "block": "vmap"},
     "auto": {},
 }
-"""Product strategies (HessianOperator kwargs), the same on both sides of a comparison."""
+"""Product strategies: HessianOperator kwargs, the same on both sides of a comparison, plus
+FederatedHessian's ``strategy`` for the joint side ("stacked": all clients as padded units in
+one linearization; "per-client": one operator per client; uncached products are per-client)."""
 
 
 def product_breakdown(model, loss, clients, kw: dict, reps: int = 9) -> tuple[float, ...]:
@@ -111,6 +129,7 @@ def product_breakdown(model, loss, clients, kw: dict, reps: int = 9) -> tuple[fl
     joint product (number of per-batch tangent calls)."""
     pooled = (torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
     F = FederatedHessian(model, loss, clients, **kw)
+    kw = {k: v for k, v in kw.items() if k != "strategy"}
     ops = [HessianOperator(model, loss, d, **kw) for d in clients]
     server = HessianOperator(model, loss, pooled, **kw)
     J, p, _ = F.shape
@@ -131,9 +150,10 @@ def product_breakdown(model, loss, clients, kw: dict, reps: int = 9) -> tuple[fl
     return joint_ms, clients_ms, server_ms
 
 
-def measure(K: int, model_name: str, kw: dict, repeats: int) -> list[object]:
+def measure(K: int, model_name: str, kw: dict, repeats: int,
+            partition: str = "iid") -> list[object]:
     """One table row: times, ratio, data and tangent passes, per-product ms, agreement."""
-    model, loss, clients = setting(model_name, K)
+    model, loss, clients = setting(model_name, K, partition=partition)
     N = sum(len(y) for _, y in clients)
     fns = {"joint": joint(model, loss, clients, **kw),
            "separate": separate(model, loss, clients, **kw)}
@@ -160,8 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="5,10,20")
     ap.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    ap.add_argument("--configs", default="cached-loop,cached-vmap,uncached-vmap",
+    ap.add_argument("--configs", default="stacked,cached-loop,uncached-vmap",
                     help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fast", action="store_true", help="K = 5, 10 and 3 repeats")
@@ -184,16 +205,18 @@ def main() -> None:
         "",
         f"{datetime.date.today()} — {_timing.machine_line(args.threads)}; other work kept "
         f"{busy:.1f} cores busy at the start.",
-        f"Model: digits {args.model} (p = {p}), float32, eval mode, iid split of N = 1437; "
+        f"Model: digits {args.model} (p = {p}), float32, eval mode, {args.partition} split "
+        f"of N = 1437{' (α = 0.5)' if args.partition == 'dirichlet' else ''}; "
         f"medians of {repeats} interleaved repeats (IQR of the paired ratios); warm "
         "calibration. Produced by `experiments/benchmarks/bench_federated.py "
-        f"--configs {args.configs} --repeats {repeats}`.",
+        f"--model {args.model} --partition {args.partition} --configs {args.configs} "
+        f"--repeats {repeats}`.",
         "",
     ]
     for name in configs:
         rows = []
         for K in ks:
-            rows.append(measure(K, args.model, CONFIGS[name], repeats))
+            rows.append(measure(K, args.model, CONFIGS[name], repeats, args.partition))
             print(name, rows[-1], flush=True)
         parts += [f"## {name}: HessianOperator({CONFIGS[name]})", "",
                   _timing.markdown_table(header, rows), ""]

@@ -10,8 +10,9 @@ samples, or the test set. Specs are strings:
     test              the test set
 
 Subjects that can share products are grouped, and each group becomes ONE stacked operator:
-server and clients together are a :class:`~hessrank.curvature.FederatedHessian` (one pass over
-client c's data serves H_c and H), the D draws of a subset size are a stack of D operators.
+server and clients together are a :class:`~hessrank.curvature.FederatedHessian` (all clients'
+products in one batched call, or one pass per client serving H_c and H — whichever times
+faster), the D draws of a subset size are a stack of D operators.
 
 Example:
     >>> [s.label for s in parse_subjects("server,clients:0,2,subset:50x3")]
