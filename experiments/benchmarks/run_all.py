@@ -5,10 +5,11 @@
     python experiments/benchmarks/run_all.py --fast       # every script's --fast smoke test
     python experiments/benchmarks/run_all.py --only hvp,peers --threads 2
 
-Scripts run in fresh processes with the same interpreter, ``--threads`` (default 1: on a shared
-2-core machine two threads measured 5–20× noisier; passed to the scripts that take it) and
-``--fast`` passed through. A script
-that fails does not stop the others; the exit status is non-zero if any failed.
+Scripts run in fresh processes with the same interpreter, ``--threads`` (passed to the scripts
+that take it; by default each keeps its own: 1 for the timing comparisons — on a shared 2-core
+machine two threads measured 5–20× noisier — 2 for bench_estimators.py, which counts matvecs,
+and for bench_trajectory.py, whose target is stated for 2 cores) and ``--fast`` passed through.
+A script that fails does not stop the others; the exit status is non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def scripts(only: str | None) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="pass --fast to every script")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for every script")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every script (default: each script's own)")
     ap.add_argument("--only", default=None, help="comma list, e.g. hvp,peers")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     for path in scripts(args.only):
         source = path.read_text()
         cmd = [sys.executable, str(path)]
-        if '"--threads"' in source:  # every script takes --fast; most take --threads
+        if args.threads is not None and '"--threads"' in source:  # most take --threads
             cmd += ["--threads", str(args.threads)]
         if args.fast:
             cmd.append("--fast")

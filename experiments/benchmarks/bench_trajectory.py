@@ -1,0 +1,307 @@
+"""Trajectory analysis end to end: stable rank of server + every client at every checkpoint.
+
+The target (performance issue): "a 20-checkpoint analysis of a digits CNN run (server + 20
+clients, stable rank at 40 matvecs) finishes in minutes on 2 cores — give the number."
+
+1. Train FedAvg on scikit-learn's digits with the ``cnn`` model, 20 clients, Dirichlet(0.5)
+   label split, 20 rounds of 2 local epochs (lr 0.1, batch 16, as the demo), a checkpoint
+   every round (rounds 0..20: 21 checkpoints), through :func:`hessrank.fl.runner.train`.
+   Training is timed but is not part of the target.
+2. Run ``hessrank analyze RUN --subjects server,clients --quantities stable-rank --matvecs 40
+   --threads 2 --quiet`` in a fresh process (default operator settings; no density, alignment
+   or subsets) and time its wall clock from process start to exit: imports, loading data and
+   checkpoints, building operators, the estimator, writing the table. The process runs the
+   ordinary CLI entry point (``hessrank.cli.main``) through a small launcher whose only
+   addition is to note, per checkpoint, the product strategy its FederatedHessian settled on
+   (``strategy`` if the class has it, else every client operator's ``settings``), read after
+   that operator's estimate is done.
+
+Reported: checkpoints, Hessians estimated (checkpoints × (K + 1)), wall seconds and seconds per
+checkpoint, the estimator's share (the table's per-unit ``seconds``), CPU seconds of the
+analysis process, the product strategy, and training time; the machine line and the load from
+other work at the start (``_timing.busy_cores``).
+
+    python experiments/benchmarks/bench_trajectory.py          # full: writes results/trajectory.md
+    python experiments/benchmarks/bench_trajectory.py --fast   # 5 clients, 3 rounds: prints only
+
+``--fast`` writes a file only when ``--out`` is given, so a smoke test never overwrites the
+reported result. ``--workdir DIR`` keeps the run there (retrained from scratch and re-analyzed
+on every call); by default a temporary directory is used and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from hessrank.checkpoints import RunDir
+from hessrank.fl.config import TrainConfig
+from hessrank.fl.runner import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = HERE / "results" / "trajectory.md"
+MATVECS = 40
+TARGET_MINUTES = 10.0
+"""How this report reads "finishes in minutes": under ten minutes of wall clock."""
+
+FULL = {"clients": 20, "rounds": 20}
+FAST = {"clients": 5, "rounds": 3}
+
+LAUNCHER = r"""
+import json, sys
+import hessrank.analysis.trajectory as trajectory
+from hessrank.cli import main
+
+record, strategies, last = sys.argv[1], [], [None]
+build = trajectory.build_operator
+
+def settings(op):
+    # the operator-level record where the class has one (strategy, its reason, settings), else
+    # every client operator's settings; a property is read only once the operator is prepared
+    found = {k: getattr(op, k) for k in ("strategy", "strategy_reason") if hasattr(op, k)}
+    if not getattr(op, "_ready", True):
+        return found
+    if "strategy" in found and hasattr(op, "settings"):
+        return {**found, "settings": op.settings}
+    ops = getattr(op, "clients", [op])
+    return {**found, "clients": [o.settings if getattr(o, "_ready", True) else None
+                                 for o in ops]}
+
+def note():
+    if last[0] is not None:
+        strategies.append(settings(last[0]))
+        last[0] = None
+
+def recording(*args, **kwargs):
+    note()  # the previous checkpoint's operator has finished its estimate
+    last[0] = build(*args, **kwargs)
+    return last[0]
+
+trajectory.build_operator = recording
+rc = main(sys.argv[2:])
+note()
+with open(record, "w") as f:
+    json.dump(strategies, f, default=str)
+sys.exit(rc)
+"""
+"""Runs ``hessrank.cli.main(argv)`` and writes the operators' product strategies to a file."""
+
+
+@dataclass
+class Analysis:
+    """What one timed ``hessrank analyze`` process produced."""
+
+    argv: list[str]
+    wall: float
+    cpu: float
+    table: pd.DataFrame
+    strategies: list[dict[str, Any]]
+    stdout: str
+
+
+def train_config(clients: int, rounds: int, seed: int) -> TrainConfig:
+    """FedAvg on digits with the CNN, Dirichlet(0.5) split, a checkpoint every round; local
+    schedule as in ``hessrank.demo`` (2 epochs, lr 0.1, batch 16: test accuracy ≈ 0.8 after 20
+    rounds, where the default lr 0.05 and 1 epoch leave the CNN near chance)."""
+    return TrainConfig(
+        algo="fedavg", dataset="digits", model="cnn", clients=clients, partition="dirichlet",
+        dirichlet_alpha=0.5, rounds=rounds, local_epochs=2, lr=0.1, batch_size=16,
+        save_every=1, eval_every=1, seed=seed,
+    )
+
+
+def train_run(config: TrainConfig, run_dir: Path) -> tuple[RunDir, float]:
+    """Train from scratch into ``run_dir``; (run, wall seconds)."""
+    t0 = time.perf_counter()
+    run = train(config, run_dir, resume=False, progress=False)
+    return run, time.perf_counter() - t0
+
+
+def analyze_argv(run_dir: Path, out: Path, threads: int, seed: int) -> list[str]:
+    """``hessrank analyze`` arguments: server + all clients, stable rank at 40 matvecs."""
+    return ["analyze", str(run_dir), "--subjects", "server,clients", "--quantities",
+            "stable-rank", "--matvecs", str(MATVECS), "--seed", str(seed), "--threads",
+            str(threads), "--out", str(out), "--quiet"]
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_analysis(run_dir: Path, threads: int, seed: int) -> Analysis:
+    """Time one fresh ``hessrank analyze`` process (any earlier analysis output is removed,
+    since the analysis skips units it finds done)."""
+    out = run_dir / "analysis"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = analyze_argv(run_dir, out, threads, seed)
+    record = run_dir / "strategies.json"
+    cpu0 = children_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(record), *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    cpu = children_cpu() - cpu0
+    if proc.returncode != 0:
+        raise SystemExit(f"hessrank analyze exited {proc.returncode}:\n{proc.stderr}")
+    return Analysis(argv, wall, cpu, pd.read_parquet(out / "results.parquet"),
+                    json.loads(record.read_text()), proc.stdout + proc.stderr)
+
+
+def _describe(record: dict[str, Any]) -> str:
+    """One line for one checkpoint's strategy record (client settings collapsed, counted)."""
+    parts = [f"{k} {json.dumps(v, sort_keys=True, default=str)}" for k, v in sorted(record.items())
+             if k != "clients"]
+    if "clients" in record:
+        per = Counter(json.dumps(c, sort_keys=True, default=str) for c in record["clients"])
+        parts.append("clients " + ", ".join(f"{k} × {n}" for k, n in per.most_common()))
+    return "; ".join(parts)
+
+
+def strategy_summary(strategies: list[dict[str, Any]]) -> str:
+    """Distinct product strategies over checkpoints, each with its number of checkpoints."""
+    counts = Counter(_describe(record) for record in strategies)
+    if not counts:
+        return "not recorded"
+    text = " / ".join(f"`{k}` at {n} checkpoint(s)" for k, n in counts.most_common())
+    return text.replace("|", "\\|")  # a markdown table cell
+
+
+def numbers(run: RunDir, a: Analysis, train_s: float, clients: int) -> dict[str, Any]:
+    """The figures of the report, all from the run and the analysis table."""
+    sr = a.table[a.table["quantity"] == "stable-rank"]
+    checkpoints = sr["round"].nunique()
+    hessians = len(sr)
+    if hessians != checkpoints * (clients + 1):
+        raise SystemExit(f"expected {checkpoints} × {clients + 1} stable ranks, got {hessians}")
+    estimator = float(sr.groupby("round")["seconds"].first().sum())  # one stacked call/round
+    model = run.load_model(0)
+    sizes = [len(y) for _, y in run.client_data()]
+    acc = run.metrics().dropna(subset=["test_accuracy"]).iloc[-1]["test_accuracy"]
+    return {
+        "checkpoints": checkpoints, "rounds": sorted(int(r) for r in sr["round"].unique()),
+        "hessians": hessians, "matvecs": sorted(int(m) for m in sr["matvecs"].unique()),
+        "wall": a.wall, "per_checkpoint": a.wall / checkpoints, "estimator": estimator,
+        "cpu": a.cpu, "train": train_s, "p": sum(t.numel() for t in model.parameters()),
+        "sizes": sizes, "accuracy": float(acc), "strategy": strategy_summary(a.strategies),
+    }
+
+
+def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
+    other = n["wall"] - n["estimator"]
+    return [
+        ["checkpoints analysed", f"{n['checkpoints']} (rounds {n['rounds'][0]}–{n['rounds'][-1]})"],
+        ["Hessians estimated (checkpoints × (K + 1))", n["hessians"]],
+        ["matvecs per Hessian", ", ".join(map(str, n["matvecs"]))],
+        ["torch threads", threads],
+        ["**analysis wall clock, process start to exit**",
+         f"**{n['wall']:.1f} s ({n['wall'] / 60:.2f} min)**"],
+        ["seconds per checkpoint", f"{n['per_checkpoint']:.2f}"],
+        ["seconds per Hessian", f"{n['wall'] / n['hessians']:.3f}"],
+        ["in the estimator (stable_rank calls)",
+         f"{n['estimator']:.1f} s ({n['estimator'] / n['wall']:.0%})"],
+        ["other (start-up, imports, data and checkpoint loading, operator set-up, writing)",
+         f"{other:.1f} s ({other / n['wall']:.0%})"],
+        ["CPU seconds of the analysis process (user + sys)",
+         f"{n['cpu']:.1f} ({n['cpu'] / n['wall']:.2f} cores on average)"],
+        ["product strategy", n["strategy"]],
+        ["training wall clock (not part of the target)", f"{n['train']:.1f} s"],
+    ]
+
+
+def reading(n: dict[str, Any], threads: int, busy: float) -> str:
+    minutes = n["wall"] / 60
+    verdict = "under" if minutes < TARGET_MINUTES else "over"
+    load = (f" Other work kept {busy:.1f} cores busy at the start, so an idle machine should "
+            "do at least as well." if busy >= 0.5 else "")
+    return (f"With {threads} torch threads the analysis of {n['checkpoints']} checkpoints "
+            f"({n['hessians']} Hessians at {MATVECS} matvecs) took {minutes:.1f} minutes end to "
+            f"end, {n['per_checkpoint']:.1f} s per checkpoint — {verdict} the {TARGET_MINUTES:.0f} "
+            f"minutes this report reads \"in minutes\" as.{load}")
+
+
+def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, busy: float,
+           command: str) -> str:
+    sizes = n["sizes"]
+    parts = [
+        "# Trajectory analysis end to end: server + every client, stable rank at 40 matvecs",
+        "",
+        f"{datetime.date.today()} — {_timing.machine_line(threads)}; other work kept "
+        f"{busy:.1f} cores busy at the start.",
+        f"Produced by `{command}`. The timed analysis process: "
+        f"`hessrank {shlex.join(a.argv)}` (run dir and output in a scratch directory).",
+        "",
+        f"Run: FedAvg on scikit-learn digits, model `{config.model}` (p = {n['p']:,}, "
+        f"{config.dtype}), {config.clients} clients, {config.partition} split "
+        f"(alpha {config.dirichlet_alpha}; client sizes {min(sizes)}–{max(sizes)}, "
+        f"N = {sum(sizes)}), {config.rounds} rounds of {config.local_epochs} local epoch(s), "
+        f"lr {config.lr}, batch {config.batch_size}, a checkpoint every round; final test "
+        f"accuracy {n['accuracy']:.3f}. Analysis: default operator settings, eval mode, "
+        "one FederatedHessian (K + 1 stacked Hessians) per checkpoint; no density, alignment "
+        "or subsets. Single run, not repeated.",
+        "",
+        _timing.markdown_table(["quantity", "value"], table_rows(n, threads)),
+        "",
+        reading(n, threads, busy),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (target: 2 cores)")
+    ap.add_argument("--fast", action="store_true",
+                    help="5 clients, 3 rounds; prints only unless --out is given")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the run here (default: a temporary directory, removed)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None or args.fast else RESULTS
+    size = FAST if args.fast else FULL
+    command = shlex.join(["python", "experiments/benchmarks/bench_trajectory.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    busy = _timing.busy_cores()
+    config = train_config(size["clients"], size["rounds"], args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_trajectory_") as tmp:
+        run_dir = (args.workdir or Path(tmp)) / "run"
+        print(f"training {config.algo} {config.model}: {config.clients} clients, "
+              f"{config.rounds} rounds", flush=True)
+        run, train_s = train_run(config, run_dir)
+        print(f"analyzing {len(run.rounds())} checkpoints", flush=True)
+        a = run_analysis(run_dir, args.threads, args.seed)
+        n = numbers(run, a, train_s, config.clients)
+    text = report(n, a, config, args.threads, busy, command)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(a.stdout.strip())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
