@@ -322,11 +322,15 @@ class HessianOperator:
         return self.loss_fn(out, y)
 
     def _batch_gradient(self, b: int) -> Tensor:
-        """∇L_b flat (p,) by one plain reverse pass (no graph kept, nothing to differentiate
-        twice): leaves that require grad, ``functional_call``, ``torch.autograd.grad``."""
+        """∇L_b flat (p,) (see :meth:`gradient_on`)."""
+        return self.gradient_on(self.batches.inputs[b], self.batches.targets[b])
+
+    def gradient_on(self, x: Tensor, y: Tensor) -> Tensor:
+        """∇ loss_fn(model(x), y) flat (p,) by one plain reverse pass (no graph kept, nothing
+        to differentiate twice): leaves that require grad, ``functional_call``, autograd."""
         leaves = {n: t.detach().requires_grad_(True) for n, t in self._params.items()}
         with torch.enable_grad():
-            loss = self._loss(leaves, self.batches.inputs[b], self.batches.targets[b])
+            loss = self._loss(leaves, x, y)
             gs = torch.autograd.grad(loss, [leaves[n] for n in self.param_names])
         return torch.cat([t.reshape(-1) for t in gs])
 
