@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
-    "ArgumentParser", "HelpFormatter", "format_fields", "format_number", "one_line",
-    "one_line_warnings", "run_command", "suggest",
+    "ArgumentParser", "HelpFormatter", "RawDescriptionHelpFormatter", "format_fields",
+    "format_number", "one_line", "one_line_warnings", "run_command", "suggest",
 ]  # fmt: skip
 
 DEBUG_HINT = "rerun with --debug for the traceback"
@@ -60,6 +60,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if not action.option_strings:  # positionals have no default worth showing
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's line breaks (a module docstring)."""
 
 
 def suggest(word: str, candidates: Sequence[str]) -> str:
