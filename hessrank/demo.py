@@ -1,4 +1,4 @@
-"""``make demo``: the main job on the embedded default data, end to end, in a few minutes.
+"""``make demo``: the main job on the embedded default data, end to end, in about a minute.
 
 1. Train a FedLoRU federation on scikit-learn's digits (20 clients, Dirichlet(0.5) label split).
 2. At every saved round, estimate the stable rank srank(H) = ‖H‖_F²/‖H‖₂² (± stderr) of every
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from hessrank.clikit import (
     ArgumentParser,
     RawDescriptionHelpFormatter,
+    format_number,
     one_line_warnings,
     run_command,
 )
@@ -120,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     figures = plot_all(analysis, args.out / "figures")
     per_round, text = summarize(table, run.metrics())
     per_round.to_csv(args.out / "summary.csv", index=False)
-    with pd.option_context("display.width", 120, "display.precision", 3):
-        print(per_round.to_string(index=False))
+    with pd.option_context("display.width", 120):
+        print(per_round.to_string(index=False, float_format=lambda v: format_number(v, 4)))
     print()
     print(text)
     print(f"\ntable:   {analysis / 'results.csv'}\nsummary: {args.out / 'summary.csv'}")

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 for env, cmd in readme_commands(README.read_text())]  # fmt: skip
         demos = [["--fast"], []] if args.demo else [["--fast"]]
         for flags in demos:
-            cmd = ["python", "-m", "hessrank.demo", *flags, "--out", "demo_out"]
+            out = "demo_fast" if flags else "demo_out"
+            cmd = ["python", "-m", "hessrank.demo", *flags, "--out", out]
             jobs.append(({}, [sys.executable, *cmd[1:]], cmd))
         for i, (env, real, shown) in enumerate(jobs, start=1):
             print(f"== {' '.join(shown)}", flush=True)
