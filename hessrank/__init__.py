@@ -5,7 +5,17 @@
 >>> hr.stable_rank(op, num_matvecs=40, seed=0).value           # doctest: +SKIP
 """
 
-from hessrank.curvature import FederatedHessian, HessianOperator, dense_hessian
+from hessrank.curvature import (
+    CurvatureOperator,
+    FederatedHessian,
+    FederatedOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    ParameterSpace,
+    dense_hessian,
+    tune,
+)
 from hessrank.linalg import (
     DenseOperator,
     DensityResult,
@@ -21,11 +31,14 @@ from hessrank.linalg import (
     stable_rank,
     trace,
 )
+from hessrank.linalg.stack import LinearCombination, OperatorStack
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian", "HessianOperator",
-    "StableRankResult", "TraceResult", "dense_hessian", "exact_stable_rank", "frobenius_sq",
-    "hutchinson", "hutchpp", "lanczos", "spectral_density", "stable_rank", "trace",
+    "CurvatureOperator", "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian",
+    "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator",
+    "LinearCombination", "OperatorStack", "ParameterSpace", "StableRankResult", "TraceResult",
+    "dense_hessian", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos",
+    "spectral_density", "stable_rank", "trace", "tune",
 ]
