@@ -11,7 +11,7 @@ One run, same machine and threads, writes ``results/hvp.md``:
    forward-over-reverse, the other block strategy, two other ways to keep a linearization
    (``torch.func.linearize``; a kept double-backward autograd graph — measured here only, since
    hessrank's products go through torch.func) and, when the git history has it, the operator
-   as it was before the performance work (``--baseline``, default commit f134996).
+   as it was before the curvature-family rework (``--baseline``, default commit 7383cb0).
 2. Calibration — the "auto" choice made 5 times from scratch by the current rule and by the
    previous one (3 repeats, fastest median wins).
 3. Peak memory of a block product (k = 8) against a gradient on the ResNet-18, each measured in
@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import hessrank.curvature.operator as operator_module
 from hessrank.curvature import HessianOperator
 from hessrank.models import build_model
 
@@ -219,7 +218,7 @@ def cost(key: str, args, baseline) -> dict:
             "rows": rows, "settings": tag, "k1": d1, "kblock": dk, "scratch": scratch,
             "block_vs_scratch": dk / scratch, "block_vs_default1": dk / d1,
             "best_cached": best_cached, "cached": s["cache"],
-            "lin_build": lin_build, "graph_mb": autok._estimated_graph_mb()}
+            "lin_build": lin_build, "graph_mb": autok.estimated_cache_mb()}
 
 
 # ---- 2. calibration stability -------------------------------------------------------------------
@@ -228,19 +227,29 @@ def calibration_runs(key: str, args, baseline) -> list[object]:
     p = sum(t.numel() for t in model.parameters())
     V = torch.randn(p, K, generator=torch.Generator().manual_seed(0))
     out = [label]
-    for mod in (operator_module, baseline):
-        if mod is None:
+    for mod in (None, baseline):
+        if mod is None:  # the current operator: a rule, no timing
+            picks, secs = [], []
+            for _ in range(5):
+                o = HessianOperator(model, CE, (x, y))
+                t0 = time.perf_counter()
+                o.matmat(V)
+                secs.append(time.perf_counter() - t0)
+                st = o.route
+                picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
+        elif not hasattr(mod, "_CALIBRATION"):
             out += ["—", "—"]
             continue
-        picks, secs = [], []
-        for _ in range(5):
-            mod._CALIBRATION.clear()
-            o = mod.HessianOperator(model, CE, (x, y))
-            t0 = time.perf_counter()
-            o.matmat(V)
-            secs.append(time.perf_counter() - t0)
-            st = o.settings
-            picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
+        else:
+            picks, secs = [], []
+            for _ in range(5):
+                mod._CALIBRATION.clear()
+                o = mod.HessianOperator(model, CE, (x, y))
+                t0 = time.perf_counter()
+                o.matmat(V)
+                secs.append(time.perf_counter() - t0)
+                st = o.settings
+                picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
         counts = {c: picks.count(c) for c in dict.fromkeys(picks)}
         out += [", ".join(f"{c} ×{n}" for c, n in counts.items()),
                 f"{_timing.median(secs):.2f}"]
@@ -330,7 +339,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="mlp,cnn,resnet",
                     help="comma list of mlp, cnn, resnet, client (MLP 64-64-64-10 on 143 "
                     "samples, as a client of a 10-way digits split)")
-    ap.add_argument("--baseline", default="f134996",
+    ap.add_argument("--baseline", default="7383cb0",
                     help="git commit of the 'before' operator ('' to skip)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -380,8 +389,8 @@ def main(argv=None) -> None:
     lines += ["## 2. Calibration: the auto choice, 5 fresh runs", "",
               f"Each run clears the remembered choice, builds a default operator and applies it "
               f"to a block of {K}; seconds = that first call (calibration included). Current "
-              "rule: see `HessianOperator.calibrate` (defaults rev-rev/loop, interleaved timing, "
-              "a challenger must be ≥ 10 % faster). Previous rule: fastest median of 3.", ""]
+              "rule: the deterministic route of `HessianOperator` (no timing; `op.route`). "
+              "Previous: the baseline commit's timed calibration.", ""]
     cal_rows = [calibration_runs(k, args, baseline) for k in args.models.split(",")
                 if k != "resnet"]
     lines += [_timing.markdown_table(["model", "current: choices", "current: s",

@@ -334,7 +334,8 @@ class CurvatureOperator:
         its own copy of θ, through one kept linearization."""
         s = self.space
         U = int(keep.shape[0])
-        theta = {n: t.expand(U, *t.shape) for n, t in s.params.items()}
+        # materialized copies: forward-mode products cannot write into an expanded tensor
+        theta = {n: t.expand(U, *t.shape).clone() for n, t in s.params.items()}
         with s.mode_context():
             fn = self._linearize(self.units_loss(inputs, targets, keep, scale), theta)
 
