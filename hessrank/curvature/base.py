@@ -297,8 +297,10 @@ class CurvatureOperator:
         if k == 1:
             o = fn({n: t[0] for n, t in tangents.items()})
             return torch.cat([o[n].reshape(1, -1) for n in s.names], dim=1)
-        if self.route["block"] == "vmap":
-            return s.flat_rows(vmap(fn)({n: t.contiguous() for n, t in tangents.items()}))
+        if self.route["block"] == "vmap":  # contiguous tangents batch faster than row views
+            T = {n: t.contiguous() for n, t in tangents.items()}
+            batched = getattr(fn, "batched", None)  # a closure may push a block natively
+            return s.flat_rows(batched(T) if batched is not None else vmap(fn)(T))
         out = torch.empty(k, s.dim, dtype=s.dtype, device=s.device)
         for i in range(k):
             o = fn({n: t[i] for n, t in tangents.items()})

@@ -4,7 +4,8 @@ Routes (``hvp=``): "rev-rev" keeps the ``torch.func.vjp`` closure of the gradien
 symmetric: vᵀH = (Hv)ᵀ); "fwd-rev" is ``jvp`` of the gradient (primal recomputed per product,
 never cached); "graph" keeps a double-backward autograd graph — ``torch.autograd.grad`` with
 a graph of the gradient built once per batch, then ``torch.autograd.grad(g, θ, v,
-retain_graph=True)`` per product (PyHessian's fastest path; nothing is written to ``.grad``).
+retain_graph=True)`` per product (PyHessian's fastest path; nothing is written to ``.grad``),
+a block of tangents in one call with ``is_grads_batched=True``.
 "auto" follows the rule in :meth:`HessianOperator._choose_route`.
 
 Example:
@@ -42,21 +43,17 @@ class HessianOperator(CurvatureOperator):
 
     def _choose_route(self, cache, block) -> dict:
         """Rule: "fwd-rev" only when asked (it measured slower than rev-rev everywhere and
-        cannot be kept); otherwise the base's cache rule, with the kept double-backward graph
-        for cached products on loop blocks ("graph": 2–13 % faster per product than the
-        ``vjp`` closure, ``docs/performance.md``) and the ``vjp`` closure where a block goes
-        through ``vmap`` or nothing is kept."""
+        cannot be kept); otherwise the base's cache and block rule, with the kept
+        double-backward graph when products are cached (2–13 % faster per product than the
+        ``vjp`` closure, and as fast for blocks, which it pushes in one batched backward;
+        ``docs/performance.md``) and the ``vjp`` closure when nothing is kept."""
         if self._hvp == "fwd-rev" and cache is True:
             raise ValueError("cache=True keeps a reverse-over-reverse linearization; "
                              "use hvp='rev-rev', 'graph' or 'auto' with it, or cache=False")
         route = super()._choose_route(False if self._hvp == "fwd-rev" else cache, block)
         hvp = self._hvp
         if hvp == "auto":
-            hvp = "graph" if route["cache"] and route["block"] == "loop" else "rev-rev"
-        if hvp == "graph" and route["block"] == "vmap":
-            if block == "vmap":
-                raise ValueError("hvp='graph' pushes tangents one by one; use block='loop'")
-            route["block"] = "loop"
+            hvp = "graph" if route["cache"] else "rev-rev"
         route["hvp"] = hvp
         return route
 
@@ -78,4 +75,10 @@ class HessianOperator(CurvatureOperator):
             hv = torch.autograd.grad(g, leaves, [v[n] for n in names], retain_graph=True)
             return dict(zip(names, hv))
 
+        def batched(V):  # a block of k tangents {name: (k, *shape)} in one batched backward
+            hv = torch.autograd.grad(g, leaves, [V[n] for n in names], retain_graph=True,
+                                     is_grads_batched=True)
+            return dict(zip(names, hv))
+
+        product.batched = batched
         return product
