@@ -71,7 +71,8 @@ def small(request):
 
 
 @pytest.mark.parametrize("kw", [{}, {"hvp": "rev-rev", "block": "vmap"},
-                                {"hvp": "graph", "cache": False}, {"hvp": "graph", "block": "vmap"}])
+                                {"hvp": "graph", "cache": False},
+                                {"hvp": "graph", "block": "vmap"}])
 def test_hessian_routes_match_dense(small, kw):
     _, model, x, y = small
     H = hr.dense_hessian(model, cross_entropy, (x, y))
