@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import vmap
@@ -95,6 +96,11 @@ class CurvatureOperator:
         cache_budget_mb: memory allowed for kept linearizations and vmap activations.
         space: a :class:`ParameterSpace` to share (then ``model``, ``params``, ``mode`` are
             taken from it).
+        process_group: a ``torch.distributed`` process group (or True for the default one):
+            ``data`` is this rank's shard; every batch is weighted by n_b / N_total, N_total
+            all-reduced once here, and every product, gradient and loss is summed over the
+            ranks (the same operator as one process holding all shards; estimators need no
+            change: the same seed draws the same probes on every rank).
     """
 
     curvature = ""
@@ -114,6 +120,7 @@ class CurvatureOperator:
         batch_size: int | None = None,
         cache_budget_mb: float = 2048.0,
         space: ParameterSpace | None = None,
+        process_group=None,
     ) -> None:
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
@@ -123,7 +130,14 @@ class CurvatureOperator:
         self.loss_fn = loss_fn
         s = self.space
         self.batches = as_batches(data, dtype=s.dtype, device=s.device, batch_size=batch_size)
-        self.loss_value = s.check_losses(loss_fn, self.batches)
+        self.process_group = process_group
+        local = self.batches.num_samples
+        self.total_samples = int(self._all_reduce(torch.tensor(float(local),
+                                                               dtype=torch.float64)))
+        self.batch_weights = [n / self.total_samples for n in self.batches.sizes]
+        local_loss = s.check_losses(loss_fn, self.batches) * local / self.total_samples
+        self.loss_value = float(self._all_reduce(torch.tensor(local_loss,
+                                                              dtype=torch.float64)))
         self.cache_budget_mb = float(cache_budget_mb)
         self._act = s.activations_per_sample(loss_fn, self.batches.inputs[0],
                                              self.batches.targets[0])
@@ -154,7 +168,7 @@ class CurvatureOperator:
 
     def estimated_cache_mb(self) -> float:
         """Rough memory of all batches' kept linearizations: 4 × activations + 3 × p each."""
-        total = 4 * self._act * self.num_samples + 3 * self.space.dim * len(self.batches)
+        total = 4 * self._act * self.batches.num_samples + 3 * self.space.dim * len(self.batches)
         return total * self.space.element_size / 2**20
 
     def activations_per_sample(self) -> float:
@@ -182,7 +196,16 @@ class CurvatureOperator:
 
     @property
     def num_samples(self) -> int:
-        return self.batches.num_samples
+        """N, over all ranks when distributed."""
+        return self.total_samples
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        """Σ over the ranks of ``process_group`` (``t`` itself in one process)."""
+        if self.process_group is None:
+            return t
+        group = None if self.process_group is True else self.process_group
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
 
     @property
     def param_names(self) -> list[str]:
@@ -221,12 +244,13 @@ class CurvatureOperator:
         tangents = self.space.tangents(R.to(dtype=self.dtype, device=self.device))
         out = None
         with self.space.mode_context():
-            for b, w in enumerate(self.batches.weights):
+            for b, w in enumerate(self.batch_weights):
                 cv = self._batch_product(b, tangents)
                 if out is None:
                     out = cv.mul_(w) if w != 1.0 else cv
                 else:
                     out.add_(cv, alpha=w)
+        out = self._all_reduce(out)
         # one reduction: a NaN/inf entry always makes the sum non-finite (full check only then)
         if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise FloatingPointError(
@@ -266,10 +290,10 @@ class CurvatureOperator:
     def gradient(self) -> Tensor:
         """∇L(θ) flat (p,), the size-weighted mean over batches."""
         g = None
-        for b, w in enumerate(self.batches.weights):
+        for b, w in enumerate(self.batch_weights):
             gb = self.gradient_on(self.batches.inputs[b], self.batches.targets[b])
             g = gb.mul_(w) if g is None else g.add_(gb, alpha=w)
-        return g
+        return self._all_reduce(g)
 
     # ---- batch machinery --------------------------------------------------------------------
     def batch_loss(self, x, y: Tensor) -> BatchLoss:
@@ -368,7 +392,8 @@ class CurvatureOperator:
         kw = {**self._init_kwargs(), "cache": self.route["cache"], "block": self.route["block"],
               **route}
         return type(self)(self.space.model, self.loss_fn, data, space=self.space,
-                          check_determinism=False, cache_budget_mb=self.cache_budget_mb, **kw)
+                          check_determinism=False, cache_budget_mb=self.cache_budget_mb,
+                          process_group=self.process_group, **kw)
 
     def rerouted(self, **route) -> CurvatureOperator:
         """The same operator (shared parameter space and batches) with other route settings,

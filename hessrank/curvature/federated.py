@@ -120,6 +120,8 @@ class FederatedOperator:
     def _plan_stacked(self, kw: dict) -> str:
         """Lay out the units; return "" when the stacked strategy applies, else why not."""
         first, s = self.clients[0], self.space
+        if kw.get("process_group") is not None:
+            return "the data is sharded over processes (each client operator all-reduces)"
         if not first.route["cache"] or first.route.get("hvp") == "fwd-rev":
             return "uncached products were requested (cache=False or hvp='fwd-rev')"
         if couples_samples(s.model, s.mode):
