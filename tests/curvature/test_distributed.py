@@ -1,5 +1,5 @@
-"""process_group= (issue 14): two gloo processes on CPU holding uneven shards give the single-process
-operator (float64, 1e-10), and an estimator run on every rank with the same seed agrees."""
+"""process_group= (issue 14): two gloo processes on CPU holding uneven shards give the
+single-process operator (float64, 1e-10); an estimator run on every rank with one seed agrees."""
 
 from __future__ import annotations
 
