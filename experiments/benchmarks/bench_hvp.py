@@ -256,6 +256,49 @@ def calibration_runs(key: str, args, baseline) -> list[object]:
     return out
 
 
+# ---- 4. same route, before and after -------------------------------------------------------
+ROUTES = {"rev-rev, cached, loop": {"hvp": "rev-rev", "cache": True, "block": "loop"},
+          "rev-rev, cached, vmap": {"hvp": "rev-rev", "cache": True, "block": "vmap"}}
+
+
+def paired_routes(key: str, args, baseline) -> list[list[str]]:
+    """ms per vector of the baseline and the current operator forced onto the same route, and
+    of each one's default, interleaved; the fastest of ``args.repeats`` rounds (other work on
+    the machine only slows calls down) and the median. Rows: route, k, before, after, ratio."""
+    label, model, x, y = setting(key, args.fast)
+    p = sum(t.numel() for t in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    vs = {1: torch.randn(p, 1, generator=gen), K: torch.randn(p, K, generator=gen)}
+    ops = {}
+    for name, kw in [("default", {}), *ROUTES.items()]:
+        for side, mod in (("before", baseline), ("after", None)):
+            cls = mod.HessianOperator if mod is not None else HessianOperator
+            op = cls(model, CE, (x, y), **kw)
+            op.matmat(vs[K])
+            ops[(name, side)] = op
+    times: dict[tuple, list[float]] = {}
+    for r in range(args.repeats):
+        items = list(ops.items())
+        for (name, side), op in (items if r % 2 == 0 else items[::-1]):
+            for k, V in vs.items():
+                t0 = time.perf_counter()
+                op.matmat(V)
+                times.setdefault((name, side, k), []).append((time.perf_counter() - t0) / k)
+    rows = []
+    for name in ["default", *ROUTES]:
+        for k in vs:
+            b, a = times[(name, "before", k)], times[(name, "after", k)]
+            tag = name
+            if name == "default":
+                sb, sa = ops[(name, "before")].settings, ops[(name, "after")].settings
+                tag = (f"default (before {sb['hvp']}/{sb['block']}, "
+                       f"after {sa['hvp']}/{sa['block']})")
+            med = _timing.median(a) / _timing.median(b)
+            rows.append([label, tag, str(k), f"{1e3 * min(b):.2f}", f"{1e3 * min(a):.2f}",
+                         f"**{min(a) / min(b):.2f}**", f"{med:.2f}"])
+    return rows
+
+
 # ---- 3. memory ----------------------------------------------------------------------------------
 def profiled(call) -> tuple[float, float, float]:
     """(peak, net, seconds) of ``call()``: MiB of tensor memory allocated above the level at
@@ -344,9 +387,30 @@ def main(argv=None) -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--paired-routes", action="store_true",
+                    help="only: the baseline and the current operator on the same routes")
     args = ap.parse_args(argv)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.fast, args.threads)))
+        return
+    if args.paired_routes:
+        torch.set_num_threads(args.threads)
+        args.repeats = args.repeats or 15
+        baseline = load_baseline(args.baseline)
+        rows = [r for key in args.models.split(",") for r in paired_routes(key, args, baseline)]
+        table = _timing.markdown_table(
+            ["model", "route", "k", f"before ({args.baseline}) ms/vector",
+             "after ms/vector", "after / before (fastest round)", "after / before (medians)"],
+            rows)
+        text = ("# Per-product cost before and after, same route\n\n"
+                f"Machine: {_timing.machine_line(torch.get_num_threads())}; other work kept "
+                f"{_timing.busy_cores():.1f} cores busy at the start. "
+                f"{args.repeats} interleaved rounds. Run: `python experiments/benchmarks/"
+                f"bench_hvp.py --paired-routes --models {args.models}"
+                f"{' --fast' if args.fast else ''}`.\n\n" + table + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(text)
         return
     args.repeats = args.repeats or (5 if args.fast else 7)
     args.min_time = 0.02 if args.fast else 0.1
