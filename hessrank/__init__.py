@@ -14,7 +14,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hessrank.curvature import FederatedHessian, HessianOperator, dense_hessian
+    from hessrank.curvature import (
+        CurvatureOperator,
+        FederatedHessian,
+        FederatedOperator,
+        FisherOperator,
+        GGNOperator,
+        HessianOperator,
+        ParameterSpace,
+        dense_hessian,
+        tune,
+    )
     from hessrank.linalg import (
         DenseOperator,
         DensityResult,
@@ -30,12 +40,16 @@ if TYPE_CHECKING:
         stable_rank,
         trace,
     )
+    from hessrank.linalg.stack import LinearCombination, OperatorStack
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("FederatedHessian", "HessianOperator", "dense_hessian"),
-                    "hessrank.curvature"),
+    **dict.fromkeys((
+        "CurvatureOperator", "FederatedHessian", "FederatedOperator", "FisherOperator",
+        "GGNOperator", "HessianOperator", "ParameterSpace", "dense_hessian", "tune",
+    ), "hessrank.curvature"),
+    **dict.fromkeys(("LinearCombination", "OperatorStack"), "hessrank.linalg.stack"),
     **dict.fromkeys((
         "DenseOperator", "DensityResult", "EigenResult", "StableRankResult", "TraceResult",
         "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos",
@@ -44,11 +58,7 @@ _EXPORTS: dict[str, str] = {
 }  # fmt: skip
 """Public name → the subpackage that defines it."""
 
-__all__ = [
-    "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian", "HessianOperator",
-    "StableRankResult", "TraceResult", "dense_hessian", "exact_stable_rank", "frobenius_sq",
-    "hutchinson", "hutchpp", "lanczos", "spectral_density", "stable_rank", "trace",
-]
+__all__ = sorted(_EXPORTS)
 
 
 _SUBPACKAGES = ("analysis", "curvature", "fl", "linalg")
