@@ -58,7 +58,13 @@ _EXPORTS: dict[str, str] = {
 }  # fmt: skip
 """Public name → the subpackage that defines it."""
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CurvatureOperator", "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian",
+    "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator",
+    "LinearCombination", "OperatorStack", "ParameterSpace", "StableRankResult", "TraceResult",
+    "dense_hessian", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos",
+    "spectral_density", "stable_rank", "trace", "tune",
+]
 
 
 _SUBPACKAGES = ("analysis", "curvature", "fl", "linalg")
