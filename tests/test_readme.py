@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,22 +58,27 @@ def examples(text: str) -> list[tuple[Block, Block | None]]:
     return pairs
 
 
-def run_examples(text: str, workdir: Path) -> list[str]:
-    """Run the python blocks in order in one namespace inside ``workdir``; their outputs."""
+def exec_examples(text: str) -> list[str]:
+    """Run the python blocks in order in one namespace; what each printed."""
     namespace: dict = {"__name__": "__readme__"}
     outputs = []
-    cwd = Path.cwd()
-    os.chdir(workdir)
-    try:
-        for block, _ in examples(text):
-            buffer = io.StringIO()
-            code = compile(block.body, f"README.md:{block.line}", "exec")
-            with contextlib.redirect_stdout(buffer):
-                exec(code, namespace)
-            outputs.append(buffer.getvalue())
-    finally:
-        os.chdir(cwd)
+    for block, _ in examples(text):
+        buffer = io.StringIO()
+        code = compile(block.body, f"README.md:{block.line}", "exec")
+        with contextlib.redirect_stdout(buffer):
+            exec(code, namespace)
+        outputs.append(buffer.getvalue())
     return outputs
+
+
+def run_examples(workdir: Path) -> list[str]:
+    """:func:`exec_examples` on README.md in a fresh interpreter inside ``workdir`` (so that
+    seeds, default dtypes and files an example sets or writes stay there)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, __file__, "--run"], cwd=workdir, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, f"a README example failed:\n{done.stderr}"
+    return json.loads(done.stdout)
 
 
 def commands(text: str) -> list[tuple[int, list[str]]]:
@@ -120,7 +127,7 @@ def test_python_examples_print_what_the_readme_shows(tmp_path):
     text = README.read_text()
     pairs = examples(text)
     assert pairs, "the README has no python example"
-    outputs = run_examples(text, tmp_path)
+    outputs = run_examples(tmp_path)
     for (block, shown), printed in zip(pairs, outputs):
         if shown is not None:
             assert printed == shown.body, (
@@ -155,7 +162,7 @@ def _write(path: Path) -> int:
 
     text = path.read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        outputs = run_examples(text, Path(tmp))
+        outputs = run_examples(Path(tmp))
     for (_, shown), printed in reversed(list(zip(examples(text), outputs))):
         if shown is not None:
             body_start = text.index("\n", shown.start) + 1
@@ -166,6 +173,9 @@ def _write(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
+    if sys.argv[1:] == ["--run"]:  # the child of run_examples: outputs as JSON on stdout
+        print(json.dumps(exec_examples(README.read_text())))
+    elif sys.argv[1:] == ["--write"]:
+        sys.exit(_write(README))
+    else:
         sys.exit(__doc__)
-    sys.exit(_write(README))

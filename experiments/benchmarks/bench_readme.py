@@ -12,6 +12,7 @@ the machine line and the cores other work kept busy before and after.
     python experiments/benchmarks/bench_readme.py            # writes results/readme.md
     python experiments/benchmarks/bench_readme.py --demo     # also times the full make demo
     python experiments/benchmarks/bench_readme.py --workdir /tmp/r   # keep runs and N.log
+    python experiments/benchmarks/bench_readme.py --fast     # each command's --help: seconds
 
 ``hessrank figures`` is not run (its own timing is in the figures' JSON files).
 """
@@ -85,6 +86,9 @@ def what_it_gave(argv: list[str], cwd: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", action="store_true", help="also time the full demo (minutes)")
+    ap.add_argument("--fast", action="store_true",
+                    help="smoke test: run each command's --help only (checks that it parses) "
+                         "and write nothing")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "readme.md")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="run there and keep it, with each command's output in N.log "
@@ -102,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             out = "demo_fast" if flags else "demo_out"
             cmd = ["python", "-m", "hessrank.demo", *flags, "--out", out]
             jobs.append(({}, [sys.executable, *cmd[1:]], cmd))
+        if args.fast:
+            for env, real, shown in jobs:
+                seconds, rc, _ = run([*real, "--help"], env, cwd, cwd / "help.log")
+                print(f"== {' '.join(shown)} --help: exit {rc}, {seconds:.1f} s", flush=True)
+                rows.append([shown, seconds, rc, ""])
+            return 0 if all(r[2] == 0 for r in rows) else 1
         for i, (env, real, shown) in enumerate(jobs, start=1):
             print(f"== {' '.join(shown)}", flush=True)
             seconds, rc, tail = run(real, env, cwd, cwd / f"{i}.log")
