@@ -15,6 +15,7 @@ _SUBCOMMAND_MODULES = (
     "hessrank.fl.cli",  # train
     "hessrank.analysis.cli",  # analyze, plot
     "hessrank.figures",  # figures
+    "hessrank.analysis.study_cli",  # study
 )
 
 
