@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,14 +164,23 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     Same columns as :data:`hessrank.analysis.trajectory.COLUMNS` (quantity "stable-rank") plus
     ``client`` (the matched client, −1 for nested) and ``label_entropy``. The estimator seed
     is ``seed`` (as in ``analyze``); subsets are drawn from streams of ``seed``. Written to
-    ``out/controls.parquet`` when ``out`` is given.
+    ``out/controls.parquet`` (with its settings in ``out/controls.json``) when ``out`` is
+    given, and reused from there by a call with the same settings and checkpoints.
     """
     from hessrank.analysis.subjects import build_operator
     from hessrank.analysis.trajectory import COLUMNS
-    from hessrank.checkpoints import RunDir, atomic_write_bytes
+    from hessrank.checkpoints import RunDir, atomic_write_bytes, atomic_write_text
     from hessrank.linalg import stable_rank
 
     run = RunDir(run_dir)
+    settings = {"rounds": [int(r) for r in rounds], "matched_draws": int(matched_draws),
+                "nested_sizes": sorted(int(n) for n in nested_sizes),
+                "nested_draws": int(nested_draws), "matvecs": int(matvecs), "seed": int(seed),
+                "checkpoints": [run.checkpoint_path(int(r)).stat().st_mtime_ns for r in rounds]}
+    if out is not None:
+        done, key = Path(out) / "controls.parquet", Path(out) / "controls.json"
+        if done.is_file() and key.is_file() and json.loads(key.read_text()) == settings:
+            return pd.read_parquet(done)  # computed before with the same settings: reuse
     client_data = run.client_data()
     groups, info = control_groups(client_data, matched_draws=matched_draws,
                                   nested_sizes=nested_sizes, nested_draws=nested_draws,
@@ -196,6 +206,7 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
         atomic_write_bytes(Path(out) / "controls.parquet", buf.getvalue())
+        atomic_write_text(Path(out) / "controls.json", json.dumps(settings))
     return table
 
 

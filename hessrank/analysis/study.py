@@ -269,6 +269,28 @@ def infer(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.DataFrame
     return hyp
 
 
+def _regressions(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.DataFrame | None:
+    """The rank regression (:func:`~hessrank.analysis.controls.rank_regression`) over all
+    non-server rows, per phase and over all rounds (phase "all"); None if nothing fits."""
+    from hessrank.analysis.controls import rank_regression
+
+    sub = table[table["subject_kind"] != "server"]
+    if not sub["label_entropy"].notna().any():
+        return None
+    by_phase = inf.assign_phases(sub["round"].unique(), _phases(spec), last_round)
+    frames = []
+    for name, rounds in [("all", None), *by_phase.items()]:
+        part = sub if rounds is None else sub[sub["round"].isin(rounds)]
+        try:
+            frames.append(rank_regression(part).assign(phase=name))
+        except ValueError as err:  # too few rows in that phase
+            warnings.warn(f"rank regression for phase {name!r} skipped: {err}", stacklevel=2)
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True)
+    return out[["phase", *[c for c in out.columns if c != "phase"]]]
+
+
 # ---- the driver -------------------------------------------------------------------------------
 def _write_table(out: Path, name: str, table: pd.DataFrame) -> None:
     buf = io.BytesIO()
@@ -341,22 +363,20 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     _write_table(out, "results", table)
     hyp = infer(table, spec, last_round)
     atomic_write_text(out / "hypotheses.csv", hyp.to_csv(index=False))
-    regression = None
-    if controls or table["label_entropy"].notna().any():
-        from hessrank.analysis.controls import rank_regression
-
-        sub = table[table["subject_kind"] != "server"]
-        try:
-            regression = rank_regression(sub)
-            atomic_write_text(out / "regression.csv", regression.to_csv(index=False))
-        except ValueError as err:  # too few rows (e.g. server-only studies)
-            warnings.warn(f"rank regression skipped: {err}", stacklevel=2)
+    regression = _regressions(table, spec, last_round)
+    if regression is not None:
+        atomic_write_text(out / "regression.csv", regression.to_csv(index=False))
+    history = []
+    if (out / "study.json").is_file():
+        history = json.loads((out / "study.json").read_text()).get("runs", [])
+    history.append({"command": command or " ".join(sys.argv), "replicates": R,
+                    "python": platform.python_version(),
+                    "seconds": time.perf_counter() - t_start, "timing": timing})
     atomic_write_text(out / "study.json", json.dumps({
         "name": spec.name, "replicates": R, "seeds": {
             "train": [spec.seed + i for i in range(R)],
             "analysis": [analysis_seed(spec.seed, i) for i in range(R)]},
-        "command": command or " ".join(sys.argv), "python": platform.python_version(),
-        "seconds": time.perf_counter() - t_start, "timing": timing,
+        "runs": history,
     }, indent=2))
     hyp.attrs["table"] = table
     hyp.attrs["regression"] = regression

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -70,11 +72,16 @@ def test_study_command_end_to_end(tmp_path, capsys):
     sub = table[table["subject_kind"] == "subset"].groupby("replicate")["data_seed"].apply(set)
     assert not (sub[0] & sub[1])
     assert (out / "regression.csv").is_file()
+    reg = pd.read_csv(out / "regression.csv")
+    assert set(reg["phase"]) == {"all", "early", "middle", "late"}
     ckpt = out / "replicate_0" / "run" / "checkpoints"
+    ctrl = (out / "replicate_1" / "controls" / "controls.parquet").stat().st_mtime_ns
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
     # rerun resumes: nothing retrained, same verdicts
     assert main(["study", str(spec), "--out", str(out), "--quiet"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+    assert (out / "replicate_1" / "controls" / "controls.parquet").stat().st_mtime_ns == ctrl
+    assert len(json.loads((out / "study.json").read_text())["runs"]) == 2
     pd.testing.assert_frame_equal(pd.read_csv(out / "hypotheses.csv"), hyp)
     # another spec into the same directory is refused with one line
     spec.write_text(SPEC.replace("min_effect = 0.05", "min_effect = 0.5"))
