@@ -104,3 +104,14 @@ def test_bad_specs_fail_with_one_line(tmp_path, capsys, edit, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_committed_specs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+    specs = sorted(root.glob("*.toml"))
+    assert specs
+    for path in specs:
+        spec = study.load_spec(path)
+        assert spec.hypotheses and spec.replicates >= 1
