@@ -280,6 +280,8 @@ def _regressions(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.Da
     by_phase = inf.assign_phases(sub["round"].unique(), _phases(spec), last_round)
     frames = []
     for name, rounds in [("all", None), *by_phase.items()]:
+        if rounds is not None and not rounds:
+            continue  # no analyzed round falls in this phase
         part = sub if rounds is None else sub[sub["round"].isin(rounds)]
         try:
             frames.append(rank_regression(part).assign(phase=name))
