@@ -89,6 +89,8 @@ HYPOTHESES_COLUMNS = [
 arms. ``units_needed``: the power rule's units per arm and replicate (:func:`required_units`)
 for δ at α and 80 % power, from the observed between-unit SD (NaN when it cannot be computed)."""
 
+_CHUNK = 1 << 22  # resampled indices held at once by the bootstrap
+
 UNIT_COLUMNS = ["replicate", "round", "arm", "unit", "value"]
 """Columns of a *units frame*: one value per (replicate, round, arm, unit); arm "a" or "b"."""
 
@@ -266,8 +268,13 @@ def _resampled_means(values: np.ndarray, shape: tuple[int, int],
     n = values.size
     if n == 1:
         return np.full(shape, float(values[0]))
-    idx = rng.integers(0, n, size=(*shape, n))
-    return values[idx].mean(axis=-1)
+    out = np.empty(shape)
+    rows = max(1, _CHUNK // (shape[1] * n))  # bounded memory for many replicates and units
+    for start in range(0, shape[0], rows):
+        stop = min(shape[0], start + rows)
+        idx = rng.integers(0, n, size=(stop - start, shape[1], n))
+        out[start:stop] = values[idx].mean(axis=-1)
+    return out
 
 
 def cluster_bootstrap(
@@ -449,11 +456,12 @@ def test_hypotheses(
             if not rs:
                 continue
             means = phase_unit_means(frame, rs)
-            reps = []
+            two_arms = bool((frame["arm"] == "b").any())
+            reps = []  # a replicate missing an arm is dropped by the bootstrap
             for _, g in means.groupby("replicate"):
                 a = g.loc[g["arm"] == "a", "value"].to_numpy()
                 b = g.loc[g["arm"] == "b", "value"].to_numpy()
-                reps.append((a, b if (g["arm"] == "b").any() else None))
+                reps.append((a, b if two_arms else None))
             ss = streams[h * len(phases) + k]
             res = cluster_bootstrap(reps, num_resamples=num_resamples, confidence=1 - alpha,
                                     seed=int(ss.generate_state(1)[0]))

@@ -176,3 +176,13 @@ def test_units_from_an_analysis_table_and_summary():
     assert set(su["arm"]) == {"a", "b"}
     with pytest.raises(ValueError, match="sizes"):
         inf.subset_size_units(sub, 31, 100)
+
+
+def test_a_replicate_missing_an_arm_is_dropped_not_read_as_one_sample():
+    rng = np.random.default_rng(8)
+    frame = _units(rng, {0: 1.0}, R=3)
+    frame = frame[~((frame["replicate"] == 2) & (frame["arm"] == "b"))]
+    hyp = inf.test_hypotheses({"h": frame}, min_effect={"h": 0.1},
+                              phases=[inf.Phase("all", 0, 1)], num_resamples=500)
+    assert hyp["n_replicates"].iloc[0] == 2
+    assert hyp["estimate"].iloc[0] == pytest.approx(1.0, abs=0.3)
