@@ -115,3 +115,20 @@ def test_committed_specs_parse():
     for path in specs:
         spec = study.load_spec(path)
         assert spec.hypotheses and spec.replicates >= 1
+
+
+def test_committed_verdicts_follow_from_the_committed_table():
+    # experiments/results/centralized_digits: hypotheses.csv is what infer() gives on the
+    # committed tidy table with the committed spec (numbers come from running code).
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    spec = study.load_spec(root / "configs" / "centralized_digits.toml")
+    res = root / "results" / "centralized_digits"
+    got = study.infer(pd.read_parquet(res / "results.parquet"), spec, spec.train["rounds"])
+    want = pd.read_csv(res / "hypotheses.csv").fillna(
+        {"verdict_even_grid": "", "verdict_odd_grid": ""})
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+    v = dict(zip(zip(want["hypothesis"], want["phase"]), want["verdict"]))
+    assert v[("n50_minus_n500", "init")] == "supported"
+    assert v[("n50_minus_n500", "late")] == "reversed"
