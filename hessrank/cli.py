@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "hessrank.fl.cli",  # train
     "hessrank.analysis.cli",  # analyze, plot
     "hessrank.figures",  # figures
+    "hessrank.analysis.study_cli",  # study
 )
 """Modules with a ``register(subparsers)`` function, imported to build the parser."""
 
