@@ -84,6 +84,7 @@ __all__ = [
     "build_units",
     "load_spec",
     "run_study",
+    "update_pairs",
 ]
 
 HYPOTHESIS_KINDS = ("client-server", "subset-size", "nested", "alignment", "matched-size",
@@ -219,7 +220,7 @@ def _controls_replicate(run_path: Path, out: Path, seed: int, rounds, matvecs: i
                             **kwargs)
 
 
-def _update_pairs(run_path: Path, ranks: Sequence[int]) -> pd.DataFrame:
+def update_pairs(run_path: Path, ranks: Sequence[int]) -> pd.DataFrame:
     """D_r per (round, layer, client pair) of every recorded round of a run."""
     from hessrank.analysis.update_alignment import load_client_updates, pair_differences
 
@@ -464,7 +465,7 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
             if pair_file.is_file():
                 pt = pd.read_csv(pair_file)
             else:
-                pt = _update_pairs(run.path, update_ranks)
+                pt = update_pairs(run.path, update_ranks)
                 atomic_write_text(pair_file, pt.to_csv(index=False))
             pairs.append(pt.assign(replicate=i))
         timing.append({"replicate": i, "train_s": t1 - t0, "analyze_s": t2 - t1,
