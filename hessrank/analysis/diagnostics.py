@@ -25,6 +25,9 @@ Per (round, subject) three numbers explain a stable rank srank(H) = ‖H‖_F² 
    for C classes. Outliers closer than ~3σ to the bulk are not separated by this rule.
 
 Every function returns tidy rows (:data:`COLUMNS`): one row per (subject, part, quantity).
+Across replicates, :func:`reversal_tests` asks of each ingredient whether the small-n excess
+reverses (n_small − n_large with the study's cluster bootstrap and verdict rule) and
+:func:`summarize` gives per-round means.
 
 Example:
     >>> lam = torch.cat([torch.linspace(-1, 1, 200), torch.tensor([20., 25., 30.])])
@@ -61,8 +64,10 @@ __all__ = [
     "negative_mass",
     "negative_mass_rows",
     "outlier_rows",
+    "reversal_tests",
     "run_diagnostics",
     "split_rows",
+    "summarize",
 ]
 
 COLUMNS = ["subject", "subject_kind", "subject_size", "part", "quantity", "value", "stderr",
@@ -283,3 +288,66 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
             frames.append(rows.assign(round=int(r)))
     table = pd.concat(frames, ignore_index=True)
     return table[["round", *COLUMNS]]
+
+
+REVERSAL_TESTS = (
+    # (name, part, quantity, transform, min_effect): fixed with the diagnostics, before the
+    # replicated diagnostics were run
+    ("hessian_srank", "hessian", "stable-rank", "log", 0.05),
+    ("ggn_srank", "ggn", "stable-rank", "log", 0.05),
+    ("residual_srank", "residual", "stable-rank", "log", 0.05),
+    ("residual_share", "derived", "residual-share", "identity", 0.005),
+    ("negative_mass", "hessian", "negative-mass", "identity", 0.001),
+)
+"""What :func:`reversal_tests` tests, each as n_small − n_large of one diagnostic:
+residual-share = ‖R‖_F² / ‖H‖_F² (how much of H the GGN misses)."""
+
+
+def _with_derived(table: pd.DataFrame) -> pd.DataFrame:
+    """Adds rows of part "derived", quantity "residual-share" = ‖R‖_F² / ‖H‖_F²."""
+    t = table if "replicate" in table.columns else table.assign(replicate=0)
+    key = ["replicate", "round", "subject", "subject_kind", "subject_size"]
+    fro = t[t["quantity"] == "frobenius-sq"].pivot_table(index=key, columns="part",
+                                                         values="value")
+    share = (fro["residual"] / fro["hessian"]).rename("value").reset_index()
+    share = share.assign(part="derived", quantity="residual-share", stderr=float("nan"))
+    return pd.concat([t, share], ignore_index=True)
+
+
+def reversal_tests(table: pd.DataFrame, *, phases=None, last_round: int | None = None,
+                   small: int = 50, large: int = 500, alpha: float = 0.05,
+                   adjust: str = "holm", num_resamples: int = 4000,
+                   seed: int = 0) -> pd.DataFrame:
+    """n_small − n_large of each diagnostic of :data:`REVERSAL_TESTS` per phase, by
+    :func:`hessrank.analysis.inference.test_hypotheses` (replicates, then subset draws; one
+    Holm family). Answers "does the GGN alone also reverse?" (ggn_srank) and "does the part
+    of H that the GGN misses grow at small n?" (residual_share, negative_mass)."""
+    from hessrank.analysis import inference as inf
+
+    t = _with_derived(table)
+    units, deltas, transforms = {}, {}, {}
+    for name, part, quantity, transform, delta in REVERSAL_TESTS:
+        sub = t[t["part"] == part]
+        units[name] = inf.subset_size_units(sub, small, large, quantity, transform)
+        deltas[name], transforms[name] = delta, transform
+    return inf.test_hypotheses(units, min_effect=deltas, phases=phases, last_round=last_round,
+                               alpha=alpha, adjust=adjust, num_resamples=num_resamples,
+                               seed=seed, transform=transforms)
+
+
+SUMMARY_QUANTITIES = (
+    ("hessian", "stable-rank"), ("ggn", "stable-rank"), ("residual", "stable-rank"),
+    ("derived", "residual-share"), ("hessian", "negative-mass"), ("hessian", "lambda-min"),
+    ("hessian", "num-outliers"),
+)
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (round, subject size, part, quantity) of :data:`SUMMARY_QUANTITIES`: the mean over
+    replicates and draws, the SD over them and their count (server: size N)."""
+    t = _with_derived(table)
+    keep = pd.Series(False, index=t.index)
+    for part, q in SUMMARY_QUANTITIES:
+        keep |= (t["part"] == part) & (t["quantity"] == q)
+    g = t[keep].groupby(["round", "subject_kind", "subject_size", "part", "quantity"])["value"]
+    return g.agg(mean="mean", sd="std", n="count").reset_index()

@@ -83,6 +83,7 @@ __all__ = [
     "analysis_seed",
     "build_units",
     "load_spec",
+    "phases_of",
     "run_study",
     "update_pairs",
 ]
@@ -308,7 +309,8 @@ def build_units(table: pd.DataFrame, hypothesis: dict[str, Any],
     return _matched_units(table, kind, tr)
 
 
-def _phases(spec: StudySpec) -> list[inf.Phase]:
+def phases_of(spec: StudySpec) -> list[inf.Phase]:
+    """The spec's ``[inference] phases`` (default: thirds of the rounds)."""
     ph = spec.inference.get("phases")
     if ph is None:
         return inf.default_phases()
@@ -340,7 +342,7 @@ def infer(table: pd.DataFrame, spec: StudySpec, last_round: int,
     conf = spec.inference
     kwargs = dict(
         min_effect={h["name"]: float(h["min_effect"]) for h in spec.hypotheses},
-        phases=_phases(spec), last_round=last_round, alpha=float(conf.get("alpha", 0.05)),
+        phases=phases_of(spec), last_round=last_round, alpha=float(conf.get("alpha", 0.05)),
         adjust=str(conf.get("adjust", "holm")), num_resamples=int(conf.get("resamples", 4000)),
         seed=int(conf.get("seed", spec.seed)),
         transform={h["name"]: h.get("transform", "identity") for h in spec.hypotheses},
@@ -370,7 +372,7 @@ def _regressions(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.Da
     sub = table[table["subject_kind"] != "server"]
     if not sub["label_entropy"].notna().any():
         return None
-    by_phase = inf.assign_phases(sub["round"].unique(), _phases(spec), last_round)
+    by_phase = inf.assign_phases(sub["round"].unique(), phases_of(spec), last_round)
     frames = []
     for name, rounds in [("all", None), *by_phase.items()]:
         if rounds is not None and not rounds:

@@ -133,3 +133,50 @@ def test_run_diagnostics_on_a_trained_run(trained_run):
         dg.run_diagnostics(trained_run, rounds=[7], subjects="server", matvecs=8)
     with pytest.raises(ValueError, match="server and subset"):
         dg.run_diagnostics(trained_run, rounds=[0], subjects="clients", matvecs=8)
+
+
+def _fake_diagnostics(ggn_gap: float, seed: int = 0):
+    """A diagnostics table of 3 replicates × rounds 0..2 × 4 draws each of n = 50 and 500,
+    with log srank(GGN) larger at n = 50 by ``ggn_gap`` and no other difference."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for rep in range(3):
+        for rnd in range(3):
+            for n in (50, 500):
+                for d in range(4):
+                    base = dict(replicate=rep, round=rnd, subject=f"subset{n}_{d}",
+                                subject_kind="subset", subject_size=n, stderr=0.0, matvecs=1,
+                                seconds=0.0, seed=0)
+                    noise = rng.normal(0, 0.01, 6)
+                    vals = {("hessian", "stable-rank"): 5 + noise[0],
+                            ("ggn", "stable-rank"): 4 * np.exp(ggn_gap * (n == 50) + noise[1]),
+                            ("residual", "stable-rank"): 9 + noise[2],
+                            ("hessian", "frobenius-sq"): 10.0,
+                            ("residual", "frobenius-sq"): 1.0 + noise[3],
+                            ("hessian", "negative-mass"): 0.01 + noise[4] / 100,
+                            ("hessian", "lambda-min"): -0.1, ("hessian", "num-outliers"): 9}
+                    rows += [{**base, "part": p, "quantity": q, "value": v}
+                             for (p, q), v in vals.items()]
+    return pd.DataFrame(rows)
+
+
+def test_reversal_tests_and_summary():
+    from hessrank.analysis.inference import Phase
+
+    one = [Phase("all", 0.0, 1.0)]
+    t = dg.reversal_tests(_fake_diagnostics(0.3), phases=one, num_resamples=400, seed=0)
+    assert len(t) == len(dg.REVERSAL_TESTS)
+    v = t.set_index("hypothesis")["verdict"]
+    assert set(t["hypothesis"]) == {x[0] for x in dg.REVERSAL_TESTS}
+    assert v["ggn_srank"] == "supported" and v["hessian_srank"] == "inconclusive"
+    est = t.set_index("hypothesis")["estimate"]
+    assert est["ggn_srank"] == pytest.approx(0.3, abs=0.02)
+    assert dg.reversal_tests(_fake_diagnostics(-0.3), phases=one,
+                             num_resamples=400).set_index(
+        "hypothesis")["verdict"]["ggn_srank"] == "reversed"
+    s = dg.summarize(_fake_diagnostics(0.0))
+    share = s[(s["quantity"] == "residual-share")]
+    assert share["mean"].to_numpy() == pytest.approx(0.1, abs=0.01)
+    assert (share["n"] == 12).all()  # 3 replicates × 4 draws

@@ -211,3 +211,18 @@ def test_alignment_of_recorded_updates_feeds_inference(tmp_path):
         "verdict"] != "supported"
     with pytest.raises(ValueError, match="no recorded client updates"):
         study.update_pairs(tmp_path, [1])
+
+
+def test_committed_findings_are_rendered_from_the_committed_tables():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "results" / "render_findings.py"
+    mod_spec = importlib.util.spec_from_file_location("render_findings", script)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    text = mod.render()
+    assert (script.parent / "FINDINGS.md").read_text() == text, (
+        "experiments/results/FINDINGS.md is stale: run python "
+        "experiments/results/render_findings.py")
+    assert "| `n50_minus_n500` | late |" in text and "**reversed**" in text
