@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicates", type=int, default=None)
     ap.add_argument("--start", type=int, default=0,
                     help="first replicate (run replicates in parallel processes)")
+    ap.add_argument("--combine", action="store_true",
+                    help="compute nothing: combine the replicates already diagnosed in --out")
     args = ap.parse_args(argv)
     spec = study.load_spec(args.spec)
     if not spec.diagnostics:
@@ -45,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     conf = dict(spec.diagnostics)
     rounds = conf.pop("rounds", spec.analyze.get("rounds"))
     frames = []
-    for i in range(args.start, R):
+    todo = [] if args.combine else range(args.start, R)
+    if args.combine:
+        found = sorted(out.glob("replicate_*/diagnostics.csv"),
+                       key=lambda p: int(p.parent.name.removeprefix("replicate_")))
+        frames = [pd.read_csv(p) for p in found]
+        if not frames:
+            print(f"{out} holds no diagnosed replicate", file=sys.stderr)
+            return 2
+    for i in todo:
         rep = out / f"replicate_{i}"
         csv = rep / "diagnostics.csv"
         if csv.is_file():
