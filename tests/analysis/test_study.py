@@ -226,3 +226,19 @@ def test_committed_findings_are_rendered_from_the_committed_tables():
         "experiments/results/FINDINGS.md is stale: run python "
         "experiments/results/render_findings.py")
     assert "| `n50_minus_n500` | late |" in text and "**reversed**" in text
+
+
+def test_committed_diagnostic_tests_follow_from_the_committed_diagnostics():
+    from pathlib import Path
+
+    from hessrank.analysis import diagnostics as dg
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    spec = study.load_spec(root / "configs" / "centralized_digits.toml")
+    res = root / "results" / "centralized_digits"
+    got = dg.reversal_tests(pd.read_csv(res / "diagnostics.csv"), phases=study.phases_of(spec),
+                            last_round=int(spec.train["rounds"]), seed=spec.seed)
+    want = pd.read_csv(res / "diagnostics_tests.csv")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+    v = dict(zip(zip(want["hypothesis"], want["phase"]), want["verdict"]))
+    assert v[("ggn_srank", "late")] == "reversed" and v[("residual_share", "late")] == "supported"
