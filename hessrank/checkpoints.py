@@ -57,6 +57,7 @@ CONFIG_FILE = "config.json"
 PARTITION_FILE = "partition.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+UPDATES_DIR = "updates"
 _CKPT_RE = re.compile(r"^round_(\d+)\.safetensors$")
 
 

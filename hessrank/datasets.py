@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,8 +294,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(
+            f"{path} ends in .gz but is not a readable gzip file ({err}); download it again or "
+            "pass the uncompressed file"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an idx file (bad magic {raw[:4].hex()!r}); "
@@ -379,8 +386,14 @@ def _load_cifar10(root: str | Path | None) -> Dataset:
         raise _missing_files_error("cifar10", root, paths, missing)
 
     def read_batch(p: Path) -> tuple[np.ndarray, np.ndarray]:
-        with open(p, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        try:
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{p} is not a readable CIFAR-10 python batch ({err}); replace it with the file "
+                "from cifar-10-python.tar.gz"
+            ) from None
         if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
             raise ValueError(
                 f"{p} is not a CIFAR-10 python batch (no b'data'/b'labels'); "

@@ -126,21 +126,53 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """The config from ``--config`` (if given) with every explicitly given flag applied."""
     base: dict[str, Any] = {}
     if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file {path}")
-        base = json.loads(path.read_text())
+        base = TrainConfig.from_json_file(Path(args.config)).to_dict()
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             base[f.name] = getattr(args, f.name)
     return TrainConfig.from_dict(base)
 
 
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """``hessrank train`` with the flags as parsed (explicit config flags, then the run flags),
+    so the provenance names the command however ``main`` was called."""
+    argv = ["hessrank", "train", "--out", str(args.out)]
+    if getattr(args, "config", None):
+        argv += ["--config", str(args.config)]
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, (list, tuple)):
+                argv += [flag, ",".join(map(str, value))]
+            elif isinstance(value, dict):
+                argv += [flag, json.dumps(value)]
+            else:
+                argv += [flag, str(value)]
+    argv += ["--resume" if args.resume else "--no-resume", "--device", str(args.device)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    return argv + (["--quiet"] if args.quiet else [])
+
+
 def _run(args: argparse.Namespace) -> int:
+    config = build_config(args)  # every flag is validated before torch is even imported
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from hessrank.fl.runner import train
 
-    config = build_config(args)
-    run = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        run = train(
+            config, args.out, resume=args.resume, progress=not args.quiet, device=args.device,
+            threads=args.threads, command=_command_line(args),
+        )  # fmt: skip
+    except OSError as err:  # disk full, read-only files, ...: one line, not a traceback
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        raise ValueError(
+            f"cannot write the run directory {args.out}: {err.strerror or err}{where}"
+        ) from None
     last = run.metrics().iloc[-1].to_dict() if run.rounds() else {}
     print(
         f"{run.path}: {len(run.rounds())} checkpoints, round {last.get('round')}, "
@@ -167,6 +199,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "restarts it from scratch",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--device", default="cpu", help="where to train: cpu, cuda or cuda:N (not part of the "
+        "config; recorded in provenance.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="torch threads for training (default: torch's own); recorded in provenance.json "
+        "because the weights' last bits depend on it",
+    )  # fmt: skip
     _add_field_flags(parser)
     parser.set_defaults(func=_run)
     return parser

@@ -52,6 +52,13 @@ def truncated_svd_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
     )
 
 
+def _own_copy(t: Tensor, like: Tensor) -> Tensor:
+    """A contiguous (row-major) copy of ``t`` with ``like``'s dtype and device."""
+    return t.detach().to(device=like.device, dtype=like.dtype).clone(
+        memory_format=torch.contiguous_format
+    )
+
+
 class _USVBase(nn.Module):
     """Shared storage of U (m × k), S (k × l), V (n × l) and the optional dense bias (m,)."""
 
@@ -63,9 +70,9 @@ class _USVBase(nn.Module):
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self._check(U, S, V)
-        self.U = nn.Parameter(U.detach().clone())
-        self.S = nn.Parameter(S.detach().clone())
-        self.V = nn.Parameter(V.detach().clone())
+        self.U = nn.Parameter(U.detach().clone(memory_format=torch.contiguous_format))
+        self.S = nn.Parameter(S.detach().clone(memory_format=torch.contiguous_format))
+        self.V = nn.Parameter(V.detach().clone(memory_format=torch.contiguous_format))
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -109,10 +116,12 @@ class _USVBase(nn.Module):
                 f"new bases have {U.shape[0]} and {V.shape[0]} rows; this layer needs "
                 f"{self.U.shape[0]} (U) and {self.V.shape[0]} (V)"
             )
+        # row-major copies whatever the source's strides (QR returns column-major bases): the
+        # bits of later products must not depend on whether U came from a QR or a checkpoint
         ref = self.S
-        self.U = nn.Parameter(U.detach().to(ref.dtype).clone())
-        self.S = nn.Parameter(S.detach().to(ref.dtype).clone())
-        self.V = nn.Parameter(V.detach().to(ref.dtype).clone())
+        self.U = nn.Parameter(_own_copy(U, ref))
+        self.S = nn.Parameter(_own_copy(S, ref))
+        self.V = nn.Parameter(_own_copy(V, ref))
 
 
 class USVLinear(_USVBase):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats
+from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats, check_finite_reply
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.local import LocalResult, LossFn, local_sgd
 
@@ -164,6 +164,7 @@ class FedAvg(FederatedAlgorithm):
             message = self._download(client.client_id)
             down[client.client_id] = self._sync_floats(client.client_id) + count_floats(message)
             reply, result = self._train_client(message, client, lr, generator)
+            check_finite_reply(reply, client.client_id)
             up[client.client_id] = count_floats(reply)
             replies.append(reply)
             losses.append(result.mean_loss)
@@ -189,12 +190,20 @@ class FedAvg(FederatedAlgorithm):
 
 
 def _load_strict(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    """``load_state_dict`` with a one-line error naming the missing and unexpected keys."""
-    expected = set(model.state_dict())
+    """``load_state_dict`` with a one-line error naming missing/unexpected keys or the first
+    tensor whose shape does not fit."""
+    current = model.state_dict()
+    expected = set(current)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(
             f"{what} state does not match the algorithm's model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}; was it saved by a run with another config?"
         )
+    for key, value in current.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"{what} state tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
+                f"needs {tuple(value.shape)}; was it saved by a run with another config?"
+            )
     model.load_state_dict(tensors)

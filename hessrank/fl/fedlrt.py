@@ -80,7 +80,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats
+from hessrank.fl.base import (
+    ClientData,
+    FederatedAlgorithm,
+    NonFiniteError,
+    RoundStats,
+    check_finite_reply,
+)
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear, usv_from_dense
 from hessrank.fl.fedavg import weighted_average
@@ -334,6 +340,11 @@ class FeDLRT(FederatedAlgorithm):
             t.requires_grad_(True)
         x, y = self._prepare(data)
         loss, grads = self._full_batch_grad(work, x, y, wrt)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"client {data.client_id} got a non-finite loss ({loss}) at the global point",
+                client_id=data.client_id,
+            )
         out: dict[str, object] = {"loss": loss}
         for i, n in enumerate(self.layer_names):
             out[n] = (grads[3 * i], grads[3 * i + 1], grads[3 * i + 2])  # G_U, G_S, G_V
@@ -387,10 +398,16 @@ class FeDLRT(FederatedAlgorithm):
         batches = batch_indices(
             n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
         )
-        for idx in batches:
+        for step, idx in enumerate(batches):
             # a batch holding every sample is the full local batch: skip the reordering
             xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
             loss = self.loss_fn(work(xb), yb)
+            if not bool(torch.isfinite(loss.detach())):
+                value = float(loss.detach())
+                raise NonFiniteError(
+                    f"client {data.client_id} got a non-finite loss ({value}) at local step "
+                    f"{step + 1} of {len(batches)}", client_id=data.client_id,
+                )  # fmt: skip
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 for i, (p, g) in enumerate(zip(params, grads)):
@@ -400,6 +417,7 @@ class FeDLRT(FederatedAlgorithm):
                     p.sub_(lr * step)
         s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
         dense_out = {k: v.clone() for k, v in self._dense_state(work).items()}
+        check_finite_reply({**s_out, **dense_out}, data.client_id)
         return s_out, dense_out
 
     # ------------------------------------------------------------------ the round

@@ -39,7 +39,7 @@ def _kill_at(round_idx: int):
     return callback
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "fedloru", "pfedloru", "mfedloru"])
+@pytest.mark.parametrize("algo", ["fedavg", "fedloru", "pfedloru", "mfedloru", "fedlrt"])
 def test_killed_run_resumes_to_identical_weights(tmp_path, algo):
     cfg = tiny(algo=algo, client_fraction=0.5, rounds=5)
     whole = train(cfg, tmp_path / "whole", progress=False)
