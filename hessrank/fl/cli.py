@@ -52,10 +52,15 @@ HELP: dict[str, str] = {
     "factorize": "comma-separated layer names to factorize (default: all Linear/Conv2d but "
     "the first and last)",
     "merge_every": "tau: FedLoRU merges B A into W0 every tau rounds (0: never)",
-    "from_scratch": "FedLoRU from scratch: W0 = 0, both factors random",
+    "from_scratch": "LoRA family: W0 = 0, both factors random (the papers' pure rank-r "
+    "model); --no-from-scratch: W0 = dense init, B = 0 (default: from scratch; fedavg/fedlrt: "
+    "an error)",
     "personal_rank": "pFedLoRU personal rank r_p",
     "personal_alpha": "pFedLoRU personal alpha_p",
-    "personal_steps": "pFedLoRU local steps on the personal pair (0: same as global)",
+    "personal_order": "pFedLoRU local phases: global-first (the paper) or personal-first",
+    "personal_steps": "pFedLoRU steps on the personal pair (0: half the global phase's steps)",
+    "mfedloru_scheme": "mFedLoRU: hierarchical (the paper: nested rank-r_c updates of the "
+    "global factors) or width (client trains the leading r_c components)",
     "client_ranks": "mFedLoRU comma-separated rank per client (default: cycle r, r/2, r/4)",
     "correction": "FeDLRT variance correction: full, simplified or none",
     "trunc_theta": "FeDLRT relative truncation threshold",
@@ -107,7 +112,7 @@ def _add_field_flags(parser: argparse.ArgumentParser) -> None:
         tp = hints[f.name]
         default = getattr(defaults, f.name)
         text = f"{HELP.get(f.name, f.name)} (default: {default!r})"
-        if tp is bool:
+        if _base_type(tp) is bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS, help=text,

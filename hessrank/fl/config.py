@@ -20,6 +20,9 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "float64")
 CORRECTIONS = ("full", "simplified", "none")
+LORA_FAMILY = ("fedlora", "fedloru", "pfedloru", "mfedloru")
+PERSONAL_ORDERS = ("global-first", "personal-first")
+MFEDLORU_SCHEMES = ("hierarchical", "width")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound; the trainer derives streams from it
 
 
@@ -89,10 +92,14 @@ class TrainConfig:
     lora_alpha: float = 8.0
     factorize: list[str] | None = None  # module names; None: every Linear/Conv2d but first and last
     merge_every: int = 5  # tau, FedLoRU accumulation period in rounds
-    from_scratch: bool = False  # FedLoRU: W0 = 0 with both factors random
+    # LoRA family: W0 = 0 with both factors random (the papers' pure rank-r model); None: the
+    # algorithm's default (True for fedlora/fedloru/pfedloru/mfedloru); an error elsewhere
+    from_scratch: bool | None = None
     personal_rank: int = 4  # pFedLoRU
     personal_alpha: float = 4.0
-    personal_steps: int = 0  # pFedLoRU local steps on the personal pair; 0: same as global
+    personal_order: str = "global-first"  # pFedLoRU: global pair, then personal pair
+    personal_steps: int = 0  # pFedLoRU steps on the personal pair; 0: half the global phase's
+    mfedloru_scheme: str = "hierarchical"  # mFedLoRU: hierarchical | width
     client_ranks: list[int] | None = None  # mFedLoRU ranks (<= rank); None: r, r/2, r/4
     # FeDLRT
     correction: str = "full"  # full | simplified | none
@@ -125,7 +132,9 @@ class TrainConfig:
     def _check_values(self) -> None:
         """Every value check that needs no data: run before any work (CLI boundary)."""
         choices = {"algo": ALGORITHMS, "partition": PARTITIONS, "lr_schedule": LR_SCHEDULES,
-                   "dtype": DTYPES, "correction": CORRECTIONS}  # fmt: skip
+                   "dtype": DTYPES, "correction": CORRECTIONS,
+                   "personal_order": PERSONAL_ORDERS,
+                   "mfedloru_scheme": MFEDLORU_SCHEMES}  # fmt: skip
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 kind = "algorithm" if name == "algo" else name
@@ -159,6 +168,11 @@ class TrainConfig:
             raise ValueError(f"trunc_theta must be in [0, 1), got {self.trunc_theta}")
         if self.r_max < self.r_min:
             raise ValueError(f"r_max must be >= r_min, got r_min={self.r_min}, r_max={self.r_max}")
+        if self.from_scratch is not None and self.algo not in LORA_FAMILY:
+            raise ValueError(
+                f"from_scratch applies to {', '.join(LORA_FAMILY)} only, not {self.algo!r}; "
+                "drop --from-scratch/--no-from-scratch"
+            )
         if self.client_ranks is not None and any(r < 1 for r in self.client_ranks):
             raise ValueError(f"client_ranks must be >= 1, got {self.client_ranks}")
 

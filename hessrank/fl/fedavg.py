@@ -140,6 +140,11 @@ class FedAvg(FederatedAlgorithm):
         state = worker.state_dict()
         return {k: state[k].detach().clone() for k in message}, result
 
+    def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
+        """Floats the client actually sends for ``reply`` (a reply may be reconstructed from a
+        smaller message, e.g. mFedLoRU's nested factors)."""
+        return count_floats(reply)
+
     def _aggregate(
         self, replies: list[dict[str, Tensor]], clients: list[ClientData]
     ) -> None:
@@ -165,7 +170,7 @@ class FedAvg(FederatedAlgorithm):
             down[client.client_id] = self._sync_floats(client.client_id) + count_floats(message)
             reply, result = self._train_client(message, client, lr, generator)
             check_finite_reply(reply, client.client_id)
-            up[client.client_id] = count_floats(reply)
+            up[client.client_id] = self._reply_floats(reply, client.client_id)
             replies.append(reply)
             losses.append(result.mean_loss)
             seconds += result.seconds
