@@ -58,6 +58,10 @@ class FederatedAlgorithm(ABC):
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
         self.config = config
+        self.record: dict[int, dict[str, Tensor]] | None = None
+        """When a dict (the runner sets it for ``record_updates``), :meth:`run_round` stores
+        in it, per sampled client, the client's *effective dense* state after local training
+        (the state_dict keys of :meth:`effective_model`)."""
 
     @abstractmethod
     def run_round(

@@ -68,6 +68,8 @@ HELP: dict[str, str] = {
     "r_max": "FeDLRT largest rank",
     "save_every": "checkpoint every this many rounds (plus round 0 and the last)",
     "eval_every": "evaluate every this many rounds (plus the last)",
+    "record_updates": "save every sampled client's update to the dense effective weights, "
+    "every round, to RUN/updates/round_XXXX.safetensors (keys CLIENT/PARAM)",
     "notes": "JSON dict of free-form notes (algorithms add their open choices)",
 }
 

@@ -109,6 +109,7 @@ class TrainConfig:
     # bookkeeping
     save_every: int = 5
     eval_every: int = 1
+    record_updates: bool = False  # RUN/updates/round_XXXX.safetensors: each client's update
     notes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

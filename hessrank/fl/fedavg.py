@@ -140,6 +140,12 @@ class FedAvg(FederatedAlgorithm):
         state = worker.state_dict()
         return {k: state[k].detach().clone() for k in message}, result
 
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        """The dense effective state_dict the client's ``reply`` stands for (update records)."""
+        state = dict(self._client_held(client_id))
+        state.update(reply)
+        return {k: v.detach().clone() for k, v in state.items()}
+
     def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
         """Floats the client actually sends for ``reply`` (a reply may be reconstructed from a
         smaller message, e.g. mFedLoRU's nested factors)."""
@@ -171,6 +177,8 @@ class FedAvg(FederatedAlgorithm):
             reply, result = self._train_client(message, client, lr, generator)
             check_finite_reply(reply, client.client_id)
             up[client.client_id] = self._reply_floats(reply, client.client_id)
+            if self.record is not None:
+                self.record[client.client_id] = self._client_effective(reply, client.client_id)
             replies.append(reply)
             losses.append(result.mean_loss)
             seconds += result.seconds

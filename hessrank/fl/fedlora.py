@@ -71,6 +71,13 @@ class FedLoRA(FedAvg):
         pure rank-r model, as the authors' code initializes it)."""
         return True if config.from_scratch is None else bool(config.from_scratch)
 
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        """W0 + (α/r)·B_c·A_c (and the client's other tensors) as a dense state_dict; for
+        pFedLoRU the global part only (the personal pair never travels)."""
+        scratch = copy.deepcopy(self.model)
+        scratch.load_state_dict({**self._client_held(client_id), **reply})
+        return densify(scratch, self.template).state_dict()
+
     def _ranks(self) -> dict[str, int]:
         return {n: layer.rank for n, layer in factorized_layers(self.model).items()}
 

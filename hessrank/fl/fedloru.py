@@ -316,6 +316,13 @@ class MFedLoRU(FedLoRU):
         self._sent[client.client_id] = plain + sum(m.num_floats() for m in nested.values())
         return reply, result
 
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        if self.scheme == "hierarchical":  # the reply holds rank-r factors A_c, B_c
+            return super()._client_effective(reply, client_id)
+        worker = copy.deepcopy(self._rank_worker(self.client_ranks[client_id]))
+        worker.load_state_dict({**self._client_held(client_id), **reply}, strict=False)
+        return densify(worker, self.template).state_dict()
+
     def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
         if self.scheme == "hierarchical":
             return self._sent.pop(client_id)

@@ -496,6 +496,12 @@ class FeDLRT(FederatedAlgorithm):
             for i, c in enumerate(clients)
         ]
 
+        if self.record is not None:
+            for c, (s_c, dense_c) in zip(clients, results):
+                self.record[c.client_id] = self._effective_state(
+                    dense_c, {n: (A.U, s_c[n], A.V) for n, A in aug.items()}
+                )
+
         # phase 5: aggregation and truncation
         new_dense = weighted_average([res[1] for res in results], [c.size for c in clients])
         ranks: dict[str, int] = {}
@@ -558,6 +564,22 @@ class FeDLRT(FederatedAlgorithm):
         return self._numel_float(self.effective_model().state_dict())
 
     # ------------------------------------------------------------------ state
+
+    def _effective_state(
+        self, dense: dict[str, Tensor], factors: dict[str, tuple[Tensor, Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The dense state_dict (keys of the original model) of non-factorized state ``dense``
+        and factors U S Vᵀ per layer (a client's Ũ S̃_c Ṽᵀ for update records)."""
+        layers = self._layers(self.model)
+        state = {}
+        for key, ref in self._template.state_dict().items():
+            prefix, _, leaf = key.rpartition(".")
+            if prefix in layers and leaf == "weight":
+                U, S, V = factors[prefix]
+                state[key] = (U @ S @ V.T).reshape(ref.shape).detach().clone()
+            else:
+                state[key] = dense[key].detach().clone()
+        return state
 
     def effective_model(self) -> nn.Module:
         """A fresh dense copy of the original model with W = U S Vᵀ in each factorized layer."""

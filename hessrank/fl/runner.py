@@ -45,6 +45,7 @@ from hessrank.checkpoints import (
     read_checkpoint,
     read_metrics,
     save_checkpoint,
+    save_client_updates,
     split_prefix,
 )
 from hessrank.fl.base import ClientData, FederatedAlgorithm, NonFiniteError, first_non_finite
@@ -509,6 +510,9 @@ def _train_locked(
         t0 = time.perf_counter()
         lr = learning_rate(cfg, t)
         sampled = sample_clients(cfg.clients, cfg.client_fraction, gen)
+        if cfg.record_updates:
+            broadcast = algo.effective_model().state_dict()
+            algo.record = {}
         try:
             stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen)
             state = algo.state_tensors()
@@ -516,6 +520,7 @@ def _train_locked(
             if bad is not None:
                 raise NonFiniteError(f"the aggregated state has non-finite values in {bad!r}")
         except NonFiniteError as err:
+            algo.record = None
             bar.close()
             last_saved = _keep_last_finite(setup, out, t - 1, last_saved, previous)
             raise NonFiniteError(
@@ -523,6 +528,9 @@ def _train_locked(
                 f"finite checkpoint is round {last_saved} in {out}; lower --lr",
                 client_id=err.client_id,
             ) from None
+        if cfg.record_updates:
+            save_client_updates(out, t, _updates(broadcast, algo.record))
+            algo.record = None
         up, down = sum(stats.floats_up.values()), sum(stats.floats_down.values())
         cum["up"] += up
         cum["down"] += down
@@ -551,6 +559,16 @@ def _train_locked(
     bar.close()
     finish_record(out, record)
     return RunDir(out)
+
+
+def _updates(
+    broadcast: dict[str, Tensor], clients: dict[int, dict[str, Tensor]]
+) -> dict[int, dict[str, Tensor]]:
+    """Δ_c = θ_c − θ per client and floating key (the format of hessrank.checkpoints)."""
+    return {
+        cid: {k: state[k] - v for k, v in broadcast.items() if v.is_floating_point()}
+        for cid, state in clients.items()
+    }
 
 
 def _keep_last_finite(
