@@ -66,6 +66,10 @@ HELP: dict[str, str] = {
     "trunc_theta": "FeDLRT relative truncation threshold",
     "r_min": "FeDLRT smallest rank",
     "r_max": "FeDLRT largest rank",
+    "fedlrt_init": "FeDLRT init: scaled-svd (truncated SVD of the dense init, S rescaled to "
+    "keep its Frobenius norm) or svd (plain truncated SVD)",
+    "fedlrt_weighting": "FeDLRT client weights: uniform (the paper's (1/C) sum_c L_c) or size "
+    "(n_c / N)",
     "save_every": "checkpoint every this many rounds (plus round 0 and the last)",
     "eval_every": "evaluate every this many rounds (plus the last)",
     "record_updates": "save every sampled client's update to the dense effective weights, "

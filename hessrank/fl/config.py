@@ -23,6 +23,8 @@ CORRECTIONS = ("full", "simplified", "none")
 LORA_FAMILY = ("fedlora", "fedloru", "pfedloru", "mfedloru")
 PERSONAL_ORDERS = ("global-first", "personal-first")
 MFEDLORU_SCHEMES = ("hierarchical", "width")
+FEDLRT_INITS = ("scaled-svd", "svd")
+WEIGHTINGS = ("uniform", "size")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound; the trainer derives streams from it
 
 
@@ -106,6 +108,8 @@ class TrainConfig:
     trunc_theta: float = 0.1  # relative truncation threshold (vartheta)
     r_min: int = 2
     r_max: int = 64
+    fedlrt_init: str = "scaled-svd"  # scaled-svd | svd
+    fedlrt_weighting: str = "uniform"  # uniform (the paper's (1/C) sum L_c) | size
     # bookkeeping
     save_every: int = 5
     eval_every: int = 1
@@ -135,7 +139,8 @@ class TrainConfig:
         choices = {"algo": ALGORITHMS, "partition": PARTITIONS, "lr_schedule": LR_SCHEDULES,
                    "dtype": DTYPES, "correction": CORRECTIONS,
                    "personal_order": PERSONAL_ORDERS,
-                   "mfedloru_scheme": MFEDLORU_SCHEMES}  # fmt: skip
+                   "mfedloru_scheme": MFEDLORU_SCHEMES, "fedlrt_init": FEDLRT_INITS,
+                   "fedlrt_weighting": WEIGHTINGS}  # fmt: skip
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 kind = "algorithm" if name == "algo" else name

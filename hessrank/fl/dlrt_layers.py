@@ -251,12 +251,29 @@ class USVConv2d(_USVBase):
         )
 
 
-def usv_from_dense(layer: nn.Module, rank: int) -> USVLinear | USVConv2d:
-    """Factorize an ``nn.Linear`` or ``nn.Conv2d`` into its U S Vᵀ counterpart (truncated SVD)."""
+def usv_from_dense(
+    layer: nn.Module, rank: int, *, keep_norm: bool = False
+) -> USVLinear | USVConv2d:
+    """Factorize an ``nn.Linear`` or ``nn.Conv2d`` into its U S Vᵀ counterpart (truncated SVD).
+
+    With ``keep_norm`` the coefficients are rescaled, S ← S·‖W‖_F / ‖S‖_F, so the factorized
+    layer keeps the Frobenius norm of the dense init (for isotropic inputs, its output
+    variance): a rank-r truncation of a random m × n init keeps only about r/min(m, n) of
+    ‖W‖_F², and several factorized layers in a row shrink the signal geometrically.
+    """
     if isinstance(layer, nn.Linear):
-        return USVLinear.from_dense(layer, rank)
-    if isinstance(layer, nn.Conv2d):
-        return USVConv2d.from_dense(layer, rank)
-    raise TypeError(
-        f"only nn.Linear and nn.Conv2d layers can be factorized, got {type(layer).__name__}"
-    )
+        out = USVLinear.from_dense(layer, rank)
+    elif isinstance(layer, nn.Conv2d):
+        out = USVConv2d.from_dense(layer, rank)
+    else:
+        raise TypeError(
+            f"only nn.Linear and nn.Conv2d layers can be factorized, got {type(layer).__name__}"
+        )
+    if keep_norm:
+        with torch.no_grad():
+            full = torch.linalg.matrix_norm(layer.weight.detach().reshape(out.U.shape[0], -1))
+            kept = torch.linalg.matrix_norm(out.S.detach())
+            if float(kept) > 0:
+                out.S.mul_(full / kept)
+    return out
+

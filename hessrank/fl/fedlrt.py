@@ -3,8 +3,10 @@
 Every factorized layer keeps a *global* low-rank form W = U S Vᵀ (U: m × r, S: r × r, V: n × r,
 U and V orthonormal; :mod:`hessrank.fl.dlrt_layers`); clients only ever train the small
 coefficient matrix, in a basis the server built from the averaged basis gradients. With client
-weights w_c = n_c / Σ_{sampled} n_c (size-weighted over the sampled clients), L = Σ_c w_c L_c and
-L_c the mean loss over client c's local data, one round (DESIGN.md §5) is:
+weights w_c (``fedlrt_weighting``: ``uniform``, w_c = 1/|S| over the sampled clients S — the
+paper's objective L = (1/C) Σ_c L_c — by default, or ``size``, w_c = n_c / Σ_{c∈S} n_c, the
+FedAvg convention and DESIGN.md §1's server loss), L = Σ_c w_c L_c and L_c the mean loss over
+client c's local data, one round (DESIGN.md §5) is:
 
 1. *Basis gradients.* Clients get the global model and send, at the global point,
    G_U,c = ∇_U L_c = ∇_W L_c V Sᵀ (m × r) and G_V,c = ∇_V L_c = ∇_W L_cᵀ U S (n × r)
@@ -32,6 +34,26 @@ L_c the mean loss over client c's local data, one round (DESIGN.md §5) is:
    U ← Ũ P[:, :r'], V ← Ṽ Q[:, :r'], S ← Σ[:r', :r']. Then U and V are
    re-orthonormalized by QR with the triangular factors absorbed into S (W unchanged up to
    rounding) so rounding errors do not accumulate over rounds.
+
+*Non-factorized layers* (biases, the first and last layer, BatchNorm, any layer not listed in
+``factorize``) are trained like FedAvg: plain SGD on L_c,B from the global values, averaged
+with the weights w_c. They get **no variance correction**: with heterogeneous clients and
+several local steps their average drifts towards a mixture of the clients' minimizers exactly
+as in FedAvg (client drift), so the global-loss descent guarantee of the paper covers the
+coefficients of the factorized layers only. When the non-factorized layers are a small part of
+the model (the default leaves only the first and last layer dense) the effect is FedAvg's drift
+on those layers.
+
+*Initialization* (``fedlrt_init``). ``scaled-svd`` (default): the rank-r truncated SVD of the
+dense init, with S rescaled to keep the dense init's Frobenius norm; ``svd``: the plain
+truncated SVD. Why: the plain truncation of a random m × n init keeps only about
+r/min(m, n) of its squared norm, so each factorized layer shrinks the signal; with two
+factorized layers (the digits CNN at r = 8) the network starts nearly silent and training sat at
+chance (test accuracy 0.10 after 30 rounds, lr 0.3, K = 20, Dirichlet 0.5, where FedAvg reached
+0.73; measured with experiments/benchmarks/bench_trainer.py's settings, see
+experiments/benchmarks/results/trainer.md). The truncation threshold ϑ is *relative*
+(‖σ_tail‖ ≤ ϑ‖σ‖_F), as in the paper's experiments; the rank grows when the new directions carry
+more than ϑ² of the coefficient energy.
 
 With one client and full-batch steps the correction vanishes and a round is s* steps of gradient
 descent on S̃ for the augmented factorization, followed by truncation; with full correction the
@@ -202,7 +224,10 @@ class FeDLRT(FederatedAlgorithm):
             )
         names = check_factorizable(model, names)
         for n in names:
-            set_submodule(model, n, usv_from_dense(model.get_submodule(n), config.rank))
+            layer = usv_from_dense(
+                model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
+            )
+            set_submodule(model, n, layer)
         super().__init__(model, config)
         self.layer_names = names
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss
@@ -239,15 +264,18 @@ class FeDLRT(FederatedAlgorithm):
     @staticmethod
     def _record_notes(config: TrainConfig) -> None:
         notes = {
-            "fedlrt.init": "factorized layers start at the truncated SVD of the dense init, "
-            "rank min(rank, m, n)",
+            "fedlrt.init": f"{config.fedlrt_init}: factorized layers start at the truncated "
+            "SVD of the dense init, rank min(rank, m, n)"
+            + (", S rescaled to the dense init's Frobenius norm"
+               if config.fedlrt_init == "scaled-svd" else ""),
+            "fedlrt.weighting": f"{config.fedlrt_weighting} client weights in every average",
             "fedlrt.local_steps": "minibatches as FedAvg (hessrank.fl.local.batch_indices): "
             "local_steps batches of min(batch_size, n_c), else local_epochs passes; "
             "batch_size >= n_c gives full-batch GD; basis and correction gradients always use "
             "the full local batch",
             "fedlrt.dense_params": "non-factorized parameters take the same plain SGD steps "
-            "without correction and are size-weighted averaged (FedAvg's weighted_average: "
-            "integer buffers from the first client)",
+            "without variance correction and are averaged with the client weights (FedAvg's "
+            "weighted_average: integer buffers from the first client)",
             "fedlrt.broadcast": "global U, S, V and dense state broadcast every round "
             "(stateless clients)",
             "fedlrt.augmentation": "new directions of (I-UU^T)G_U with singular value <= "
@@ -256,7 +284,7 @@ class FeDLRT(FederatedAlgorithm):
             "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR",
             "fedlrt.simplified": "simplified correction: grad_S L_c (r x r) sent with the basis "
             "gradients, averaged grad_S L broadcast with the new columns",
-            "fedlrt.train_loss": "size-weighted loss of the sampled clients at the round-start "
+            "fedlrt.train_loss": "weighted loss of the sampled clients at the round-start "
             "global point",
         }
         for key, value in notes.items():
@@ -434,7 +462,10 @@ class FeDLRT(FederatedAlgorithm):
         sizes = torch.tensor([c.size for c in clients], dtype=torch.float64)
         if bool((sizes <= 0).any()):
             raise ValueError("every sampled client needs at least one sample")
-        weights = (sizes / sizes.sum()).tolist()
+        if self.config.fedlrt_weighting == "uniform":
+            weights = [1.0 / len(clients)] * len(clients)
+        else:
+            weights = (sizes / sizes.sum()).tolist()
         glob_layers = self._layers(self.model)
         dense = {k: v.clone() for k, v in self._dense_state(self.model).items()}
         factors = {
@@ -503,7 +534,7 @@ class FeDLRT(FederatedAlgorithm):
                 )
 
         # phase 5: aggregation and truncation
-        new_dense = weighted_average([res[1] for res in results], [c.size for c in clients])
+        new_dense = weighted_average([res[1] for res in results], weights)
         ranks: dict[str, int] = {}
         extra: dict[str, float] = {}
         cfg = self.config
