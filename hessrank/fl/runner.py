@@ -173,12 +173,15 @@ def _build(
     for name in ("rounds", "batch_size", "save_every", "eval_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    ds = load_dataset(config.dataset, root=config.data_root, seed=config.seed)
+    ds = load_dataset(
+        config.dataset, root=config.data_root, seed=config.seed, **config.dataset_kwargs
+    )
     if partition_json is not None:
         part = Partition.from_json(partition_json)
     else:
+        labels = ds.meta.get("train_groups", ds.train_y)  # hetero-lsq: split by group
         part = make_partition(
-            ds.train_y, config.clients, config.partition, alpha=config.dirichlet_alpha,
+            labels, config.clients, config.partition, alpha=config.dirichlet_alpha,
             shards_per_client=config.shards_per_client, min_size=config.min_client_size,
             seed=config.seed,
         )  # fmt: skip
