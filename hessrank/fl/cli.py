@@ -38,6 +38,10 @@ HELP: dict[str, str] = {
     "shards_per_client": "label shards per client (shards partition)",
     "min_client_size": "fewest samples a client may hold",
     "client_fraction": "C, fraction of clients sampled per round (at least one)",
+    "validation_fraction": "fraction of the training set held out (never trained on) for "
+    "val_loss/val_accuracy, e.g. to pick a learning rate (hessrank sweep)",
+    "client_holdout": "fraction of each client's samples held out as its own test set: "
+    "per-client accuracy of the client's model (personalized) or the global one",
     "rounds": "number of communication rounds",
     "local_epochs": "E, local epochs per round (ignored when --local-steps > 0)",
     "local_steps": "s*, fixed number of local SGD steps per round (0: use epochs)",
@@ -194,8 +198,62 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Train every (algorithm, lr) pair and pick each algorithm's best lr on validation."""
+    import math
+
+    for flag in ("algo", "lr"):
+        if hasattr(args, flag):
+            raise ValueError(f"hessrank sweep takes --algos and --lrs, not --{flag}")
+    unknown = [a for a in args.algos if a not in ALGORITHMS]
+    if unknown or not args.algos:
+        raise ValueError(f"--algos: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+    if not args.lrs or not all(math.isfinite(lr) and lr > 0 for lr in args.lrs):
+        raise ValueError(f"--lrs must be positive finite numbers, got {args.lrs}")
+    if not hasattr(args, "validation_fraction"):
+        args.validation_fraction = 0.2
+    configs = {}
+    for algo in args.algos:  # validate every config before training any
+        for lr in args.lrs:
+            args.algo, args.lr = algo, lr
+            configs[algo, lr] = build_config(args)
+    if configs[args.algos[0], args.lrs[0]].validation_fraction <= 0:
+        raise ValueError("hessrank sweep needs --validation-fraction > 0 to pick learning rates")
+    from hessrank.fl.sweep import sweep
+
+    table = sweep(configs, Path(args.out), progress=not args.quiet)
+    print(table.to_string(index=False))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to the top-level CLI."""
+    """Add the ``train`` and ``sweep`` subcommands to the top-level CLI."""
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="pick each algorithm's learning rate on a validation split",
+        description="Train every algorithm of --algos at every learning rate of --lrs (one run "
+        "directory each under --out), score the last round on the validation split "
+        "(--validation-fraction, default 0.2: val_accuracy, or val_loss for regression) and "
+        "write OUT/sweep.csv and OUT/best.json (algorithm -> best lr). Other flags as for "
+        "hessrank train.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    sweep.add_argument("--out", required=True, help="folder for the runs and the summary")
+    sweep.add_argument("--algos", type=_names, required=True, help="e.g. fedavg,fedloru,fedlrt")
+    sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
+    sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
+    sweep.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_field_flags(sweep)
+    sweep.set_defaults(func=_sweep)
     parser = subparsers.add_parser(
         "train",
         help="federated training that writes a run directory",

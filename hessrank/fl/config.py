@@ -78,6 +78,8 @@ class TrainConfig:
     shards_per_client: int = 2
     min_client_size: int = 8
     client_fraction: float = 1.0  # C: fraction sampled per round
+    validation_fraction: float = 0.0  # server-side validation split of the training set
+    client_holdout: float = 0.0  # fraction of each client's data held out (personal test)
     # optimization
     rounds: int = 50
     local_epochs: int = 1  # E; ignored when local_steps > 0
@@ -165,6 +167,9 @@ class TrainConfig:
                 )
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        for name in ("validation_fraction", "client_holdout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

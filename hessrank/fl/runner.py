@@ -150,6 +150,39 @@ class _Setup:
     train: tuple[Tensor, Tensor]
     input_shape: tuple[int, ...]
     num_outputs: int
+    validation: tuple[Tensor, Tensor] | None = None
+    holdout: list[tuple[Tensor, Tensor]] | None = None
+
+
+def _split_data(config: TrainConfig, labels: Any) -> tuple[Any, np.ndarray]:
+    """The partition over the samples left after the validation split, in dataset indices,
+    with per-client holdouts (see :func:`held_out_partition`); and the validation indices."""
+    from hessrank.fl.partition import Partition, make_partition
+
+    n = int(labels.shape[0])
+    pool, val = np.arange(n), np.zeros(0, dtype=np.int64)
+    if config.validation_fraction > 0:
+        perm = np.random.default_rng([config.seed, 7]).permutation(n)
+        k = min(max(1, round(config.validation_fraction * n)), n - config.clients)
+        val, pool = np.sort(perm[:k]), np.sort(perm[k:])
+    part = make_partition(
+        labels[torch.as_tensor(pool)], config.clients, config.partition,
+        alpha=config.dirichlet_alpha, shards_per_client=config.shards_per_client,
+        min_size=config.min_client_size, seed=config.seed,
+    )  # fmt: skip
+    if config.validation_fraction == 0 and config.client_holdout == 0:
+        return part, val
+    indices, holdout = [pool[idx] for idx in part.indices], []
+    for c, idx in enumerate(indices):
+        if config.client_holdout > 0:
+            perm = np.random.default_rng([config.seed, 11, c]).permutation(idx)
+            k = min(round(config.client_holdout * len(idx)), len(idx) - 1)
+            holdout.append(np.sort(perm[:k]).tolist())
+            indices[c] = np.sort(perm[k:])
+    params = {**part.params, "validation_fraction": config.validation_fraction,
+              "validation_indices": val.tolist(), "client_holdout": config.client_holdout,
+              "holdout_indices": holdout}  # fmt: skip
+    return Partition(part.scheme, part.num_clients, part.seed, tuple(indices), params), val
 
 
 def _cast(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
@@ -160,7 +193,7 @@ def _build(
     config: TrainConfig, partition_json: dict | None, device: torch.device | None = None
 ) -> _Setup:
     from hessrank.datasets import load_dataset
-    from hessrank.fl.partition import Partition, make_partition
+    from hessrank.fl.partition import Partition
     from hessrank.models import build_model
 
     dtype = getattr(torch, str(config.dtype), None)
@@ -180,11 +213,7 @@ def _build(
         part = Partition.from_json(partition_json)
     else:
         labels = ds.meta.get("train_groups", ds.train_y)  # hetero-lsq: split by group
-        part = make_partition(
-            labels, config.clients, config.partition, alpha=config.dirichlet_alpha,
-            shards_per_client=config.shards_per_client, min_size=config.min_client_size,
-            seed=config.seed,
-        )  # fmt: skip
+        part, _ = _split_data(config, labels)
     torch.manual_seed(config.seed)
     model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
     model = model.to(dtype=dtype, device=device)
@@ -196,11 +225,21 @@ def _build(
         x = _cast(ds.train_x[index], dtype, device)
         y = _cast(ds.train_y[index], dtype, device)
         clients.append(ClientData(cid, x, y))
+    def subset(idx: Any) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return _cast(ds.train_x[index], dtype, device), _cast(ds.train_y[index], dtype, device)
+
+    val_idx = part.params.get("validation_indices") or []
+    holdout_idx = part.params.get("holdout_indices") or []
+    split = bool(val_idx) or bool(holdout_idx)
     return _Setup(
         config, ds, part, algorithm, clients,
         test=(_cast(ds.test_x, dtype, device), _cast(ds.test_y, dtype, device)),
-        train=(_cast(ds.train_x, dtype, device), _cast(ds.train_y, dtype, device)),
+        train=subset(np.concatenate(part.indices)) if split else (
+            _cast(ds.train_x, dtype, device), _cast(ds.train_y, dtype, device)),
         input_shape=tuple(ds.input_shape), num_outputs=ds.output_dim,
+        validation=subset(val_idx) if val_idx else None,
+        holdout=[subset(h) for h in holdout_idx] if holdout_idx else None,
     )  # fmt: skip
 
 
@@ -274,9 +313,30 @@ def _eval_row(setup: _Setup) -> dict[str, Any]:
         "test_loss": te["loss"],
         "test_accuracy": te.get("accuracy"),
     }
+    if setup.validation is not None:
+        va = evaluate(model, *setup.validation, loss_fn, task)
+        row.update({"val_loss": va["loss"], "val_accuracy": va.get("accuracy")})
+    if setup.holdout is not None:
+        row.update(_holdout_eval(setup, model))
     if _personalized(setup.algorithm):
         row.update(_personal_eval(setup))
     return row
+
+
+def _holdout_eval(setup: _Setup, global_model: nn.Module) -> dict[str, Any]:
+    """Per-client evaluation on each client's own held-out samples (``client_holdout``): the
+    client's own model for personalized algorithms, the global model otherwise. Logs the
+    per-client values and their unweighted mean over clients."""
+    algo, task = setup.algorithm, setup.dataset.task
+    key = "accuracy" if task == "classification" else "loss"
+    per_client = {}
+    for client, (x, y) in zip(setup.clients, setup.holdout or []):
+        if x.shape[0] == 0:
+            continue
+        model = algo.client_model(client.client_id) if _personalized(algo) else global_model
+        per_client[str(client.client_id)] = evaluate(model, x, y, algo.loss_fn, task)[key]
+    mean = float(np.mean(list(per_client.values()))) if per_client else None
+    return {f"client_holdout_{key}": per_client, f"holdout_{key}_mean": mean}
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Tensor]:
