@@ -68,6 +68,7 @@ HELP: dict[str, str] = {
     "mfedloru_scheme": "mFedLoRU: hierarchical (the paper: nested rank-r_c updates of the "
     "global factors) or width (client trains the leading r_c components)",
     "client_ranks": "mFedLoRU comma-separated rank per client (default: cycle r, r/2, r/4)",
+    "prox_mu": "FedProx mu: local objective L_c + (mu/2)||theta - theta_global||^2",
     "correction": "FeDLRT variance correction: full, simplified or none",
     "trunc_theta": "FeDLRT relative truncation threshold",
     "r_min": "FeDLRT smallest rank",

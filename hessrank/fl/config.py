@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = ("fedavg", "fedlora", "fedloru", "pfedloru", "mfedloru", "fedlrt")
+ALGORITHM_REGISTRY: dict[str, str] = {
+    "fedavg": "hessrank.fl.fedavg:FedAvg",
+    "fedprox": "hessrank.fl.fedprox:FedProx",
+    "fedlora": "hessrank.fl.fedlora:FedLoRA",
+    "fedloru": "hessrank.fl.fedloru:FedLoRU",
+    "pfedloru": "hessrank.fl.fedloru:PFedLoRU",
+    "mfedloru": "hessrank.fl.fedloru:MFedLoRU",
+    "fedlrt": "hessrank.fl.fedlrt:FeDLRT",
+}
+"""The one algorithm registry: name → "module:class", imported on first use by the runner."""
+ALGORITHMS = tuple(ALGORITHM_REGISTRY)
 PARTITIONS = ("iid", "dirichlet", "shards")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "float64")
@@ -106,6 +116,8 @@ class TrainConfig:
     personal_steps: int = 0  # pFedLoRU steps on the personal pair; 0: half the global phase's
     mfedloru_scheme: str = "hierarchical"  # mFedLoRU: hierarchical | width
     client_ranks: list[int] | None = None  # mFedLoRU ranks (<= rank); None: r, r/2, r/4
+    # FedProx
+    prox_mu: float = 0.01  # mu of the proximal term (mu/2)||theta - theta_global||^2
     # FeDLRT
     correction: str = "full"  # full | simplified | none
     trunc_theta: float = 0.1  # relative truncation threshold (vartheta)
@@ -172,6 +184,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.prox_mu < 0:
+            raise ValueError(f"prox_mu must be >= 0, got {self.prox_mu}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.seed <= MAX_SEED:

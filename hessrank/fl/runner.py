@@ -49,7 +49,7 @@ from hessrank.checkpoints import (
     split_prefix,
 )
 from hessrank.fl.base import ClientData, FederatedAlgorithm, NonFiniteError, first_non_finite
-from hessrank.fl.config import TrainConfig
+from hessrank.fl.config import ALGORITHM_REGISTRY, TrainConfig
 from hessrank.fl.provenance import finish_record, start_record, write_provenance
 
 __all__ = [
@@ -62,15 +62,8 @@ __all__ = [
     "train",
 ]
 
-ALGORITHM_CLASSES: dict[str, str] = {
-    "fedavg": "hessrank.fl.fedavg:FedAvg",
-    "fedlora": "hessrank.fl.fedlora:FedLoRA",
-    "fedloru": "hessrank.fl.fedloru:FedLoRU",
-    "pfedloru": "hessrank.fl.fedloru:PFedLoRU",
-    "mfedloru": "hessrank.fl.fedloru:MFedLoRU",
-    "fedlrt": "hessrank.fl.fedlrt:FeDLRT",
-}
-"""Algorithm name → "module:class", imported on first use (FeDLRT may be absent)."""
+ALGORITHM_CLASSES = ALGORITHM_REGISTRY
+"""Alias of :data:`hessrank.fl.config.ALGORITHM_REGISTRY` (one registry)."""
 
 _ROUND_SEED_OFFSET = 1_000_003  # round generator seed = seed + offset: a stream of its own
 _EVAL_BATCH = 2048
