@@ -120,7 +120,7 @@ class TrainConfig:
     prox_mu: float = 0.01  # mu of the proximal term (mu/2)||theta - theta_global||^2
     # FeDLRT
     correction: str = "full"  # full | simplified | none
-    trunc_theta: float = 0.1  # relative truncation threshold (vartheta)
+    trunc_theta: float = 0.02  # relative truncation threshold (vartheta); 0.1 blocks rank growth
     r_min: int = 2
     r_max: int = 64
     fedlrt_init: str = "scaled-svd"  # scaled-svd | svd
