@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from hessrank.fl.config import ALGORITHMS, TrainConfig
+from hessrank.fl.config import ALGORITHMS, SECTIONS, TrainConfig
 
 __all__ = ["build_config", "register"]
 
@@ -119,8 +119,13 @@ def _parser_for(tp: Any, name: str):
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
-    group = parser.add_argument_group("run configuration (TrainConfig fields)")
+    common = parser.add_argument_group("run configuration (TrainConfig fields, every algorithm)")
+    section_of = {}
+    for title, names in SECTIONS.items():
+        group = parser.add_argument_group(f"{title} options")
+        section_of.update(dict.fromkeys(names, group))
     for f in dataclasses.fields(TrainConfig):
+        group = section_of.get(f.name, common)
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = getattr(defaults, f.name)
@@ -258,7 +263,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="federated training that writes a run directory",
-        description="Federated training (FedAvg, FedLoRA, FedLoRU, pFedLoRU, mFedLoRU, FeDLRT) "
+        description="Federated training (FedAvg, FedProx, FedLoRA, FedLoRU, pFedLoRU, mFedLoRU, "
+        "FeDLRT) "
         "writing config.json, partition.json, metrics.jsonl and checkpoints to --out.",
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -26,6 +26,17 @@ ALGORITHM_REGISTRY: dict[str, str] = {
 }
 """The one algorithm registry: name → "module:class", imported on first use by the runner."""
 ALGORITHMS = tuple(ALGORITHM_REGISTRY)
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "LoRA family (fedlora, fedloru, pfedloru, mfedloru)": (
+        "rank", "lora_alpha", "factorize", "from_scratch", "merge_every"),
+    "pFedLoRU": ("personal_rank", "personal_alpha", "personal_order", "personal_steps"),
+    "mFedLoRU": ("client_ranks", "mfedloru_scheme"),
+    "FedProx": ("prox_mu",),
+    "FeDLRT (also uses rank, factorize)": (
+        "correction", "trunc_theta", "r_min", "r_max", "fedlrt_init", "fedlrt_weighting"),
+}  # fmt: skip
+"""Per-algorithm groups of fields (the CLI help shows one section each); the rest is common."""
 PARTITIONS = ("iid", "dirichlet", "shards")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "float64")
