@@ -28,7 +28,7 @@ in the run's dtype. For the LoRA family the factorized layers' entry is
 
 Example:
     >>> run = RunDir("runs/x")                       # doctest: +SKIP
-    >>> model = run.load_model(run.rounds()[-1])     # dense global model, eval mode
+    >>> model = run.load_model(run.rounds()[-1])     # doctest: +SKIP
 """
 
 from __future__ import annotations
