@@ -27,6 +27,15 @@ ALGORITHM_REGISTRY: dict[str, str] = {
 """The one algorithm registry: name → "module:class", imported on first use by the runner."""
 ALGORITHMS = tuple(ALGORITHM_REGISTRY)
 
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "fedlrt_init": "svd",
+    "fedlrt_weighting": "size",
+    "mfedloru_scheme": "width",
+    "personal_order": "personal-first",
+    "trunc_theta": 0.1,
+}
+"""Values of later-added fields that reproduce runs saved before the fields existed."""
+
 SECTIONS: dict[str, tuple[str, ...]] = {
     "LoRA family (fedlora, fedloru, pfedloru, mfedloru)": (
         "rank", "lora_alpha", "factorize", "from_scratch", "merge_every"),
@@ -243,4 +252,18 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_json_file(path)
+        """A run directory's saved config; keys it lacks (written before they existed) get the
+        values that reproduce what that run did (:data:`LEGACY_DEFAULTS`), not today's
+        defaults."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not readable JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of TrainConfig fields")
+        for key, value in LEGACY_DEFAULTS.items():
+            data.setdefault(key, value)
+        if data.get("algo") not in LORA_FAMILY and isinstance(data.get("from_scratch"), bool):
+            data["from_scratch"] = None  # saved as False by older versions for every algorithm
+        return cls.from_dict(data)
