@@ -208,8 +208,19 @@ def _build(
         labels = ds.meta.get("train_groups", ds.train_y)  # hetero-lsq: split by group
         part, _ = _split_data(config, labels)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
-    model = model.to(dtype=dtype, device=device)
+    try:
+        model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
+        model = model.to(dtype=dtype, device=device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a dry forward pass
+            model.eval()(_cast(ds.train_x[:2], dtype, device))
+        model.train()
+    except (TypeError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model {config.model!r} with model_kwargs {config.model_kwargs} does not fit "
+            f"dataset {config.dataset!r} (inputs {tuple(ds.input_shape)}, {ds.output_dim} "
+            f"outputs): {first}"
+        ) from None
     algorithm = algorithm_class(config.algo)(model, config)
     algorithm.loss_fn = ds.loss_fn()
     clients = []

@@ -174,3 +174,13 @@ def test_threads_flag_and_provenance(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(out), "--threads", "x"])
     assert main(["train", "--out", str(out), "--threads", "0"]) != 0
+
+
+def test_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
+    for kwargs in ('{"hidden": "wide"}', '{"hidden": [-3]}'):
+        code = main(["train", "--out", str(tmp_path / "r"), "--model-kwargs", kwargs, "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and "model 'mlp'" in err, err
+    code = main(["train", "--out", str(tmp_path / "r"), "--model", "cnn",
+                 "--dataset", "lowrank-lsq", "--partition", "iid", "--quiet"])  # fmt: skip
+    assert code != 0 and "image inputs" in capsys.readouterr().err
