@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from hessrank.clikit import format_fields
 from hessrank.fl.config import ALGORITHMS, SECTIONS, TrainConfig
 
 __all__ = ["build_config", "register"]
@@ -197,10 +198,8 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot write the run directory {args.out}: {err.strerror or err}{where}"
         ) from None
     last = run.metrics().iloc[-1].to_dict() if run.rounds() else {}
-    print(
-        f"{run.path}: {len(run.rounds())} checkpoints, round {last.get('round')}, "
-        f"train loss {last.get('train_loss')}, test accuracy {last.get('test_accuracy')}"
-    )
+    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
+    print(f"{run.path}: {len(run.rounds())} checkpoints, {summary}")
     return 0
 
 
@@ -251,7 +250,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "write OUT/sweep.csv and OUT/best.json (algorithm -> best lr). Other flags as for "
         "hessrank train.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     sweep.add_argument("--out", required=True, help="folder for the runs and the summary")
     sweep.add_argument("--algos", type=_names, required=True, help="e.g. fedavg,fedloru,fedlrt")
@@ -267,7 +265,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "FeDLRT) "
         "writing config.json, partition.json, metrics.jsonl and checkpoints to --out.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="run directory to write (or resume)")
     parser.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
