@@ -187,16 +187,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from hessrank.fl.runner import train
 
-    try:
-        run = train(
-            config, args.out, resume=args.resume, progress=not args.quiet, device=args.device,
-            threads=args.threads, command=_command_line(args),
-        )  # fmt: skip
-    except OSError as err:  # disk full, read-only files, ...: one line, not a traceback
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        raise ValueError(
-            f"cannot write the run directory {args.out}: {err.strerror or err}{where}"
-        ) from None
+    # OSErrors (read-only --out, disk full, a file in the way) propagate: the top-level guard
+    # (hessrank.clikit.run_command) prints them as one line with a hint, exit status 1
+    run = train(
+        config, args.out, resume=args.resume, progress=not args.quiet, device=args.device,
+        threads=args.threads, command=_command_line(args),
+    )  # fmt: skip
     last = run.metrics().iloc[-1].to_dict() if run.rounds() else {}
     summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
     print(f"{run.path}: {len(run.rounds())} checkpoints, {summary}")

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import importlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -394,26 +396,23 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _check_out(out: Path) -> None:
-    """``out`` must be a directory or creatable as one (checked before any work)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory; choose a directory path")
+    """``out`` must be a directory or creatable as one (checked before any work).
+
+    Raises:
+        NotADirectoryError: ``out`` or one of its ancestors is a file.
+    """
     parent = out
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is a file, so no directory can be made there")
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
 
 
 def _open_out(out: Path) -> None:
-    """Create ``out`` and prove it is writable, with one-line errors."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", delete=True)
-        probe.close()
-    except OSError as err:
-        raise ValueError(
-            f"cannot write the run directory {out}: {err.strerror or err}; choose a writable --out"
-        ) from None
+    """Create ``out`` and prove it is writable (OSError, e.g. PermissionError, if not)."""
+    out.mkdir(parents=True, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", delete=True)
+    probe.close()
 
 
 def _check_finite_checkpoint(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -469,7 +468,9 @@ def train(
     Returns:
         :class:`~hessrank.checkpoints.RunDir` of ``out``.
     Raises:
-        ValueError: invalid config, device or ``out``; ``out`` holds a run with a different
+        OSError: ``out`` cannot be written (PermissionError, NotADirectoryError when a file is
+            in the way, ENOSPC/EFBIG when the disk or ``ulimit -f`` is full).
+        ValueError: invalid config or device; ``out`` holds a run with a different
             config or a non-finite or misshapen last checkpoint; another process is training
             into ``out``; or training diverged (:class:`~hessrank.fl.base.NonFiniteError`:
             the message names round and client and the last finite checkpoint is kept).
