@@ -242,3 +242,42 @@ def test_committed_diagnostic_tests_follow_from_the_committed_diagnostics():
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
     v = dict(zip(zip(want["hypothesis"], want["phase"]), want["verdict"]))
     assert v[("ggn_srank", "late")] == "reversed" and v[("residual_share", "late")] == "supported"
+
+
+def test_study_with_recorded_updates_tests_alignment(tmp_path):
+    spec = tmp_path / "updates.toml"
+    spec.write_text("""
+[study]
+replicates = 2
+[train]
+algo = "fedavg"
+dataset = "digits"
+model = "mlp"
+model_kwargs = { hidden = [6] }
+clients = 3
+partition = "iid"
+rounds = 2
+local_steps = 2
+save_every = 2
+record_updates = true
+[analyze]
+subjects = "server"
+matvecs = 6
+[inference]
+resamples = 200
+phases = [{ name = "all", lo = 0.0, hi = 1.0 }]
+[[hypotheses]]
+name = "a1_minus_full"
+kind = "alignment"
+rank = 1
+min_effect = 0.05
+""")
+    out = tmp_path / "study"
+    with pytest.warns(UserWarning, match="few clusters"):
+        hyp = study.run_study(spec, out, progress=False)
+    pairs = pd.read_csv(out / "update_pairs.csv")
+    assert set(pairs["round"]) == {1, 2} and set(pairs["replicate"]) == {0, 1}
+    per = pairs.groupby(["replicate", "round", "layer"]).size()
+    assert (per == 3).all()  # C(3, 2) client pairs per weight matrix
+    assert len(hyp) == 1 and hyp["n_replicates"].iloc[0] == 2
+    assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients
