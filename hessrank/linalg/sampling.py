@@ -1,0 +1,69 @@
+"""Probe streams and error bars shared by the stochastic estimators (Student 1908 for the t).
+
+Each stacked operator draws its probes from its own generator, seeded from (seed, j), so that an
+estimator that gives different operators different schedules still gives each one a result that
+depends on its own matrix and the seed only. Standard errors are widened from the normal to the
+Student-t quantile for the number of samples behind them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+from hessrank.linalg.operator import random_block
+
+Z975 = float(stats.norm.ppf(0.975))
+
+
+def t_quantile(dof) -> np.ndarray:
+    """t_{0.975}(dof), elementwise; NaN where dof < 1 (no error bar)."""
+    d = np.asarray(dof, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.where(d >= 1, stats.t.ppf(0.975, np.maximum(d, 1)), np.nan)
+
+
+def widen(se: np.ndarray, dof) -> np.ndarray:
+    """se · t_{0.975}(dof) / z_{0.975}: value ± 1.96·widened is the Student-t 95% interval."""
+    q = t_quantile(dof)
+    return np.where(np.asarray(dof) >= 1, np.asarray(se) * q / Z975, np.asarray(se))
+
+
+def mean_stderr(samples: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, t-widened standard error, dof and t quantile over the last axis of (J, s) samples.
+
+    With one sample the standard error is NaN (dof 0).
+    """
+    s = samples.shape[-1]
+    mean = samples.mean(dim=-1).numpy()
+    dof = np.full(mean.shape, s - 1, dtype=float)
+    if s < 2:
+        return mean, np.full(mean.shape, np.nan), dof, np.full(mean.shape, np.nan)
+    se = (samples.std(dim=-1, correction=1) / math.sqrt(s)).numpy()
+    return mean, widen(se, dof), dof, t_quantile(dof)
+
+
+def slice_generators(seed: int, J: int) -> list[torch.Generator]:
+    """One CPU generator per stacked operator, seeded from (seed, j) by numpy's SeedSequence."""
+    gens = []
+    for j in range(J):
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(np.random.SeedSequence([int(seed), j, 7]).generate_state(1)[0]))
+        gens.append(g)
+    return gens
+
+
+def draw_per_slice(gens: list[torch.Generator], p: int, k: int, *, kind: str, dtype,
+                   device) -> Tensor:
+    """A (J, p, k) block whose slice j comes from ``gens[j]`` only.
+
+    Drawn probe by probe ((k, p) then transposed), so k draws of one probe and one draw of k
+    probes give the same vectors: a slice's probes do not depend on how they were batched.
+    """
+    return torch.stack(
+        [random_block((k, p), g, kind=kind, dtype=dtype, device=device).T for g in gens]
+    )
