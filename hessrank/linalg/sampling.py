@@ -67,3 +67,16 @@ def draw_per_slice(gens: list[torch.Generator], p: int, k: int, *, kind: str, dt
     return torch.stack(
         [random_block((k, p), g, kind=kind, dtype=dtype, device=device).T for g in gens]
     )
+
+
+def trace_stderr_floor(frobenius_sq: np.ndarray, s: int) -> np.ndarray:
+    """The worst-case standard error of a mean of s samples gᵀMg (Gaussian or Rademacher g):
+    Var gᵀMg ≤ 2‖M‖_F², so the floor is sqrt(2‖M‖_F²/s).
+
+    A few probes of an outlier-dominated matrix can all miss the outliers; their sample
+    variance is then small exactly when the estimate is off. ‖M‖_F² comes from the same
+    products (the mean of ‖Mg‖², or of ‖Hg‖² ≥ for a projected M = (I−P)H(I−P)), so the floor
+    costs nothing; on flat spectra the bound is nearly attained (Var = 2‖M‖_F² − 2Σ M_ii² for
+    Rademacher probes), so it widens the bar little there.
+    """
+    return np.sqrt(2 * np.maximum(np.asarray(frobenius_sq, float), 0.0) / s)

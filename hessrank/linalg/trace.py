@@ -16,7 +16,10 @@ from torch import Tensor
 from hessrank.linalg.deflated import MIN_PROBES, deflated_estimate
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
 from hessrank.linalg.results import TraceResult
-from hessrank.linalg.sampling import mean_stderr
+from hessrank.linalg.sampling import mean_stderr, trace_stderr_floor
+
+MIN_SKETCH_BUDGET = 20
+"""Smallest budget of the sketching trace estimators (Hutch++, XTrace) whose error bars held."""
 
 
 def _check_budget(num_matvecs: int, minimum: int, what: str) -> None:
@@ -34,14 +37,14 @@ def _probe_chunks(total: int, chunk: int):
 
 def _probe_samples(op: Operator, num_probes: int, seed: int, kind: str, chunk: int,
                    statistic) -> Tensor:
-    """(J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product."""
+    """(..., J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product."""
     J, p, _ = op.shape
     gen = make_generator(seed)
     samples = []
     for k in _probe_chunks(num_probes, chunk):
         G = random_block((J, p, k), gen, kind=kind, dtype=op.dtype, device=op.device)
         samples.append(statistic(G.double(), op.matmat(G).double()).cpu())
-    return torch.cat(samples, dim=1)
+    return torch.cat(samples, dim=-1)
 
 
 def hutchinson(
@@ -67,15 +70,21 @@ def hutchinson(
         raise ValueError(
             f"unknown probe distribution {distribution!r}; use 'gaussian' or 'rademacher'")
     _check_budget(num_matvecs, MIN_PROBES, "hutchinson")
-    samples = _probe_samples(op, num_matvecs, seed, distribution, chunk,
-                             lambda G, HG: torch.einsum("jpk,jpk->jk", G, HG))
-    return _result(samples, num_matvecs, seed, f"hutchinson-{distribution}")
+    samples = _probe_samples(
+        op, num_matvecs, seed, distribution, chunk,
+        lambda G, HG: torch.stack([(G * HG).sum(dim=1), HG.pow(2).sum(dim=1)]))
+    return _result(samples[0], num_matvecs, seed, f"hutchinson-{distribution}",
+                   frobenius=samples[1])
 
 
-def _result(samples: Tensor, num_matvecs: int, seed: int, method: str, offset=0.0
-            ) -> TraceResult:
+def _result(samples: Tensor, num_matvecs: int, seed: int, method: str, offset=0.0,
+            frobenius: Tensor | None = None) -> TraceResult:
+    """Mean and t-widened stderr; for trace samples with their ‖Mg‖² (``frobenius``) the
+    stderr is floored by :func:`trace_stderr_floor`."""
     mean, se, dof, q = mean_stderr(samples)
     J, s = samples.shape
+    if frobenius is not None:
+        se = np.maximum(se, trace_stderr_floor(frobenius.mean(dim=-1).numpy(), s))
     return TraceResult(np.asarray(offset) + mean, se, num_matvecs, int(seed), method, dof=dof,
                        quantile=q, num_probes=np.full(J, s))
 
@@ -105,11 +114,13 @@ def hutchpp(
 
     A third of the budget sketches S (p×s), Q = orth(H S); tr(Qᵀ H Q) is exact on that range
     (another third), and Hutchinson with the rest estimates tr((I−QQᵀ) H (I−QQᵀ)); the sketch
-    shrinks where needed to leave MIN_PROBES probes (so num_matvecs ≥ MIN_PROBES + 2).
+    shrinks where needed to leave MIN_PROBES probes. num_matvecs ≥ 20: below that the probes
+    left after a partial sketch of an outlier spectrum gave error bars that covered < 90%
+    (tests/linalg/test_calibration.py).
     The standard error is that of the Hutchinson part; the sketch part is exact given Q.
     """
     op = as_operator(op)
-    _check_budget(num_matvecs, MIN_PROBES + 2, "hutchpp")
+    _check_budget(num_matvecs, MIN_SKETCH_BUDGET, "hutchpp")
     J, p, _ = op.shape
     gen = make_generator(seed)
     s = min(max(1, min(num_matvecs // 3, (num_matvecs - MIN_PROBES) // 2)), p)
@@ -118,13 +129,16 @@ def hutchpp(
     Qm, _ = torch.linalg.qr(op.matmat(S))  # (J, p, s)
     HQ = op.matmat(Qm)
     exact = torch.einsum("jpk,jpk->j", Qm.double(), HQ.double()).cpu()
-    samples = []
+    samples, fro = [], []
     basis = Qm.transpose(1, 2)
     for k in _probe_chunks(g, chunk):
         G = random_block((J, p, k), gen, kind="rademacher", dtype=op.dtype, device=op.device)
         G = _project_out(basis, G)
-        samples.append(torch.einsum("jpk,jpk->jk", G.double(), op.matmat(G).double()).cpu())
-    return _result(torch.cat(samples, dim=1), num_matvecs, seed, "hutch++", exact.numpy())
+        HG = op.matmat(G).double()
+        samples.append(torch.einsum("jpk,jpk->jk", G.double(), HG).cpu())
+        fro.append(HG.pow(2).sum(dim=1).cpu())  # ‖H(I−QQᵀ)g‖² ≥ ‖(I−QQᵀ)H(I−QQᵀ)g‖² in mean
+    return _result(torch.cat(samples, dim=1), num_matvecs, seed, "hutch++", exact.numpy(),
+                   frobenius=torch.cat(fro, dim=1))
 
 
 def xtrace(
@@ -137,12 +151,13 @@ def xtrace(
     normalized i-th column of R⁻ᵀ. Since ω_i is independent of Q_(i),
         t_i = tr(Q_(i)ᵀ H Q_(i)) + u_iᵀ H u_i,  u_i = (I − Q_(i)Q_(i)ᵀ) ω_i,
     is unbiased: tr(Q_(i)ᵀHQ_(i)) = tr(K) − s_iᵀ K s_i with K = QᵀZ, and H u_i = y_i − Z(w_i −
-    s_i (s_iᵀ w_i)), w_i = Qᵀω_i, needs no further product. The estimate is the mean of the t_i
-    and the standard error their spread / sqrt(s) (t-widened; the t_i are exchangeable, not
-    independent, as in the paper's error estimate).
+    s_i (s_iᵀ w_i)), w_i = Qᵀω_i, needs no further product. num_matvecs ≥ 20 (as Hutch++).
+    The estimate is the mean of the t_i and the standard error their spread / sqrt(s)
+    (t-widened; the t_i are exchangeable, not independent, as in the paper's error estimate),
+    floored like Hutchinson's by the residual ‖H u_i‖² (sampling.trace_stderr_floor).
     """
     op = as_operator(op)
-    _check_budget(num_matvecs, 2 * MIN_PROBES, "xtrace")
+    _check_budget(num_matvecs, MIN_SKETCH_BUDGET, "xtrace")
     J, p, _ = op.shape
     s = min(num_matvecs // 2, p)
     gen = make_generator(seed)
@@ -163,9 +178,7 @@ def xtrace(
     sKs = (S * (K @ S)).sum(dim=1)
     trK = torch.diagonal(K, dim1=1, dim2=2).sum(-1, keepdim=True)
     samples = (trK - sKs + (U * HU).sum(dim=1)).cpu()
-    mean, se, dof, q = mean_stderr(samples)
-    return TraceResult(mean, se, 2 * s, int(seed), "xtrace", dof=dof, quantile=q,
-                       num_probes=np.full(J, s))
+    return _result(samples, 2 * s, seed, "xtrace", frobenius=HU.pow(2).sum(dim=1).cpu())
 
 
 def trace(

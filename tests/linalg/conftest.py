@@ -127,8 +127,8 @@ def stack(spectra) -> tuple[torch.Tensor, list[Spectrum]]:
 # ---------------------------------------------------------------- real Hessians (dense, float64)
 
 
-def digits_mlp_hessian(trained: bool, n: int = 256, hidden: int = 16) -> Spectrum:
-    """The dense Hessian of a digits MLP 64-hidden-10 (ReLU, cross-entropy, n samples), p = 1,210.
+def digits_mlp_hessian(trained: bool, n: int = 256, hidden: int = 8) -> Spectrum:
+    """The dense Hessian of a digits MLP 64-hidden-10 (ReLU, cross-entropy, n samples), p = 610.
 
     At initialization the spectrum is flat and indefinite; after 300 full-batch Adam steps
     (lr 0.01) a few outliers dominate — the two regimes the estimators must both serve.

@@ -17,6 +17,7 @@ from hessrank.linalg import (
 )
 from hessrank.linalg.deflated import MIN_PROBES, min_budget
 from hessrank.linalg.operator import make_generator
+from hessrank.linalg.trace import MIN_SKETCH_BUDGET
 
 from .conftest import from_spectrum
 
@@ -91,11 +92,11 @@ def test_deflated_exact_when_lanczos_reaches_p(case, seed):
 @PROPS
 @given(case=symmetric(), seed=st.integers(0, 1000))
 def test_hutchpp_exact_at_three_p(case, seed):
-    # num_matvecs = max(3p, 2p + MIN_PROBES): the sketch has p columns (and MIN_PROBES probes
-    # are left), so Q is a full orthogonal basis.
+    # num_matvecs = max(3p, 2p + MIN_PROBES, 20): the sketch has p columns (and MIN_PROBES
+    # probes are left), so Q is a full orthogonal basis.
     lam, A = case
     p = lam.size
-    r = hutchpp(A, num_matvecs=max(3 * p, 2 * p + MIN_PROBES), seed=seed)
+    r = hutchpp(A, num_matvecs=max(3 * p, 2 * p + MIN_PROBES, MIN_SKETCH_BUDGET), seed=seed)
     np.testing.assert_allclose(r.value, [lam.sum()], rtol=0, atol=1e-9 * scale(lam) * p)
 
 
