@@ -86,6 +86,8 @@ def spectral_norm_and_error(run: LanczosRecurrence, j: int) -> tuple[float, floa
     how to spend products): min(r, r²/gap), the Kato–Temple-style error once θ has converged.
     """
     theta, resid = run.ritz(j)
+    if theta.size == 0:
+        return 0.0, 0.0, 0.0
     i = int(np.argmax(np.abs(theta)))
     lam, r = float(abs(theta[i])), float(resid[i])
     floor = torch.finfo(run.dtype).eps * lam * math.sqrt(run.dim)
@@ -101,8 +103,12 @@ class _Slice:
     def __init__(self) -> None:
         self.pilot_G: Tensor | None = None
         self.pilot_HG: Tensor | None = None
-        self.fro: list[Tensor] = []  # ‖H(I−P)g‖² of probes drawn after Lanczos stopped
+        # samples of probes drawn after Lanczos stopped: deflated ‖H(I−P)g‖², gᵀ(I−P)H(I−P)g
+        # and plain ‖Hg‖², gᵀHg (the same Rademacher probes, deflated after the product)
+        self.fro: list[Tensor] = []
         self.tr: list[Tensor] = []
+        self.fro_plain: list[Tensor] = []
+        self.tr_plain: list[Tensor] = []
         self.lanczos = True
         self.captured: list[float] = [0.0]  # ‖H V_m‖_F², m = 0, 1, ...
         self.variance: list[float] = []  # pilot variance of the remainder, m = 2, 3, ...
@@ -195,11 +201,16 @@ def deflated_estimate(
         used += pilot
         for j, sl in enumerate(slices):
             sl.pilot_G, sl.pilot_HG = G[j], HG[j]
+            if target != "stable_rank" and fixed_m is None:
+                sl.lanczos = not _flat(HG[j].double(), budget)
 
     def record_probe(j: int, g: Tensor, hg: Tensor) -> None:
-        g, hg = g.double(), hg.double()
-        slices[j].fro.append(hg.pow(2).sum(dim=0).cpu())
-        slices[j].tr.append((g * hg).sum(dim=0).cpu())
+        dg, dhg = run.deflate(j, g, hg)
+        dg, dhg, g, hg = dg.double(), dhg.double(), g.double(), hg.double()
+        slices[j].fro.append(dhg.pow(2).sum(dim=0).cpu())
+        slices[j].tr.append((dg * dhg).sum(dim=0).cpu())
+        slices[j].fro_plain.append(hg.pow(2).sum(dim=0).cpu())
+        slices[j].tr_plain.append((g * hg).sum(dim=0).cpu())
 
     # ---- Lanczos phase: one product per call; operators already done spend theirs on probes
     while any(sl.lanczos for sl in slices) and used < budget:
@@ -210,9 +221,8 @@ def deflated_estimate(
             if sl.lanczos:
                 V[j, :, 0] = run.next_vector(j)
             else:
-                g = draw_per_slice([gens[j]], p, 1, kind="rademacher", dtype=dtype,
-                                   device=device)[0]
-                probes[j] = run.project_out(j, g)
+                probes[j] = draw_per_slice([gens[j]], p, 1, kind="rademacher", dtype=dtype,
+                                           device=device)[0]
                 V[j] = probes[j]
         HV = op.matmat(V)
         used += 1
@@ -235,8 +245,6 @@ def deflated_estimate(
         else:
             k = min(chunk, budget - used)
         G = draw_per_slice(gens, p, k, kind="rademacher", dtype=dtype, device=device)
-        for j in range(J):
-            G[j] = run.project_out(j, G[j])
         HG = op.matmat(G)
         used += k
         for j in range(J):
@@ -246,6 +254,20 @@ def deflated_estimate(
     if adaptive_rtol:
         est.reached_rtol = _reached(est, rtol, target)
     return est
+
+
+def _flat(HG: Tensor, budget: int) -> bool:
+    """Whether the pilot shows a spectrum too flat for deflation to pay within the budget.
+
+    With samples x = ‖Hg‖², r = 2·mean²/var ≈ ‖H‖_F⁴/‖H²‖_F² is the effective number of
+    directions holding ‖H‖_F² (Satterthwaite). m Krylov steps capture at most about m/r of it,
+    shrinking the variance by ~2m/r while costing m of the budget's probes (m/budget): with
+    r > 2·budget no step pays, and the whole budget goes to probes (plain Hutchinson on the same
+    probe stream).
+    """
+    x = HG.pow(2).sum(dim=0)
+    v = _variance(x)
+    return bool(v > 0 and 2 * float(x.mean()) ** 2 / v > 2 * budget)
 
 
 def _variance(x: Tensor) -> float:
@@ -306,29 +328,46 @@ def _keep_going(run: LanczosRecurrence, j: int, sl: _Slice, target: str, used: i
 
 def _finish(run: LanczosRecurrence, slices: list[_Slice], used: int, rtol, target
             ) -> DeflatedEstimate:
+    """Estimates from the final basis. Each quantity takes the deflated estimate or the plain
+    one over the same probes (mean ‖Hg‖², gᵀHg), whichever has the smaller sample error: on a flat
+    spectrum the projection costs Rademacher probes their advantage (Var ‖Hg‖² lacks the
+    −2Σ(H²)_ii² of Gaussian-like vectors) and captures little, so plain wins there."""
     J = len(slices)
     fro, fro_se, tr, tr_se = (np.zeros(J) for _ in range(4))
     dof, quant, probes = np.zeros(J), np.full(J, np.nan), np.zeros(J, dtype=int)
     for j, sl in enumerate(slices):
-        fs, ts = list(sl.fro), list(sl.tr)
+        fs, ts, fp, tp = list(sl.fro), list(sl.tr), list(sl.fro_plain), list(sl.tr_plain)
         if sl.pilot_G is not None:
             G, HG = run.deflate(j, sl.pilot_G, sl.pilot_HG)
             G, HG = G.double(), HG.double()
             fs.insert(0, HG.pow(2).sum(dim=0).cpu())
             ts.insert(0, (G * HG).sum(dim=0).cpu())
+            G0, HG0 = sl.pilot_G.double(), sl.pilot_HG.double()
+            fp.insert(0, HG0.pow(2).sum(dim=0).cpu())
+            tp.insert(0, (G0 * HG0).sum(dim=0).cpu())
         fro[j], tr[j] = run.frobenius_sq(j), run.trace(j)
         if run.full(j) or not fs:  # the Krylov space is the whole space: exact
             continue
-        f = torch.cat(fs).unsqueeze(0)
-        t = torch.cat(ts).unsqueeze(0)
+        f, t = torch.cat(fs).unsqueeze(0), torch.cat(ts).unsqueeze(0)
+        n = f.shape[1]
         fm, fse, d, q = mean_stderr(f)
         tm, tse, _, _ = mean_stderr(t)
+        floor_f, floor_t = _stderr_floor(run, j, float(fm[0]), n)
         fro[j] += fm[0]
         tr[j] += tm[0]
-        floor_f, floor_t = _stderr_floor(run, j, float(fm[0]), f.shape[1])
         fro_se[j], tr_se[j] = max(fse[0], floor_f), max(tse[0], floor_t)
+        pm, pse, _, _ = mean_stderr(torch.cat(fp).unsqueeze(0))
+        qm, qse, _, _ = mean_stderr(torch.cat(tp).unsqueeze(0))
+        lam, lam_err, _ = spectral_norm_and_error(run, j)  # (0, 0) without a Krylov step
+        plain_f = max(pse[0], 0.5 * math.sqrt(2 * (lam + lam_err) ** 2 * max(pm[0], 0.0) / n))
+        plain_t = max(qse[0], math.sqrt(2 * max(pm[0], 0.0) / n))
+        # choose on the sample errors (the evidence of accuracy); report the floored one
+        if pse[0] < fse[0]:
+            fro[j], fro_se[j] = pm[0], plain_f
+        if qse[0] < tse[0]:
+            tr[j], tr_se[j] = qm[0], plain_t
         dof[j], quant[j] = d[0], q[0]
-        probes[j] = f.shape[1]
+        probes[j] = n
     return DeflatedEstimate(
         lanczos=run, frobenius_sq=fro, frobenius_sq_stderr=fro_se, trace=tr, trace_stderr=tr_se,
         lanczos_steps=run.steps.copy(), num_probes=probes, dof=dof, quantile=quant,
@@ -350,8 +389,10 @@ def _stderr_floor(run: LanczosRecurrence, j: int, remainder: float, s: int
     outliers remain they widen the bar (tests/linalg/test_calibration.py).
     """
     theta, resid = run.ritz(j)
-    lam = float(np.max(np.abs(theta))) if theta.size else 0.0
     m = int(run.steps[j])
+    if m == 0:  # no Krylov step (flat pilot): the ‖H‖_F² samples are light-tailed, no floor
+        return 0.0, math.sqrt(2 * max(remainder, 0.0) / s)
+    lam = float(np.max(np.abs(theta)))
     open_ = resid > 1e-3 * lam
     big = float(np.max(np.abs(theta[open_]) + resid[open_])) if open_.any() else 0.0
     Lam = max(big, float(run.beta[j, m - 1]))

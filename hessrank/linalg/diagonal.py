@@ -43,7 +43,9 @@ def diagonal(
         d_i = diag(P_i H) + ω_i ⊙ (I − P_i) H ω_i
             = diag(Q Zᵀ) − (Q s_i) ⊙ (Z s_i) + ω_i ⊙ (Q s_i)(s_iᵀ r_i),
     unbiased because ω_i is independent of P_i (r_i = R e_i). The estimate is the mean of the
-    d_i: exact where the sketch captures H's range, Hutchinson-like on a flat spectrum.
+    d_i: near exact where the sketch captures the outliers, Hutchinson-like on a flat spectrum.
+    The leave-one-out algebra assumes HΩ has full column rank (s ≤ rank H, as for a
+    Hessian); a rank-deficient sketch is not special-cased.
 
     Args:
         op: operator (J, p, p) or dense symmetric tensor.

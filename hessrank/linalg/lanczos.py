@@ -306,6 +306,8 @@ class LanczosRecurrence:
     def ritz(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values θ (m,) of operator j and their residual norms β_m|e_mᵀ y_i| (m,)."""
         m = int(self.steps[j])
+        if m == 0:
+            return np.zeros(0), np.zeros(0)
         T = np.diag(self.alpha[j, :m]) + np.diag(self.beta[j, : m - 1], 1) + np.diag(
             self.beta[j, : m - 1], -1)
         theta, Y = np.linalg.eigh(T)
@@ -314,6 +316,8 @@ class LanczosRecurrence:
     def frobenius_sq(self, j: int) -> float:
         """‖H V_m‖_F² = ‖T_m‖_F² + β_m² (exact)."""
         m = int(self.steps[j])
+        if m == 0:
+            return 0.0
         a, b = self.alpha[j, :m], self.beta[j, :m]
         return float(np.sum(a**2) + 2 * np.sum(b[: m - 1] ** 2) + b[m - 1] ** 2)
 
@@ -327,6 +331,8 @@ class LanczosRecurrence:
         P = V Vᵀ; H V c = V T c + β_m q_{m+1} c_m with c = Vᵀ G (the Lanczos relation).
         """
         m = int(self.steps[j])
+        if m == 0:
+            return G, HG
         V = self.Q[j, :m]
         c = V @ G
         for_t = torch.as_tensor(

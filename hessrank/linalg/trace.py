@@ -16,7 +16,12 @@ from torch import Tensor
 from hessrank.linalg.deflated import MIN_PROBES, deflated_estimate
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
 from hessrank.linalg.results import TraceResult
-from hessrank.linalg.sampling import mean_stderr, trace_stderr_floor
+from hessrank.linalg.sampling import (
+    draw_per_slice,
+    mean_stderr,
+    slice_generators,
+    trace_stderr_floor,
+)
 
 MIN_SKETCH_BUDGET = 20
 """Smallest budget of the sketching trace estimators (Hutch++, XTrace) whose error bars held."""
@@ -37,12 +42,17 @@ def _probe_chunks(total: int, chunk: int):
 
 def _probe_samples(op: Operator, num_probes: int, seed: int, kind: str, chunk: int,
                    statistic) -> Tensor:
-    """(..., J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product."""
+    """(..., J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product.
+
+    Probes come from the per-operator streams of hessrank.linalg.sampling, the same streams the
+    deflated estimators draw from: at one seed they see the same probes, so comparisons between
+    them are paired.
+    """
     J, p, _ = op.shape
-    gen = make_generator(seed)
+    gens = slice_generators(seed, J)
     samples = []
     for k in _probe_chunks(num_probes, chunk):
-        G = random_block((J, p, k), gen, kind=kind, dtype=op.dtype, device=op.device)
+        G = draw_per_slice(gens, p, k, kind=kind, dtype=op.dtype, device=op.device)
         samples.append(statistic(G.double(), op.matmat(G).double()).cpu())
     return torch.cat(samples, dim=-1)
 
@@ -155,6 +165,8 @@ def xtrace(
     The estimate is the mean of the t_i and the standard error their spread / sqrt(s)
     (t-widened; the t_i are exchangeable, not independent, as in the paper's error estimate),
     floored like Hutchinson's by the residual ‖H u_i‖² (sampling.trace_stderr_floor).
+    The leave-one-out algebra assumes HΩ has full column rank (s ≤ rank H, as for a
+    Hessian); a rank-deficient sketch is not special-cased.
     """
     op = as_operator(op)
     _check_budget(num_matvecs, MIN_SKETCH_BUDGET, "xtrace")
