@@ -9,9 +9,11 @@ from hessrank.curvature import FederatedHessian, HessianOperator, dense_hessian
 from hessrank.linalg import (
     DenseOperator,
     DensityResult,
+    DiagonalResult,
     EigenResult,
     StableRankResult,
     TraceResult,
+    diagonal,
     exact_stable_rank,
     frobenius_sq,
     hutchinson,
@@ -20,12 +22,14 @@ from hessrank.linalg import (
     spectral_density,
     stable_rank,
     trace,
+    xtrace,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian", "HessianOperator",
-    "StableRankResult", "TraceResult", "dense_hessian", "exact_stable_rank", "frobenius_sq",
-    "hutchinson", "hutchpp", "lanczos", "spectral_density", "stable_rank", "trace",
+    "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult", "FederatedHessian",
+    "HessianOperator", "StableRankResult", "TraceResult", "dense_hessian", "diagonal",
+    "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos", "spectral_density",
+    "stable_rank", "trace", "xtrace",
 ]

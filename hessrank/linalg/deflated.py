@@ -32,7 +32,7 @@ from torch import Tensor
 
 from hessrank.linalg.lanczos import LanczosRecurrence, restart_generator
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
-from hessrank.linalg.sampling import Z975, draw_per_slice, mean_stderr, slice_generators
+from hessrank.linalg.sampling import draw_per_slice, mean_stderr, slice_generators, t_quantile
 
 MIN_PROBES = 6
 """Residual probes behind every error bar (dof ≥ 5): below that the sample standard error is too
@@ -320,7 +320,8 @@ def _keep_going(run: LanczosRecurrence, j: int, sl: _Slice, target: str, used: i
     else:
         rel_lam = 0.0
     if rtol is not None:
-        s_need = v / (rtol * value / Z975) ** 2 if value > 0 else math.inf
+        widening = float(t_quantile(30)) / 2  # stderr / se at a few dozen probes
+        s_need = v * widening**2 / (rtol * value) ** 2 if value > 0 else math.inf
         return s_need * (1 - ratio) > 1 or rel_lam > rtol / 2
     rel_f = math.sqrt(v / s_now) / value if value > 0 else 0.0
     return ratio < (s_now - 1) / s_now or rel_lam > rel_f
@@ -360,7 +361,7 @@ def _finish(run: LanczosRecurrence, slices: list[_Slice], used: int, rtol, targe
         qm, qse, _, _ = mean_stderr(torch.cat(tp).unsqueeze(0))
         lam, lam_err, _ = spectral_norm_and_error(run, j)  # (0, 0) without a Krylov step
         plain_f = max(pse[0], 0.5 * math.sqrt(2 * (lam + lam_err) ** 2 * max(pm[0], 0.0) / n))
-        plain_t = max(qse[0], math.sqrt(2 * max(pm[0], 0.0) / n))
+        plain_t = max(qse[0], 0.7 * math.sqrt(2 * max(pm[0], 0.0) / n))
         # choose on the sample errors (the evidence of accuracy); report the floored one
         if pse[0] < fse[0]:
             fro[j], fro_se[j] = pm[0], plain_f
@@ -391,13 +392,13 @@ def _stderr_floor(run: LanczosRecurrence, j: int, remainder: float, s: int
     theta, resid = run.ritz(j)
     m = int(run.steps[j])
     if m == 0:  # no Krylov step (flat pilot): the ‖H‖_F² samples are light-tailed, no floor
-        return 0.0, math.sqrt(2 * max(remainder, 0.0) / s)
+        return 0.0, 0.7 * math.sqrt(2 * max(remainder, 0.0) / s)
     lam = float(np.max(np.abs(theta)))
     open_ = resid > 1e-3 * lam
     big = float(np.max(np.abs(theta[open_]) + resid[open_])) if open_.any() else 0.0
     Lam = max(big, float(run.beta[j, m - 1]))
     R = max(remainder, 0.0)
-    return (0.5 * math.sqrt(2 * Lam**2 * R / s), math.sqrt(2 * R / s))
+    return (0.5 * math.sqrt(2 * Lam**2 * R / s), 0.7 * math.sqrt(2 * R / s))
 
 
 def relative_error(est: DeflatedEstimate, target: str) -> np.ndarray:

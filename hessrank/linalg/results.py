@@ -85,10 +85,11 @@ class TraceResult(_ToDict):
     """A trace-like scalar per stacked operator (tr(H), ‖H‖_F² = tr(H²), ...).
 
     value, stderr: (J,). ``stderr`` is the sample standard error of the stochastic part widened
-    by t_{0.975}(dof) / z_{0.975}, so that value ± 1.96·stderr is the Student-t 95% interval for
-    ``dof`` degrees of freedom (probes − 1): with a handful of probes the normal quantile is too
-    narrow. 0 where the estimate is exact, NaN where fewer than two samples were drawn.
-    dof, quantile: (J,) degrees of freedom and t_{0.975}(dof) (NaN where no error bar).
+    by quantile / 2, quantile = t_{0.9875}(dof), so that value ± 2·stderr is the Student-t 97.5%
+    interval for ``dof`` degrees of freedom (probes − 1): with a handful of probes the normal
+    quantile is too narrow. It is floored by a bound on the probe variance where a few probes
+    can miss outliers (hessrank.linalg.sampling, .deflated). 0 where the estimate is exact.
+    dof, quantile: (J,) degrees of freedom and t_{0.9875}(dof) (NaN where no error bar).
     rtol: the precision target the estimator spent products for (None: fixed budget);
     reached_rtol: (J,) whether stderr / |value| ≤ rtol was reached within the budget.
     num_probes: (J,) probes behind the stochastic part (0 where exact).
@@ -131,7 +132,7 @@ class StableRankResult(_ToDict):
     intrinsic_dimension: (J,) tr(H) / ‖H‖₂ (meaningful for PSD curvature).
     lanczos_steps, num_probes: (J,) how each operator's budget was split (chosen adaptively
         from the Frobenius mass the Krylov space captured, unless ``num_probes`` was given).
-    dof, quantile: (J,) degrees of freedom of the probe part and t_{0.975}(dof).
+    dof, quantile: (J,) degrees of freedom of the probe part and t_{0.9875}(dof).
     rtol, reached_rtol: the precision target (None: fixed budget) and whether
         stderr / value ≤ rtol was reached within ``max_matvecs``.
     """
@@ -187,8 +188,8 @@ class DiagonalResult(_ToDict):
     """diag(H) per stacked operator.
 
     value, stderr: (J, p) estimate of each diagonal entry and its standard error (widened by
-    t_{0.975}(dof) / z_{0.975} like :class:`TraceResult`; NaN where no error bar).
-    dof, quantile: (J,) degrees of freedom of the per-entry error bar and t_{0.975}(dof).
+    t_{0.9875}(dof) / 2 like :class:`TraceResult`).
+    dof, quantile: (J,) degrees of freedom of the per-entry error bar and t_{0.9875}(dof).
     """
 
     value: np.ndarray

@@ -30,7 +30,7 @@ ESTIMATORS = {
                      BUDGETS),
     "trace": (lambda A, b, s: _vs(trace(A, num_matvecs=b, seed=s)), "trace", BUDGETS),
     "hutchinson": (lambda A, b, s: _vs(hutchinson(A, num_matvecs=b, seed=s)), "trace",
-                   (6, 12, 40)),  # smallest budgets: MIN_PROBES, and 20 for the sketching ones
+                   (10, 12, 40)),  # smallest budgets: 10 (plain), 20 (sketching ones)
     "hutchpp": (lambda A, b, s: _vs(hutchpp(A, num_matvecs=b, seed=s)), "trace", (20, 40)),
     "xtrace": (lambda A, b, s: _vs(xtrace(A, num_matvecs=b, seed=s)), "trace", (20, 40)),
 }

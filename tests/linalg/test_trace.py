@@ -20,7 +20,7 @@ def seed_study(estimate, seeds=SEEDS) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_unbiased_with_honest_stderr(values, stderrs, truth, *, what: str):
-    """Mean over seeds within 3 SEM of the truth; reported stderr matches the seed spread.
+    """Mean over seeds within 3 SEM of the truth; reported stderr is of the seed spread's size.
 
     The stderr check compares the RMS of the reported stderr with the spread over seeds: the
     sample variance is unbiased for the variance, so E[se²] = Var(estimate) and the ratio is ~1
@@ -35,7 +35,10 @@ def assert_unbiased_with_honest_stderr(values, stderrs, truth, *, what: str):
     np.testing.assert_array_less(np.abs(values.mean(axis=0) - truth), 3 * sem + floor,
                                  err_msg=f"{what}: mean over seeds is biased")
     ratio = np.sqrt(np.mean(stderrs**2, axis=0)) / spread
-    assert np.all((ratio > 0.5) & (ratio < 2.0)), f"{what}: stderr/spread ratios {ratio}"
+    # Up to 2.5: the reported stderr is t-widened (×t_{0.9875}(dof)/2, 1.2 at 20 probes) and
+    # floored by a worst-case variance bound where few probes can miss outliers; plain
+    # Hutchinson's floor 2‖H‖_F² is twice the Rademacher variance 2(‖H‖_F² − Σ H_ii²) on Wishart.
+    assert np.all((ratio > 0.5) & (ratio < 2.5)), f"{what}: stderr/spread ratios {ratio}"
 
 
 ESTIMATORS = {
@@ -90,14 +93,14 @@ def test_stacked_slice_does_not_depend_on_other_slices(spectra, name):
 
 def test_results_report_budget_and_method(spectra):
     A = spectra["wishart"].A
-    assert hutchinson(A, num_matvecs=7).num_matvecs == 7
+    assert hutchinson(A, num_matvecs=11).num_matvecs == 11
     assert hutchpp(A, num_matvecs=20).method == "hutch++"
     assert trace(A, num_matvecs=9, method="hutchinson").method == "hutchinson-rademacher"
     r = frobenius_sq(A, num_matvecs=16, num_probes=4)
     assert (r.num_matvecs, r.method) == (16, "krylov-deflated")
     assert r.rows()[0]["num_matvecs"] == 16
     assert r.rows()[0]["dof"] == 3 and r.rows()[0]["num_probes"] == 4
-    with pytest.raises(ValueError, match="needs num_matvecs >= 6"):
+    with pytest.raises(ValueError, match="needs num_matvecs >= 10"):
         hutchinson(A, num_matvecs=1)  # too few samples for a calibrated error bar
 
 
@@ -199,7 +202,7 @@ def test_deflated_rejects_nonpositive_probes(num_probes):
 
 def test_too_small_budgets_rejected():
     A = torch.eye(10, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"hutchinson needs num_matvecs >= 6, got 0"):
+    with pytest.raises(ValueError, match=r"hutchinson needs num_matvecs >= 10, got 0"):
         hutchinson(A, num_matvecs=0)
     with pytest.raises(ValueError, match=r"hutchpp needs num_matvecs >= 20, got 19"):
         hutchpp(A, num_matvecs=19)
