@@ -214,7 +214,7 @@ def test_budget_too_small_for_request():
     op = hr.HessianOperator(small_model(), cross_entropy, small_data())
     with pytest.raises(ValueError, match="cannot return k=5 eigenpairs from a budget of 3"):
         hr.lanczos(op, k=5, num_matvecs=3)
-    with pytest.raises(ValueError, match="stable_rank needs num_matvecs >= 4"):
+    with pytest.raises(ValueError, match="stable_rank needs num_matvecs >= 10"):
         hr.stable_rank(op, num_matvecs=3)
 
 
@@ -223,9 +223,8 @@ def test_bad_options():
         hr.HessianOperator(small_model(), cross_entropy, small_data(), mode="test")
     with pytest.raises(ValueError, match="hvp must be one of"):
         hr.HessianOperator(small_model(), cross_entropy, small_data(), hvp="double-backward")
-    op = hr.HessianOperator(small_model(), cross_entropy, small_data(), hvp="fwd-rev", cache=True)
-    with pytest.raises(ValueError, match="reverse-over-reverse linearization"):
-        op.matmat(torch.ones(op.shape[1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="reverse-over-reverse linearization"):  # at construction
+        hr.HessianOperator(small_model(), cross_entropy, small_data(), hvp="fwd-rev", cache=True)
     with pytest.raises(ValueError, match="scalar batch mean"):
         hr.HessianOperator(
             small_model(), lambda o, t: cross_entropy(o, t, reduction="none"), small_data()
