@@ -22,7 +22,7 @@ from hessrank.analysis.trajectory import (
 from hessrank.models import build_model
 
 KEY = ["round", "subject", "quantity", "k", "layer"]
-FAST = {"matvecs": 8, "progress": False}
+FAST = {"matvecs": 10, "progress": False}
 
 
 def _sorted(t: pd.DataFrame) -> pd.DataFrame:
@@ -83,7 +83,7 @@ def test_table_of_every_quantity_and_subject(trained_run, tmp_path):
     dens = sorted(p.name for p in (out / "densities").iterdir())
     assert len(dens) == 14 and "round_00002_subset20_1.npz" in dens
     with np.load(out / "densities" / "round_00000_server.npz") as z:
-        assert z["alpha"].shape == (2, 8) and z["beta"].shape == (2, 8)
+        assert z["alpha"].shape == (2, 10) and z["beta"].shape == (2, 10)
     al = t[t["quantity"] == "alignment"]
     assert set(al["layer"]) == {"fc1.weight", "out.weight"} and set(al["k"]) == {0, 1}
     assert (al["subject"] == "clients").all()
