@@ -318,12 +318,16 @@ class OperatorStack:
 
 
 def build_operator(
-    group: SubjectGroup, model: nn.Module, loss_fn: LossFn, **operator_kwargs
+    group: SubjectGroup, model: nn.Module, loss_fn: LossFn, *, curvature: str = "hessian",
+    **operator_kwargs,
 ) -> FederatedHessian | HessianOperator | OperatorStack:
     """The stacked operator of a group; ``group.index`` says where each subject sits in it.
 
-    ``operator_kwargs`` go to every :class:`HessianOperator` (params, mode, batch_size, ...).
+    ``curvature``: the matrix ("hessian" in this build). ``operator_kwargs`` go to every
+    :class:`HessianOperator` (params, mode, batch_size, ...).
     """
+    if curvature != "hessian":
+        raise ValueError(f"curvature {curvature!r} is not available in this build; use hessian")
     if group.federated:
         return FederatedHessian(model, loss_fn, list(group.client_data), **operator_kwargs)
     if group.pooled:
