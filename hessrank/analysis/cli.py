@@ -64,7 +64,8 @@ def _analyze(args: argparse.Namespace) -> int:
         alignment_ranks=args.alignment_ranks, model_factory=args.model_factory,
         dataset=args.dataset, clients=args.clients, data_root=args.data_root,
         threads=args.threads if args.threads is not None else default_threads(),
-        progress=not args.quiet, force=args.force, prune=args.prune,
+        progress=not args.quiet, force=args.force, prune=args.prune, shard=args.shard,
+        workers=args.workers,
     )
     table = run_analysis(args.run_dir, settings, out=args.out, command=sys.argv)
     out = Path(table.attrs["out"])
@@ -90,6 +91,14 @@ def _plot(args: argparse.Namespace) -> int:
     check_out_dir(out)
     for p in plot_all(args.analysis_dir, out=out, rounds=args.rounds):
         print(p)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from hessrank.analysis.store import merge_dirs
+
+    table = merge_dirs(args.analysis_dirs, args.out)
+    print(f"{len(table)} rows -> {args.out}/results.parquet")
     return 0
 
 
@@ -143,6 +152,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="OUT holds another run's analysis: replace it")
     a.add_argument("--prune", action="store_true",
                    help="drop the table rows this call does not select")
+    a.add_argument("--shard", default=None, metavar="I/N",
+                   help="compute only the I-th of N deterministic slices of the (round x "
+                        "subject group) units (job arrays writing into one OUT)")
+    a.add_argument("--workers", type=int, default=1,
+                   help="processes in a local pool, each a shard with its share of --threads")
     a.add_argument("--quiet", action="store_true", help="no progress")
     a.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     a.set_defaults(func=_guarded("analyze", _analyze))
@@ -159,3 +173,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "first, middle, last)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.set_defaults(func=_guarded("plot", _plot))
+
+    m = subparsers.add_parser(
+        "merge", allow_abbrev=False, help="merge analysis directories of one run",
+        description="Union of the tables (no duplicate, no lost row), units and call records "
+                    "of analysis directories of the same run; refuses different runs.",
+    )
+    m.add_argument("analysis_dirs", metavar="ANALYSIS_DIR", nargs="+")
+    m.add_argument("--out", required=True, help="the merged analysis directory")
+    m.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    m.set_defaults(func=_guarded("merge", _merge))

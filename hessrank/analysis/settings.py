@@ -79,6 +79,10 @@ class AnalysisSettings:
         different run into a directory that holds another run's analysis, dropping its rows),
         prune (drop the rows this call does not select), lock_timeout (seconds to wait for
         another writer; negative: forever).
+    Splitting the work (none of these changes a number): shard (I, N) — the I-th of N
+        deterministic slices of the (round × subject group) units, for job arrays writing into
+        one directory; workers — a local pool of that many processes, each running one shard
+        with its share of ``threads``.
     """
 
     rounds: str | tuple[int, ...] | None = None
@@ -106,6 +110,8 @@ class AnalysisSettings:
     force: bool = False
     prune: bool = False
     lock_timeout: float = -1.0
+    shard: tuple[int, int] | None = None
+    workers: int = 1
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -126,6 +132,10 @@ class AnalysisSettings:
             kw["alignment_ranks"] = _ranks(kw["alignment_ranks"])
         if kw.get("dtype") is not None and not isinstance(kw["dtype"], str):
             kw["dtype"] = str(kw["dtype"]).replace("torch.", "")
+        if isinstance(kw.get("shard"), str):
+            kw["shard"] = _shard(kw["shard"])
+        elif kw.get("shard") is not None:
+            kw["shard"] = tuple(int(v) for v in kw["shard"])
         if kw.get("device") is None:
             kw["device"] = "cpu"
         kw["device"] = str(kw["device"])
@@ -171,6 +181,16 @@ class AnalysisSettings:
             _int_at_least("--threads", self.threads, 1)
         if self.model_factory is not None and (self.dataset is None or self.clients is None):
             raise ValueError("a model factory needs --dataset NAME and --clients K for the data")
+        _int_at_least("--workers", self.workers, 1)
+        if self.shard is not None:
+            i, n = self.shard
+            if not 1 <= i <= n:
+                raise ValueError(f"--shard must be I/N with 1 <= I <= N, got {i}/{n}")
+            if self.prune:
+                raise ValueError("--prune with --shard would drop the other shards' rows; "
+                                 "prune in a call without --shard")
+            if self.workers > 1:
+                raise ValueError("--workers runs its own shards; leave out --shard")
         _check_device(self.device)
         return self
 
@@ -222,6 +242,16 @@ def _ranks(spec: Any) -> tuple[int | None, ...]:
         except ValueError:
             raise ValueError(f"--alignment-ranks must be ranks >= 1 or 'full', got {s!r}") from None
     return tuple(out)
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    i, sep, n = spec.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(i), int(n)
+    except ValueError:
+        raise ValueError(f"--shard must be I/N (e.g. 2/8), got {spec!r}") from None
 
 
 def _int_at_least(flag: str, value: Any, low: int, why: str = "") -> None:

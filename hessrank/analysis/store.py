@@ -36,7 +36,9 @@ from filelock import FileLock, Timeout
 from hessrank.checkpoints import atomic_write_bytes
 from hessrank.linalg import DensityResult
 
-__all__ = ["COLUMNS", "FORMAT", "ROW_KEY", "RunMismatchError", "Store", "check_out_dir"]
+__all__ = [
+    "COLUMNS", "FORMAT", "ROW_KEY", "RunMismatchError", "Store", "check_out_dir", "merge_dirs",
+]
 
 FORMAT = 2
 """Version of the analysis-directory format (1: one table per call, densities by round)."""
@@ -277,3 +279,54 @@ class Store:
             return DensityResult.from_tridiagonals(z[f"{subject}.alpha"][None],
                                                    z[f"{subject}.beta"][None], dim, matvecs,
                                                    seed)
+
+
+def merge_dirs(sources: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Merge analysis directories of one run into ``out`` (which may be one of them or hold
+    that run's analysis already): units copied, rows upserted by :data:`ROW_KEY` in the order
+    given (later wins), the calls of all kept in analysis.json. RunMismatchError if they
+    belong to different runs. Returns the merged table."""
+    import shutil
+
+    target = Store(out)
+    paths = [Path(p) for p in sources]
+    metas = []
+    for p in paths:
+        meta = Store(p).meta()
+        if not meta:
+            raise FileNotFoundError(f"{p} has no analysis.json: not an analysis directory")
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{p} was written by an older hessrank (format "
+                             f"{meta.get('format', 1)}); re-analyze it first")
+        metas.append(meta)
+    fingerprints = {m["run"]["fingerprint"] for m in metas}
+    existing = target.meta() if target.meta_path.is_file() else {}
+    if existing:
+        fingerprints.add(existing.get("run", {}).get("fingerprint"))
+    if len(fingerprints) > 1:
+        names = ", ".join(f"{p} ({m['run']['fingerprint']})" for p, m in zip(paths, metas))
+        raise RunMismatchError(f"these analyses belong to different runs: {names}"
+                               + (f", {target.out} ({existing['run']['fingerprint']})"
+                                  if existing else "") + "; merge only one run's analyses")
+    check_out_dir(target.out)
+    with target.locked():
+        target.units.mkdir(parents=True, exist_ok=True)
+        meta = existing or {"format": FORMAT, "run": metas[0]["run"], "calls": []}
+        frames = []
+        for p, m in zip(paths, metas):
+            if p.resolve() == target.out.resolve():
+                continue
+            src = Store(p)
+            if src.units.is_dir():
+                for f in sorted(src.units.iterdir()):
+                    if f.suffix in (".parquet", ".npz") and not (target.units / f.name).exists():
+                        try:
+                            shutil.copyfile(f, target.units / f.name)
+                        except OSError as err:
+                            raise _io_error(err, str(target.units / f.name)) from None
+            frames.append(src.table())
+            meta["calls"].extend({**c, "merged_from": str(p)} for c in m.get("calls", []))
+        if frames:
+            target._upsert(pd.concat(frames, ignore_index=True))
+        target._write_meta(meta)
+        return target.table()

@@ -117,6 +117,8 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     """:func:`analyze` with typed settings."""
     started = _now()
     s = settings.validate()
+    if s.workers > 1:
+        return _run_pool(run_dir, s, out=out, command=command)
     run_dir = Path(run_dir)
     qs = parse_quantities(s.quantities)
     specs = parse_subjects(s.subjects)
@@ -138,6 +140,8 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     fingerprint = source.fingerprint()
     errors: list[dict[str, Any]] = []
     units = _plan(source, chosen, groups, qs, s, fingerprint, hashes, errors)
+    if s.shard is not None:
+        units = _shard(units, *s.shard)
     call = {"started": started, "finished": None, "command": list(command or sys.argv),
             "settings": s.to_json(), "environment": _environment(s, source), "routes": {},
             "settings_hashes": {u.family: u.settings for u in units},
@@ -148,21 +152,44 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     old_threads = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    routes: dict[str, Any] = {}
+    done = {"routes": {}, "computed": 0, "reused": 0, "status": "interrupted"}
+    try:
+        frames = _execute(store, source, units, qs, s, client_data, loss_fn, hashes, errors,
+                          done)
+        done["status"] = "complete" if not errors else "complete with errors"
+    finally:
+        torch.set_num_threads(old_threads)
+        store.update_call(index, finished=_now(), **done,
+                          errors=[e["error"] for e in errors])
+    table = (pd.concat(frames, ignore_index=True) if frames
+             else pd.DataFrame(columns=COLUMNS))
+    order = {u.key: i for i, u in enumerate(units)}
+    table = table.assign(_o=table["unit"].map(order)).sort_values("_o", kind="stable")
+    table = table.drop(columns="_o").reset_index(drop=True)
+    table.attrs["errors"] = errors
+    table.attrs["out"] = str(out)
+    return table
+
+
+def _execute(store: Store, source, units: list[_Unit], qs: list[str], s: AnalysisSettings,
+             client_data, loss_fn, hashes: dict[str, str], errors: list[dict[str, Any]],
+             done: dict[str, Any]) -> list[pd.DataFrame]:
+    """Reuse the units already in the store, compute the others round by round (committing
+    each), prune if asked; returns the selected rows of every unit. ``done`` collects the
+    routes and counts for analysis.json."""
+    wanted = _table_quantities(qs)
     frames: list[pd.DataFrame] = []
     reused: list[pd.DataFrame] = []
-    computed = 0
-    wanted = _table_quantities(qs)
-    todo = {}
+    todo: dict[int, list[_Unit]] = {}
     for u in units:
         rows = store.unit_rows(u.key)
-        if rows is not None:
-            sel = rows[rows["quantity"].isin(wanted)]
-            frames.append(sel)
-            reused.append(sel)
-        else:
+        if rows is None:
             todo.setdefault(u.round, []).append(u)
+        else:
+            reused.append(rows[rows["quantity"].isin(wanted)])
     store.merge(reused)
+    frames.extend(reused)
+    done["reused"] = len(reused)
     progress = Progress(sum(_products(u, s) for us in todo.values() for u in us),
                         enabled=s.progress)
     try:
@@ -177,33 +204,23 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
             for u in todo[r]:
                 progress.at(f"round {r} {u.label} {u.family}")
                 try:
-                    rows, dens, route = _compute(u, model, loss_fn, client_data, qs, s,
-                                                 hashes, progress)
+                    rows, dens, route = _compute(u, model, loss_fn, client_data, s, hashes,
+                                                 progress)
                 except (ValueError, FloatingPointError, RuntimeError) as err:
                     _fail(store, errors, r, [u], source, err)
                     continue
-                routes[f"{u.label}/{u.family}"] = json.loads(route)
+                done["routes"][f"{u.label}/{u.family}"] = json.loads(route)
                 frame = pd.DataFrame(rows, columns=COLUMNS)
-                sel = frame[frame["quantity"].isin(wanted)]
-                store.commit(u.key, frame, sel, dens)
-                frames.append(sel)
-                computed += 1
+                selected = frame[frame["quantity"].isin(wanted)]
+                store.commit(u.key, frame, selected, dens)
+                frames.append(selected)
+                done["computed"] += 1
         if s.prune:
             store.prune({u.key for u in units})
         store.write_errors(errors)
     finally:
         progress.close()
-        torch.set_num_threads(old_threads)
-        store.update_call(index, finished=_now(), routes=routes, computed=computed,
-                          reused=len(reused), errors=[e["error"] for e in errors])
-    table = (pd.concat(frames, ignore_index=True) if frames
-             else pd.DataFrame(columns=COLUMNS))
-    order = {u.key: i for i, u in enumerate(units)}
-    table = table.assign(_o=table["unit"].map(order)).sort_values("_o", kind="stable")
-    table = table.drop(columns="_o").reset_index(drop=True)
-    table.attrs["errors"] = errors
-    table.attrs["out"] = str(out)
-    return table
+    return frames
 
 
 # ---- planning ---------------------------------------------------------------------------------
@@ -268,6 +285,37 @@ def _plan(source, rounds, groups, qs, s: AnalysisSettings, fingerprint, hashes,
     return units
 
 
+def _shard(units: list[_Unit], i: int, n: int) -> list[_Unit]:
+    """The i-th (1-based) of n slices: (round, group) pairs in plan order, round-robin."""
+    pairs = list(dict.fromkeys((u.round, u.label) for u in units))
+    mine = {pair for k, pair in enumerate(pairs) if k % n == i - 1}
+    return [u for u in units if (u.round, u.label) in mine]
+
+
+def _run_pool(run_dir, s: AnalysisSettings, *, out, command) -> pd.DataFrame:
+    """``workers`` processes, worker k running shard k/workers with its share of threads,
+    all writing into the one locked store; the rows of every shard, in plan order."""
+    import concurrent.futures
+    import dataclasses
+    import multiprocessing
+
+    n = s.workers
+    threads = max(1, (s.threads or torch.get_num_threads()) // n)
+    jobs = [dataclasses.replace(s, workers=1, shard=(k, n), threads=threads, progress=False)
+            for k in range(1, n + 1)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        futures = [pool.submit(run_analysis, run_dir, job, out=out, command=command)
+                   for job in jobs]
+        tables = [f.result() for f in futures]
+    errors = [e for t in tables for e in t.attrs.get("errors", [])]
+    table = pd.concat(tables, ignore_index=True)
+    table = table.sort_values(["round"], kind="stable").reset_index(drop=True)
+    table.attrs["errors"] = errors
+    table.attrs["out"] = tables[0].attrs["out"]
+    return table
+
+
 def _products(u: _Unit, s: AnalysisSettings) -> int:
     """Estimated products of a unit (for the progress total)."""
     J = 1 if u.group is None else max(u.group.index) + 1
@@ -323,7 +371,7 @@ def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings):
         raise
 
 
-def _compute(u: _Unit, model, loss_fn, client_data, qs, s: AnalysisSettings, hashes,
+def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
              progress: Progress):
     """Rows (all quantities of the family), densities and the route of one unit."""
     rtol = float("nan") if s.rtol is None else float(s.rtol)
