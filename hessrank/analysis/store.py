@@ -155,8 +155,13 @@ class Store:
             meta = self.meta()
             old = meta.get("run", {}).get("fingerprint") if meta else None
             foreign = bool(meta) and (meta.get("format") != FORMAT or old != run["fingerprint"])
+            if foreign and not force and meta.get("format") != FORMAT:
+                raise RunMismatchError(
+                    f"{self.out} holds an analysis in an older format (format "
+                    f"{meta.get('format', 1)}), without run identity: pass --force to replace "
+                    "it, or choose another --out")
             if foreign and not force:
-                where = meta.get("run", {}).get("path", "an older hessrank")
+                where = meta.get("run", {}).get("path", "?")
                 raise RunMismatchError(
                     f"{self.out} holds the analysis of another run ({where}, fingerprint "
                     f"{old}); this run's fingerprint is {run['fingerprint']}: choose another "

@@ -11,6 +11,13 @@ analysis at any moment and rerunning completes the table with no duplicate and n
 changed run or checkpoint is recomputed, never reused. A checkpoint that cannot be loaded, or
 a unit whose estimate fails, is warned about, listed in ``out/errors.csv`` and skipped.
 
+Same command, same bits: on one machine, with the same thread count and device, rerunning a
+command gives a bit-identical table (``seconds`` aside). Every random draw is seeded by
+``seed``, and the product route is what the operator's deterministic rule chose (reported in
+the ``route`` column; where an older operator would time candidates it is pinned, see
+:func:`_route_pins`). Versions, revision, threads, device, dtype, routes, the command and the
+start/end times of every call are in ``out/analysis.json``.
+
 Modules: :mod:`~hessrank.analysis.settings` (what to compute, validated in one place),
 :mod:`~hessrank.analysis.sources` (what is analyzed), :mod:`~hessrank.analysis.quantities`
 (quantity → estimator → rows), :mod:`~hessrank.analysis.store` (units, table, provenance).

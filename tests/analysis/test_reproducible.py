@@ -22,7 +22,8 @@ VOLATILE = ["seconds"]  # wall time is the one column that may differ
 
 def _cli(run: Path, out: Path) -> pd.DataFrame:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hessrank.cli", "analyze", str(run), "--subjects",
+    cmd = [sys.executable, "-m", "hessrank.cli", "analyze", str(run), "--rounds", "0,2",
+           "--subjects",
            "server,clients,subset:20x2", "--quantities", "stable-rank,top-eig,density",
            "--density-probes", "2", "--matvecs", "10", "--out", str(out), "--quiet"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -34,7 +35,7 @@ def test_two_fresh_processes_give_the_same_bits(trained_run, tmp_path):
     a = _cli(trained_run, tmp_path / "a").drop(columns=VOLATILE)
     b = _cli(trained_run, tmp_path / "b").drop(columns=VOLATILE)
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    assert len(a) > 50
+    assert len(a) > 40
     ja = json.loads((tmp_path / "a" / "analysis.json").read_text())["calls"][0]
     jb = json.loads((tmp_path / "b" / "analysis.json").read_text())["calls"][0]
     assert ja["routes"] == jb["routes"] and ja["environment"]["threads"] == 1

@@ -51,7 +51,7 @@ def test_merge_of_shards_and_refusal_of_other_runs(trained_run, run_copy, tmp_pa
     (run_copy / "config.json").write_text(
         (run_copy / "config.json").read_text().replace('"lr": 0.05', '"lr": 0.07'))
     other = tmp_path / "other"
-    analyze(run_copy, out=other, rounds="0", **KW)
+    analyze(run_copy, out=other, **{**KW, "rounds": "0"})
     with pytest.raises(RunMismatchError, match="different runs"):
         merge_dirs([a, other], tmp_path / "d")
     assert main(["merge", str(a), str(other), "--out", str(tmp_path / "d")]) == 2

@@ -142,3 +142,14 @@ def test_provenance_is_recorded(trained_run, tmp_path):
     clients = t[t["subject_kind"] == "client"]
     assert clients["data"].nunique() == 3 and t["checkpoint"].nunique() == 1
     assert np.isfinite(t["value"]).all()
+
+
+def test_old_format_directory_is_refused_unless_forced(trained_run, tmp_path):
+    out = tmp_path / "an"
+    (out / "densities").mkdir(parents=True)
+    (out / "analysis.json").write_text(json.dumps({"run_dir": "elsewhere", "matvecs": 40}))
+    (out / "results.csv").write_text("round,subject\n0,server\n")
+    with pytest.raises(ValueError, match="older format.*--force"):
+        analyze(trained_run, rounds="0", subjects="server", out=out, **FAST)
+    t = analyze(trained_run, rounds="0", subjects="server", out=out, force=True, **FAST)
+    assert len(load_table(out)) == len(t) == 3 and not (out / "densities").exists()
