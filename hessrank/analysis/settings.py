@@ -192,6 +192,7 @@ class AnalysisSettings:
             if self.workers > 1:
                 raise ValueError("--workers runs its own shards; leave out --shard")
         _check_device(self.device)
+        _check_curvature(self.curvature)
         return self
 
     # ---- keys -------------------------------------------------------------------------------
@@ -257,6 +258,21 @@ def _shard(spec: str) -> tuple[int, int]:
 def _int_at_least(flag: str, value: Any, low: int, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{flag} must be >= {low}{' ' + why if why else ''}, got {value!r}")
+
+
+def _check_curvature(name: str) -> None:
+    """The build must have the curvature (this is checked before any work, not per unit)."""
+    try:
+        from hessrank.curvature import curvature_class
+    except ImportError:  # a build with the Hessian only
+        if name != "hessian":
+            raise ValueError(f"--curvature {name} is not available in this build; use "
+                             "--curvature hessian") from None
+        return
+    try:
+        curvature_class(name)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"--curvature {name}: {err}") from None
 
 
 def _check_device(device: str) -> None:

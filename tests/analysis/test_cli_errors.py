@@ -173,3 +173,21 @@ def test_cli_module_imports_nothing_heavy():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_curvature_is_checked_once_up_front(trained_run, tmp_path, capsys):
+    """A curvature this build lacks fails before any work; one it has lands in its column."""
+    import pandas as pd
+
+    out = tmp_path / "an"
+    code = main(["analyze", str(trained_run), "--rounds", "0", "--subjects", "server",
+                 "--matvecs", "6", "--curvature", "ggn", "--out", str(out), "--quiet"])
+    try:
+        from hessrank.curvature import curvature_class  # noqa: F401
+    except ImportError:
+        assert code == 2
+        _one_line(capsys, "--curvature ggn is not available")
+        assert not out.exists()
+        return
+    assert code == 0
+    assert set(pd.read_parquet(out / "results.parquet")["curvature"]) == {"ggn"}
