@@ -347,9 +347,11 @@ def _route_pins(group: SubjectGroup) -> dict[str, Any]:
     nothing here; older ones, whose "auto" settings time candidates, are pinned to their
     defaults so that the same command gives the same bits.
     """
-    from hessrank.curvature import HessianOperator
+    import hessrank.curvature as curvature
 
-    if "hvp" not in inspect.signature(HessianOperator).parameters:
+    if hasattr(curvature, "curvature_class"):  # the operator family with a deterministic rule
+        return {}
+    if "hvp" not in inspect.signature(curvature.HessianOperator).parameters:
         return {}
     pins: dict[str, Any] = {"hvp": "rev-rev", "block": "loop"}
     if group.federated:
