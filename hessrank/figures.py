@@ -46,15 +46,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+if TYPE_CHECKING:  # imported where used, so that building the CLI parser stays light
+    import numpy as np
+    import pandas as pd
 
 __all__ = ["CSV_COLUMNS", "FIGURES", "Scale", "make_figures", "parse_only", "register"]
 
@@ -210,6 +206,10 @@ def _check_errors(table: pd.DataFrame, what: str) -> None:
 
 # ---- figure 1: client vs server -------------------------------------------------------------
 def _client_vs_server(ctx: _Context) -> _Made:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
     table, settings = _spectra(ctx)
     t = table[table["quantity"] == "stable-rank"]
     server = t[t["subject_kind"] == "server"].set_index("round")
@@ -275,6 +275,10 @@ def _client_vs_server(ctx: _Context) -> _Made:
 
 # ---- figure 2: dataset size -----------------------------------------------------------------
 def _dataset_size(ctx: _Context) -> _Made:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
     table, settings = _spectra(ctx)
     t = table[(table["quantity"] == "stable-rank")
               & table["subject_kind"].isin(["server", "subset"])]
@@ -342,6 +346,9 @@ def _dataset_size(ctx: _Context) -> _Made:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    import numpy as np
+    import pandas as pd
+
     rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
     if np.std(rx) == 0 or np.std(ry) == 0:
         return float("nan")
@@ -350,6 +357,9 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 # ---- figure 3: gradient alignment -----------------------------------------------------------
 def _alignment(ctx: _Context) -> _Made:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
     from hessrank.analysis.trajectory import analyze
 
     s = ctx.scale
@@ -418,6 +428,8 @@ def _alignment(ctx: _Context) -> _Made:
 def _jackknife_offdiag(D: np.ndarray) -> tuple[float, float]:
     """Mean of the off-diagonal pairs of a symmetric K×K matrix and its leave-one-client-out
     jackknife stderr (clients are the independent units, pairs are not)."""
+    import numpy as np
+
     K = D.shape[0]
 
     def mean(keep: np.ndarray) -> float:
@@ -435,6 +447,8 @@ def _paired_alignment(run, rounds: Sequence[int], ranks: Sequence[int]) -> dict:
     """Per (round, layer, rank): the paired difference A_r − A_full of pairwise cosines, its
     jackknife stderr, the fraction of client pairs whose rank-r cosine exceeds their full one,
     and the 10%/90% quantiles of the per-pair difference."""
+    import numpy as np
+
     from hessrank.analysis.alignment import client_gradients, low_rank, pairwise_cosines
 
     data, loss_fn = run.client_data(), run.loss_fn()
@@ -462,6 +476,9 @@ def _paired_alignment(run, rounds: Sequence[int], ranks: Sequence[int]) -> dict:
 
 # ---- figure 4: FeDLRT on low-rank least squares ---------------------------------------------
 def _fedlrt_lsq(ctx: _Context) -> _Made:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
     s = ctx.scale
     rows = []
     for corr in ("full", "simplified", "none"):
@@ -516,6 +533,9 @@ def _fedlrt_lsq(ctx: _Context) -> _Made:
 
 # ---- figure 5: communication ----------------------------------------------------------------
 def _communication(ctx: _Context) -> _Made:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
     s = ctx.scale
     rows, curves = [], {}
     for algo in _ALGOS:
@@ -675,6 +695,10 @@ def make_figures(
     Raises:
         ValueError: an unknown figure name.
     """
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
     names = parse_only(only)
     out = Path(out)
     work = Path(work) if work is not None else Path("runs") / "figures"
@@ -693,6 +717,8 @@ def make_figures(
 
 def _make_one(ctx: _Context, name: str) -> list[Path]:
     """Make one figure: its PNG, PDF, CSV and JSON (command, configs, timing, reading)."""
+    import matplotlib.pyplot as plt
+
     t0 = time.perf_counter()
     made = _MAKERS[name](ctx)
     out = ctx.out

@@ -1,10 +1,11 @@
 """``hessrank analyze RUN_DIR ...`` and ``hessrank plot ANALYSIS_DIR ...``.
 
 Every flag is checked before any work (:meth:`AnalysisSettings.validate` and the data checks
-of :func:`~hessrank.analysis.trajectory.run_analysis`). A bad flag or input is one line on
-stderr and exit status 2; an I/O failure (read-only or full disk) one line and exit 1; a run in
-which some checkpoints or units failed exits 1 after a summary line (failures listed in
-``OUT/errors.csv``). ``--debug`` prints the traceback as well.
+of :func:`~hessrank.analysis.trajectory.run_analysis`). Errors reach the top-level guard
+(:func:`hessrank.clikit.run_command`): a bad flag or input is one line on stderr and exit
+status 2; an I/O failure (read-only or full disk) one line and exit 1; ``--debug`` shows the
+traceback. A run in which some checkpoints or units failed exits 1 after a summary line
+(failures listed in ``OUT/errors.csv``).
 
 This module imports no torch, pandas or analysis code at module level, so ``--help`` is fast.
 """
@@ -13,40 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
-from collections.abc import Callable
 
-QUANTITY_NAMES = "stable-rank, top-eig, trace, frobenius, density, alignment"
-SUBJECT_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
-
-
-def _guarded(command: str, fn: Callable[[argparse.Namespace], int]):
-    """Run ``fn``: bad input → one line, exit 2; I/O failure → one line, exit 1."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except KeyboardInterrupt:
-            print(f"hessrank {command}: interrupted; rerun the same command to resume",
-                  file=sys.stderr)
-            return 130
-        except Exception as err:  # the boundary: no traceback reaches a user without --debug
-            if getattr(args, "debug", False):
-                traceback.print_exc()
-            msg = (err.args[0] if isinstance(err, (ValueError, KeyError)) and err.args
-                   else str(err) or type(err).__name__)
-            msg = " ".join(str(msg).split())  # one line
-            if isinstance(err, (ValueError, FileNotFoundError, KeyError, TypeError)):
-                code = 2
-            elif isinstance(err, OSError):
-                code = 1
-            else:
-                code = 1
-                msg = f"{type(err).__name__}: {msg} (rerun with --debug for the traceback)"
-            print(f"hessrank {command}: error: {msg}", file=sys.stderr)
-            return code
-
-    return run
+# Spelled out so that building the parser (and --help) imports no torch; tests check them
+# against hessrank.analysis.subjects.VALID_FORMS and the quantity registry.
+VALID_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
+QUANTITIES = ("stable-rank", "top-eig", "trace", "frobenius", "density", "alignment")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -116,18 +88,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(with --model-factory)")
     a.add_argument("--rounds", default=None,
                    help="start:stop:step (stop inclusive), or a list 5,10,20 (default: all)")
-    a.add_argument("--subjects", default="server,clients", help=f"comma list of: {SUBJECT_FORMS}")
+    a.add_argument("--subjects", default="server,clients", help=f"comma list of: {VALID_FORMS}")
     a.add_argument("--quantities", default="stable-rank",
-                   help=f"comma list of: {QUANTITY_NAMES}")
+                   help=f"comma list of: {', '.join(QUANTITIES)}")
     a.add_argument("--curvature", default="hessian",
-                   help="curvature matrix: hessian, ggn or fisher (default hessian)")
+                   help="curvature matrix: hessian, ggn or fisher")
     a.add_argument("--matvecs", type=int, default=40,
-                   help="products per operator for the Lanczos family (default 40)")
+                   help="products per operator for the Lanczos family")
     a.add_argument("--rtol", type=float, default=None,
                    help="keep spending products until the stable rank's relative stderr is "
                         "below this (e.g. 0.01), up to --max-matvecs")
     a.add_argument("--max-matvecs", type=int, default=400,
-                   help="cap on products with --rtol (default 400)")
+                   help="cap on products with --rtol")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis)")
     a.add_argument("--model-factory", default=None, metavar="MODULE:FN",
@@ -139,8 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--params", default=None, help="comma list of parameter names (default all)")
     a.add_argument("--batch-size", type=int, default=None, help="split data into batches")
     a.add_argument("--dtype", default=None, help="float32 or float64 (default: as trained)")
-    a.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    a.add_argument("--mode", default="eval", help="network mode: eval (default) or train")
+    a.add_argument("--device", default="cpu", help="cpu or cuda")
+    a.add_argument("--mode", default="eval", help="network mode: eval or train")
     a.add_argument("--density-probes", type=int, default=4, help="SLQ probes (density)")
     a.add_argument("--density-steps", type=int, default=None,
                    help="Lanczos steps per SLQ probe (default --matvecs)")
@@ -158,8 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--workers", type=int, default=1,
                    help="processes in a local pool, each a shard with its share of --threads")
     a.add_argument("--quiet", action="store_true", help="no progress")
-    a.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    a.set_defaults(func=_guarded("analyze", _analyze))
+    a.set_defaults(func=_analyze)
 
     p = subparsers.add_parser(
         "plot", allow_abbrev=False, help="figures from an analysis directory",
@@ -171,8 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", default=None,
                    help="rounds for the density plot (start:stop:step or list; default: "
                         "first, middle, last)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.set_defaults(func=_guarded("plot", _plot))
+    p.set_defaults(func=_plot)
 
     m = subparsers.add_parser(
         "merge", allow_abbrev=False, help="merge analysis directories of one run",
@@ -181,5 +151,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("analysis_dirs", metavar="ANALYSIS_DIR", nargs="+")
     m.add_argument("--out", required=True, help="the merged analysis directory")
-    m.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    m.set_defaults(func=_guarded("merge", _merge))
+    m.set_defaults(func=_merge)

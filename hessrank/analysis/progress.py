@@ -1,18 +1,17 @@
-"""Progress of an analysis, counted in Hessian-vector products (moves within seconds).
+"""Progress of an analysis, counted in curvature-matrix products (moves within seconds).
 
-On a terminal: a tqdm bar over the products. Otherwise (a log file, a pipe, a job array):
-plain lines ``analyze: 120/400 products (30%), round 5 server+clients, 25 s`` at the start,
-every ``interval`` seconds, and a last ``analyze: done, ...`` line — no carriage returns.
-:class:`CountingOperator` wraps an operator so that every ``matmat`` advances the count.
+A :func:`hessrank.progress.progress` reporter over the products: a tqdm bar on a terminal,
+plain lines ``analyze: 120/400 products (30%), 25 s, ~1 min left, round 5 server+clients``
+elsewhere. :class:`CountingOperator` wraps an operator so that every ``matmat`` advances it.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import Any, TextIO
+from typing import Any
 
 from torch import Tensor
+
+from hessrank.progress import progress
 
 __all__ = ["CountingOperator", "Progress"]
 
@@ -21,64 +20,22 @@ class Progress:
     """Products done out of an estimated total (the total grows if an estimator spends more,
     as with ``rtol``)."""
 
-    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None,
-                 interval: float = 10.0, desc: str = "analyze") -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled, self.interval = enabled, interval
+    def __init__(self, total: int, *, enabled: bool = True, desc: str = "analyze") -> None:
         self.total, self.done = max(int(total), 0), 0
-        self.desc, self.where = desc, ""
-        self.t0 = self._last = time.monotonic()
-        self._bar = None
-        if enabled and _isatty(self.stream):
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, desc=desc, unit="product", file=self.stream,
-                             dynamic_ncols=True)
-        elif enabled:
-            self._line()
+        self._bar = progress(total=self.total, desc=desc, unit="product", disable=not enabled)
 
     def at(self, where: str) -> None:
         """Say what is being computed (round, group)."""
-        self.where = where
-        if self._bar is not None:
-            self._bar.set_postfix_str(where, refresh=False)
+        self._bar.set_postfix_str(where, refresh=False)
 
     def advance(self, n: int) -> None:
         self.done += int(n)
         if self.done > self.total:
-            self.total = self.done
-            if self._bar is not None:
-                self._bar.total = self.total
-        if self._bar is not None:
-            self._bar.update(int(n))
-        elif self.enabled and time.monotonic() - self._last >= self.interval:
-            self._line()
-
-    def _line(self, final: bool = False) -> None:
-        self._last = time.monotonic()
-        dt = self._last - self.t0
-        if final:
-            text = f"{self.desc}: done, {self.done} products in {dt:.0f} s"
-        else:
-            pct = 100.0 * self.done / self.total if self.total else 100.0
-            where = f", {self.where}" if self.where else ""
-            text = (f"{self.desc}: {self.done}/{self.total} products ({pct:.0f}%){where}, "
-                    f"{dt:.0f} s")
-        print(text, file=self.stream, flush=True)
+            self.total = self._bar.total = self.done
+        self._bar.update(int(n))
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self.enabled:
-            self._line(final=True)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
+        self._bar.close()
 
 
 class CountingOperator:
