@@ -146,15 +146,14 @@ def estimate(family: str, op: Any, *, matvecs: int, seed: int, rtol: float | Non
              density_steps: int | None = None) -> Any:
     """Run one estimator family on a stacked operator; the result has ``rows()``."""
     if family == "lanczos":
-        kw: dict[str, Any] = {}
-        if rtol is not None:
-            if not supports_rtol():
-                raise ValueError("--rtol needs a stable_rank with a precision target; this "
-                                 "build has none (use --matvecs)")
-            kw["rtol"] = rtol
-            if "max_matvecs" in inspect.signature(stable_rank).parameters:
-                kw["max_matvecs"] = max_matvecs
-        return stable_rank(op, num_matvecs=matvecs, seed=seed, k_top=K_TOP, **kw)
+        if rtol is None:
+            return stable_rank(op, num_matvecs=matvecs, seed=seed, k_top=K_TOP)
+        if not supports_rtol():
+            raise ValueError("--rtol needs a stable_rank with a precision target; this "
+                             "build has none (use --matvecs)")
+        # a precision target: products until the relative stderr is below rtol, at most
+        # max_matvecs (the fixed budget ``matvecs`` does not apply)
+        return stable_rank(op, rtol=rtol, max_matvecs=max_matvecs, seed=seed, k_top=K_TOP)
     if family == "density":
         return DensityEstimate.of(spectral_density(
             op, num_probes=density_probes, lanczos_steps=density_steps or matvecs, seed=seed))

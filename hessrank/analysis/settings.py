@@ -159,6 +159,12 @@ class AnalysisSettings:
                              f"{self.curvature!r}")
         if self.rtol is not None and not (0.0 < float(self.rtol) < 1.0):
             raise ValueError(f"--rtol must be in (0, 1), e.g. 0.01, got {self.rtol}")
+        if self.rtol is not None:
+            from hessrank.analysis.quantities import supports_rtol
+
+            if not supports_rtol():
+                raise ValueError("--rtol needs a stable_rank with a precision target; this "
+                                 "build has none (use --matvecs)")
         if self.params is not None and not self.params:
             raise ValueError("--params is empty; give parameter names or leave it out")
         if self.batch_size is not None:
