@@ -13,10 +13,9 @@ a unit whose estimate fails, is warned about, listed in ``out/errors.csv`` and s
 
 Same command, same bits: on one machine, with the same thread count and device, rerunning a
 command gives a bit-identical table (``seconds`` aside). Every random draw is seeded by
-``seed``, and the product route is what the operator's deterministic rule chose (reported in
-the ``route`` column; where an older operator would time candidates it is pinned, see
-:func:`_route_pins`). Versions, revision, threads, device, dtype, routes, the command and the
-start/end times of every call are in ``out/analysis.json``.
+``seed``, and the product route is what the operator's deterministic rule chose (no timing;
+reported in the ``route`` column). Versions, revision, threads, device, dtype, routes, the
+command and the start/end times of every call are in ``out/analysis.json``.
 
 Modules: :mod:`~hessrank.analysis.settings` (what to compute, validated in one place),
 :mod:`~hessrank.analysis.sources` (what is analyzed), :mod:`~hessrank.analysis.quantities`
@@ -28,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 import platform
 import subprocess
@@ -334,29 +332,9 @@ def _products(u: _Unit, s: AnalysisSettings) -> int:
 
 
 # ---- computing one unit -------------------------------------------------------------------------
-def _operator_kwargs(s: AnalysisSettings, group: SubjectGroup) -> dict[str, Any]:
-    kw: dict[str, Any] = {"params": list(s.params) if s.params else None, "mode": s.mode,
-                          "batch_size": s.batch_size}
-    return {**kw, **_route_pins(group)}
-
-
-def _route_pins(group: SubjectGroup) -> dict[str, Any]:
-    """Fixed product routes where this build's operators would choose one by timing.
-
-    Operators that choose their route by a deterministic rule (and report it as ``route``) get
-    nothing here; older ones, whose "auto" settings time candidates, are pinned to their
-    defaults so that the same command gives the same bits.
-    """
-    import hessrank.curvature as curvature
-
-    if hasattr(curvature, "curvature_class"):  # the operator family with a deterministic rule
-        return {}
-    if "hvp" not in inspect.signature(curvature.HessianOperator).parameters:
-        return {}
-    pins: dict[str, Any] = {"hvp": "rev-rev", "block": "loop"}
-    if group.federated:
-        pins["strategy"] = "stacked"
-    return pins
+def _operator_kwargs(s: AnalysisSettings) -> dict[str, Any]:
+    return {"params": list(s.params) if s.params else None, "mode": s.mode,
+            "batch_size": s.batch_size}
 
 
 def route_of(op: Any) -> dict[str, Any]:
@@ -370,14 +348,7 @@ def route_of(op: Any) -> dict[str, Any]:
 
 
 def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings):
-    kw = _operator_kwargs(s, u.group)
-    try:
-        return build_operator(u.group, model, loss_fn, curvature=s.curvature, **kw)
-    except ValueError as err:
-        if kw.get("strategy") == "stacked" and "cannot be used" in str(err):
-            kw["strategy"] = "per-client"  # a fixed fallback, not a timed one
-            return build_operator(u.group, model, loss_fn, curvature=s.curvature, **kw)
-        raise
+    return build_operator(u.group, model, loss_fn, curvature=s.curvature, **_operator_kwargs(s))
 
 
 def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
