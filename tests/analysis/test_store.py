@@ -20,7 +20,7 @@ from hessrank.analysis.trajectory import analyze
 from hessrank.plotting import load_table
 from tests.analysis.conftest import RUN_CONFIG
 
-FAST = {"matvecs": 8, "progress": False}
+FAST = {"matvecs": 10, "progress": False}
 ROOT = Path(__file__).resolve().parents[2]
 
 
