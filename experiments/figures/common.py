@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 CSV_COLUMNS: dict[str, list[str]] = {
     "client_vs_server_stable_rank": [

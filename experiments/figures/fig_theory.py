@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from experiments.figures.common import CSV_COLUMNS, Context, Made  # noqa: E402
+from experiments.figures.common import CSV_COLUMNS, Context, Made
 
 TRAINED = tuple(float(t) for t in np.linspace(1.0, 0.55, 10))
 MODELS: dict[str, dict] = {

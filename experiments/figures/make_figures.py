@@ -59,6 +59,9 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # run as a script: make `experiments.figures` importable
     sys.path.insert(0, str(_ROOT))
 
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # a script: no display (the figure modules leave the backend alone)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
