@@ -40,15 +40,17 @@ def _missing(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``figures`` subcommand with the pipeline's own options."""
-    p = subparsers.add_parser(
-        "figures", allow_abbrev=False, help="regenerate the paper figures from scratch",
-        description="Train, analyze and plot every paper figure (runs "
-                    "experiments/figures/make_figures.py of this source checkout).",
-    )
+    help_text = "regenerate the paper figures from scratch"
+    description = ("Train, analyze and plot every paper figure (runs "
+                   "experiments/figures/make_figures.py of this source checkout).")
     pipeline = _load_pipeline()
-    if pipeline is None:
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if pipeline is None:  # take any arguments (no option prefix), then say what is missing
+        p = subparsers.add_parser("figures", help=help_text, description=description,
+                                  prefix_chars="+", add_help=False)
+        p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
         p.set_defaults(func=_missing)
         return
+    p = subparsers.add_parser("figures", allow_abbrev=False, help=help_text,
+                              description=description)
     pipeline.add_arguments(p)
     p.set_defaults(func=pipeline.run)

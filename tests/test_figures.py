@@ -98,3 +98,13 @@ def test_theory_figure_fast(tmp_path):
     assert frame.groupby(["model", "source"]).size().nunique() == 1
     assert (tmp_path / "o" / "theory_model.png") in paths
     assert not (tmp_path / "w").exists()
+
+
+def test_wrapper_without_checkout_says_where_the_pipeline_is(tmp_path, monkeypatch, capsys):
+    import hessrank.figures as wrapper
+
+    monkeypatch.setattr(wrapper, "pipeline_root", lambda: tmp_path)
+    rc = main(["figures", "--fast", "--only", "communication"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "experiments/figures/" in err and "source checkout" in err
