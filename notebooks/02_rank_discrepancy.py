@@ -70,21 +70,18 @@ sr.groupby(["round", "subject_kind"])["value"].mean().unstack().round(2)
 # %% [markdown]
 # ## 2. Clients vs server, per round
 #
-# z = (mean client srank − server srank) / √(stderr²_client-mean + stderr²_server) with the
-# client-mean stderr = spread across clients / √K. Shown for reading; the verdict below uses
-# the phase-level bootstrap, not a count of rounds.
+# The per-round summary of the paper figure (`experiments/figures/fig_ranks.py`): z = (mean
+# client srank − server srank) / √(stderr²_client-mean + stderr²_server) with the client-mean
+# stderr = spread across clients / √K. Shown for reading; the verdict below uses the
+# phase-level bootstrap, not a count of rounds.
 
 # %%
-server = sr[sr.subject_kind == "server"].set_index("round")
-rows = []
-for r, cl in sr[sr.subject_kind == "client"].groupby("round"):
-    v = cl["value"].to_numpy()
-    s, s_se = server.loc[r, "value"], server.loc[r, "stderr"]
-    se_mean = v.std(ddof=1) / np.sqrt(len(v))
-    rows.append({"round": r, "phase": phase_of[r], "server": s, "client_mean": v.mean(),
-                 "ratio": v.mean() / s, "z": (v.mean() - s) / np.hypot(se_mean, s_se)})
-per_round = pd.DataFrame(rows)
-per_round.round(3)
+from experiments.figures.fig_ranks import client_server_summary
+
+per_round = client_server_summary(sr)
+per_round.insert(1, "phase", per_round["round"].map(phase_of))
+per_round[["round", "phase", "server", "client_mean", "client_min", "client_max",
+           "frac_clients_above", "ratio", "z"]].round(3)
 
 # %%
 from hessrank.plotting import plot_ratio, plot_stable_rank

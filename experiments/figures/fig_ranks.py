@@ -12,9 +12,12 @@ from experiments.figures.common import CSV_COLUMNS, Context, Made, digits_config
 
 
 # ---- figure 1: client vs server -------------------------------------------------------------
-def client_vs_server(ctx: Context) -> Made:
-    table, settings = spectra(ctx)
-    t = table[table["quantity"] == "stable-rank"]
+def client_server_summary(table: pd.DataFrame, quantity: str = "stable-rank") -> pd.DataFrame:
+    """Per round of an analysis table: the server's value (± estimator stderr), the clients'
+    mean (± spread/√K), sd, min, max, the share of clients above the server, the ratio mean
+    client / server (delta-method stderr) and z = (mean − server)/√(se_mean² + se_server²).
+    Used by the figure and by notebook 02 (one summary, not a copy per consumer)."""
+    t = table[table["quantity"] == quantity]
     server = t[t["subject_kind"] == "server"].set_index("round")
     rows = []
     for r, sub in t[t["subject_kind"] == "client"].groupby("round"):
@@ -32,7 +35,12 @@ def client_vs_server(ctx: Context) -> Made:
             "ratio_stderr": ratio * math.hypot(se_m / mean, se_s / sv),
             "z": (mean - sv) / math.hypot(se_m, se_s),
         })  # fmt: skip
-    df = pd.DataFrame(rows, columns=CSV_COLUMNS["client_vs_server_stable_rank"])
+    return pd.DataFrame(rows, columns=CSV_COLUMNS["client_vs_server_stable_rank"])
+
+
+def client_vs_server(ctx: Context) -> Made:
+    table, settings = spectra(ctx)
+    df = client_server_summary(table)
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     ax.fill_between(df["round"], df["client_min"], df["client_max"], color="C0", alpha=0.18,
