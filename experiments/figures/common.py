@@ -29,6 +29,10 @@ CSV_COLUMNS: dict[str, list[str]] = {
         "rounds",
     ],
     "theory_model": ["model", "n", "source", "stable_rank", "stderr", "draws"],
+    "accuracy_vs_clients": [
+        "algo", "clients", "last5_test_accuracy", "last5_test_accuracy_sd",
+        "final_test_accuracy", "floats_per_round",
+    ],
 }
 """Columns of each figure's CSV (tests check them)."""
 
@@ -55,6 +59,7 @@ class Scale:
     theory_dim: int
     theory_draws: int
     theory_ns: tuple[int, ...]
+    client_counts: tuple[int, ...]
 
     @classmethod
     def full(cls) -> Scale:
@@ -62,14 +67,16 @@ class Scale:
                    matvecs=40, subset_sizes=(25, 50, 100, 200, 400, 800), subset_draws=5,
                    alignment_ranks=(1, 2, 4, 8, 16), lsq_clients=10, lsq_rounds=30,
                    lsq_local_steps=10, theory_dim=1000, theory_draws=16,
-                   theory_ns=(25, 50, 100, 200, 400, 800, 1600))
+                   theory_ns=(25, 50, 100, 200, 400, 800, 1600),
+                   client_counts=(5, 10, 20, 40))
 
     @classmethod
     def fast(cls) -> Scale:
         return cls("fast", hidden=(16, 16), clients=4, rounds=4, save_every=2, rank=4,
                    matvecs=12, subset_sizes=(50, 200), subset_draws=2,
                    alignment_ranks=(1, 2, 4), lsq_clients=4, lsq_rounds=4, lsq_local_steps=3,
-                   theory_dim=200, theory_draws=2, theory_ns=(25, 100, 400))
+                   theory_dim=200, theory_draws=2, theory_ns=(25, 100, 400),
+                   client_counts=(2, 4))
 
 
 @dataclass

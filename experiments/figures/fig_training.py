@@ -120,3 +120,51 @@ def communication(ctx: Context) -> Made:
     configs = {"train": {a: digits_config(a, s, ctx.seed) for a in ALGOS}}
     return Made(df, fig, configs, reading)
 
+
+
+# ---- figure 7: accuracy vs number of clients ------------------------------------------------
+def accuracy_vs_clients(ctx: Context) -> Made:
+    """Test accuracy of the four algorithms as the same training data is split over more
+    clients (the setting of FedLoRU's Fig. 2b, on digits): every other setting fixed."""
+    s = ctx.scale
+    rows = []
+    for k in s.client_counts:
+        for algo in ALGOS:
+            cfg = {**digits_config(algo, s, ctx.seed), "clients": int(k)}
+            name = f"digits_{algo}" if k == s.clients else f"digits_{algo}_K{k}"
+            m = train_run(ctx, cfg, name).metrics()
+            m = m[m["round"] > 0]
+            acc = m["test_accuracy"].astype(float).dropna()
+            rows.append({"algo": algo, "clients": int(k),
+                         "last5_test_accuracy": float(acc.iloc[-5:].mean()),
+                         "last5_test_accuracy_sd": float(acc.iloc[-5:].std(ddof=1)),
+                         "final_test_accuracy": float(acc.iloc[-1]),
+                         "floats_per_round": float((m["floats_up_total"]
+                                                    + m["floats_down_total"]).mean())})
+    df = pd.DataFrame(rows, columns=CSV_COLUMNS["accuracy_vs_clients"])
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    for i, (algo, sub) in enumerate(df.groupby("algo", sort=False)):
+        ax.errorbar(sub["clients"], sub["last5_test_accuracy"],
+                    yerr=sub["last5_test_accuracy_sd"], color=f"C{i}", marker="o", ms=4,
+                    capsize=2, label=algo)
+    ax.set_xscale("log")
+    ax.set_xticks(list(s.client_counts), [str(k) for k in s.client_counts])
+    ax.minorticks_off()
+    ax.set_xlabel("number of clients K (same training data, split Dirichlet α=0.5)")
+    ax.set_ylabel(f"test accuracy, mean ± sd of the last 5 of {s.rounds} rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Accuracy vs number of clients on digits (rank {s.rank} on fc1, fc2)",
+                 fontsize=9)
+
+    parts = []
+    for algo, sub in df.groupby("algo", sort=False):
+        first, last = sub.iloc[0], sub.iloc[-1]
+        parts.append(f"{algo} {first['last5_test_accuracy']:.3f} at K = {first['clients']} → "
+                     f"{last['last5_test_accuracy']:.3f} at K = {last['clients']}")
+    reading = ("test accuracy (mean of the last 5 rounds) as the clients multiply: "
+               + "; ".join(parts) + ".")
+    configs = {"train": {a: digits_config(a, s, ctx.seed) for a in ALGOS},
+               "clients": list(s.client_counts)}
+    return Made(df, fig, configs, reading)

@@ -31,6 +31,8 @@ Figures (digits, the embedded scikit-learn data, unless stated):
 - ``theory_model``: the spiked random-matrix model of :mod:`hessrank.analysis.theory`, stable
   rank vs n by dense Monte Carlo against the large-p (BBP) prediction, for an initial-like and
   two trained spectra.
+- ``accuracy_vs_clients``: test accuracy of FedAvg, FedLoRA, FedLoRU and FeDLRT as the same
+  training data is split over K clients (FedLoRU's Fig. 2b setting, on digits).
 
 ``fast=True`` shrinks every setting (a few rounds and clients, a small MLP, few matvecs) so the
 whole set runs in well under a minute on two cores; it exists for tests and smoke runs, and its
@@ -69,7 +71,11 @@ from experiments.figures.common import CSV_COLUMNS, Context, Made, Scale  # noqa
 from experiments.figures.fig_alignment import alignment  # noqa: E402
 from experiments.figures.fig_ranks import client_vs_server, dataset_size  # noqa: E402
 from experiments.figures.fig_theory import theory  # noqa: E402
-from experiments.figures.fig_training import communication, fedlrt_lsq  # noqa: E402
+from experiments.figures.fig_training import (  # noqa: E402
+    accuracy_vs_clients,
+    communication,
+    fedlrt_lsq,
+)
 
 __all__ = ["CSV_COLUMNS", "FIGURES", "Scale", "add_arguments", "main", "make_figures",
            "parse_only", "run"]
@@ -81,6 +87,7 @@ FIGURES: dict[str, str] = {
     "fedlrt_lowrank_lsq": "FeDLRT on low-rank least squares: loss and rank per correction",
     "communication": "floats per round (relative to FedAvg) vs final test accuracy",
     "theory_model": "spiked random-matrix model: Monte Carlo vs large-p stable rank vs n",
+    "accuracy_vs_clients": "test accuracy of the four algorithms vs the number of clients",
 }
 """Figure name → one-line description, in the order they are made."""
 
@@ -91,6 +98,7 @@ _MAKERS: dict[str, Callable[[Context], Made]] = {
     "fedlrt_lowrank_lsq": fedlrt_lsq,
     "communication": communication,
     "theory_model": theory,
+    "accuracy_vs_clients": accuracy_vs_clients,
 }
 
 
