@@ -58,3 +58,29 @@ def test_notebook_runs_at_smoke_size(name, tmp_path, monkeypatch):
                    for o in c.get("outputs", []))
     assert "SMOKE RUN" in text
 
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_given_run_directory(tmp_path, monkeypatch):
+    """RUN_DIR set: the notebook studies that run (here a tiny FedAvg run, not the default
+    FedLoRU federation) and trains nothing of its own."""
+    _use_this_interpreter(monkeypatch)
+    import jupytext
+    import papermill
+
+    import hessrank.fl as fl
+
+    run = tmp_path / "my_run"
+    fl.train({"algo": "fedavg", "dataset": "digits", "model": "mlp",
+              "model_kwargs": {"hidden": [8]}, "clients": 3, "partition": "iid", "rounds": 2,
+              "save_every": 1, "local_steps": 2, "seed": 0}, run, progress=False)
+    monkeypatch.setenv("HESSRANK_WORK", str(tmp_path / "work"))
+    nb = jupytext.read(NOTEBOOKS / "02_rank_discrepancy.py")
+    out = papermill.execute_notebook(nb, str(tmp_path / "out.ipynb"),
+                                     parameters={"SIZE": "smoke", "RUN_DIR": str(run)},
+                                     kernel_name="python3", cwd=str(NOTEBOOKS),
+                                     progress_bar=False)
+    text = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "algo='fedavg'" in text and "client > server" in text
+    assert not (tmp_path / "work").exists()
