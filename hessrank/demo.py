@@ -1,4 +1,4 @@
-"""``make demo``: the main job on the embedded default data, end to end, in a few minutes.
+"""``make demo``: the main job on the embedded default data, end to end, in about a minute.
 
 1. Train a FedLoRU federation on scikit-learn's digits (20 clients, Dirichlet(0.5) label split).
 2. At every saved round, estimate the stable rank srank(H) = ‖H‖_F²/‖H‖₂² (± stderr) of every
@@ -7,6 +7,10 @@
 3. Write the tidy table and the figures, and print what they show — computed from the numbers.
 
 ``python -m hessrank.demo --fast`` is a ~30-second version with fewer rounds and clients.
+
+Torch runs single-threaded (``--threads 1``): for these small models a second intra-op thread
+does not pay, and on a loaded two-core machine two threads made the fast demo take 86 s
+instead of about 20 s (OpenMP threads waiting on each other).
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+from hessrank.clikit import (
+    ArgumentParser,
+    RawDescriptionHelpFormatter,
+    format_number,
+    one_line_warnings,
+    run_command,
+)
 
-from hessrank.analysis.trajectory import analyze
-from hessrank.fl import train
-from hessrank.plotting import plot_all
+if TYPE_CHECKING:
+    import pandas as pd
 
 FULL = dict(clients=20, rounds=30, save_every=5, matvecs=40, subsets="subset:50x3")
 FAST = dict(clients=6, rounds=4, save_every=2, matvecs=24, subsets="subset:50x2")
@@ -39,6 +48,9 @@ def run_config(clients: int, rounds: int, save_every: int, seed: int) -> dict:
 def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Per round: server srank ± stderr, client mean and range, ratio, and the share of clients
     whose srank exceeds the server's by more than 2 combined standard errors."""
+    import numpy as np
+    import pandas as pd
+
     sr = table[table["quantity"] == "stable-rank"]
     rows = []
     for r, g in sr.groupby("round"):
@@ -83,31 +95,34 @@ def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame,
     return per_round, text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hessrank.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--out", type=Path, default=Path("demo_out"),
-                        help="output directory (default: demo_out)")
-    parser.add_argument("--fast", action="store_true", help="a ~30 s version")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Train, analyze, plot and summarize (the module doc's steps 1–3)."""
+    import pandas as pd
+    import torch
+
+    from hessrank.analysis.trajectory import analyze
+    from hessrank.fl import train
+    from hessrank.plotting import plot_all
+
+    torch.set_num_threads(args.threads)
+    bars = sys.stderr.isatty()  # tqdm bars on a terminal only; a log gets the step lines
     size = FAST if args.fast else FULL
     t0 = time.perf_counter()
-    print(f"[1/3] training FedLoRU on digits: {size['clients']} clients, {size['rounds']} rounds")
+    print(f"[1/3] training FedLoRU on digits: {size['clients']} clients, {size['rounds']} rounds",
+          flush=True)
     run = train(run_config(size["clients"], size["rounds"], size["save_every"], args.seed),
-                args.out / "run", progress=True)
-    print("[2/3] client vs server Hessian spectra at every saved round")
+                args.out / "run", progress=bars)
+    print("[2/3] client vs server Hessian spectra at every saved round", flush=True)
     analysis = args.out / "analysis"
     table = analyze(run.path, subjects=f"server,clients,{size['subsets']}",
                     quantities="stable-rank,top-eig", matvecs=size["matvecs"], seed=args.seed,
-                    out=analysis, progress=True)
-    print("[3/3] figures")
+                    out=analysis, progress=bars)
+    print("[3/3] figures", flush=True)
     figures = plot_all(analysis, args.out / "figures")
     per_round, text = summarize(table, run.metrics())
     per_round.to_csv(args.out / "summary.csv", index=False)
-    with pd.option_context("display.width", 120, "display.precision", 3):
-        print(per_round.to_string(index=False))
+    with pd.option_context("display.width", 120):
+        print(per_round.to_string(index=False, float_format=lambda v: format_number(v, 4)))
     print()
     print(text)
     print(f"\ntable:   {analysis / 'results.csv'}\nsummary: {args.out / 'summary.csv'}")
@@ -116,6 +131,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"figure:  {f}")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m hessrank.demo", description=__doc__,
+                            formatter_class=RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"),
+                        help="output directory")
+    parser.add_argument("--fast", action="store_true",
+                        help="fewer clients, rounds and matvecs: about 30 s")
+    parser.add_argument("--seed", type=int, default=0, help="training and estimator seed")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: fastest for these small models)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        build_parser().error(f"--threads must be >= 1, got {args.threads}")
+    with one_line_warnings("hessrank demo"):
+        return run_command("hessrank demo", run, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from hessrank.curvature import FederatedHessian, HessianOperator
-from hessrank.curvature.stacked import StackedClientHessians
+from hessrank.curvature.base import CurvatureOperator
+from hessrank.curvature.federated import FederatedOperator
 from hessrank.datasets import load_dataset
 from hessrank.fl.partition import make_partition
 from hessrank.linalg import stable_rank
@@ -76,7 +77,7 @@ def separate(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
 
 class PassCounter:
     """Counts samples (and samples × tangents) pushed through product calls:
-    HessianOperator._batch_hvp, and StackedClientHessians._unit_products (padded samples,
+    CurvatureOperator._batch_product, and FederatedOperator._unit_products (padded samples,
     one tangent per unit)."""
 
     def __init__(self) -> None:
@@ -84,31 +85,31 @@ class PassCounter:
         self.tangent_samples = 0
 
     def __enter__(self) -> PassCounter:
-        self._orig = HessianOperator._batch_hvp
+        self._orig = CurvatureOperator._batch_product
         counter = self
 
-        def counted(op, b, tangents, hvp=None, block=None):
+        def counted(op, b, tangents):
             n = op.batches.sizes[b]
             k = next(iter(tangents.values())).shape[0]
             counter.samples += n
             counter.tangent_samples += n * k
-            return counter._orig(op, b, tangents, hvp, block)
+            return counter._orig(op, b, tangents)
 
-        self._orig_units = StackedClientHessians._unit_products
+        self._orig_units = FederatedOperator._unit_products
 
-        def counted_units(st, i, rows):
-            a, b = st.groups[i]
-            counter.samples += (b - a) * st.units.unit_size
-            counter.tangent_samples += (b - a) * st.units.unit_size
-            return counter._orig_units(st, i, rows)
+        def counted_units(F, i, rows):
+            a, b = F._groups[i]
+            counter.samples += (b - a) * F.route["unit_size"]
+            counter.tangent_samples += (b - a) * F.route["unit_size"]
+            return counter._orig_units(F, i, rows)
 
-        HessianOperator._batch_hvp = counted
-        StackedClientHessians._unit_products = counted_units
+        CurvatureOperator._batch_product = counted
+        FederatedOperator._unit_products = counted_units
         return self
 
     def __exit__(self, *exc) -> None:
-        HessianOperator._batch_hvp = self._orig
-        StackedClientHessians._unit_products = self._orig_units
+        CurvatureOperator._batch_product = self._orig
+        FederatedOperator._unit_products = self._orig_units
 
 
 CONFIGS = {

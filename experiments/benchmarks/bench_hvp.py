@@ -11,7 +11,7 @@ One run, same machine and threads, writes ``results/hvp.md``:
    forward-over-reverse, the other block strategy, two other ways to keep a linearization
    (``torch.func.linearize``; a kept double-backward autograd graph — measured here only, since
    hessrank's products go through torch.func) and, when the git history has it, the operator
-   as it was before the performance work (``--baseline``, default commit f134996).
+   as it was before the curvature-family rework (``--baseline``, default commit 7383cb0).
 2. Calibration — the "auto" choice made 5 times from scratch by the current rule and by the
    previous one (3 repeats, fastest median wins).
 3. Peak memory of a block product (k = 8) against a gradient on the ResNet-18, each measured in
@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import hessrank.curvature.operator as operator_module
 from hessrank.curvature import HessianOperator
 from hessrank.models import build_model
 
@@ -219,7 +218,7 @@ def cost(key: str, args, baseline) -> dict:
             "rows": rows, "settings": tag, "k1": d1, "kblock": dk, "scratch": scratch,
             "block_vs_scratch": dk / scratch, "block_vs_default1": dk / d1,
             "best_cached": best_cached, "cached": s["cache"],
-            "lin_build": lin_build, "graph_mb": autok._estimated_graph_mb()}
+            "lin_build": lin_build, "graph_mb": autok.estimated_cache_mb()}
 
 
 # ---- 2. calibration stability -------------------------------------------------------------------
@@ -228,23 +227,76 @@ def calibration_runs(key: str, args, baseline) -> list[object]:
     p = sum(t.numel() for t in model.parameters())
     V = torch.randn(p, K, generator=torch.Generator().manual_seed(0))
     out = [label]
-    for mod in (operator_module, baseline):
-        if mod is None:
+    for mod in (None, baseline):
+        if mod is None:  # the current operator: a rule, no timing
+            picks, secs = [], []
+            for _ in range(5):
+                o = HessianOperator(model, CE, (x, y))
+                t0 = time.perf_counter()
+                o.matmat(V)
+                secs.append(time.perf_counter() - t0)
+                st = o.route
+                picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
+        elif not hasattr(mod, "_CALIBRATION"):
             out += ["—", "—"]
             continue
-        picks, secs = [], []
-        for _ in range(5):
-            mod._CALIBRATION.clear()
-            o = mod.HessianOperator(model, CE, (x, y))
-            t0 = time.perf_counter()
-            o.matmat(V)
-            secs.append(time.perf_counter() - t0)
-            st = o.settings
-            picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
+        else:
+            picks, secs = [], []
+            for _ in range(5):
+                mod._CALIBRATION.clear()
+                o = mod.HessianOperator(model, CE, (x, y))
+                t0 = time.perf_counter()
+                o.matmat(V)
+                secs.append(time.perf_counter() - t0)
+                st = o.settings
+                picks.append(f"{st['hvp']}{'+cache' if st['cache'] else ''}/{st['block']}")
         counts = {c: picks.count(c) for c in dict.fromkeys(picks)}
         out += [", ".join(f"{c} ×{n}" for c, n in counts.items()),
                 f"{_timing.median(secs):.2f}"]
     return out
+
+
+# ---- 4. same route, before and after -------------------------------------------------------
+ROUTES = {"rev-rev, cached, loop": {"hvp": "rev-rev", "cache": True, "block": "loop"},
+          "rev-rev, cached, vmap": {"hvp": "rev-rev", "cache": True, "block": "vmap"}}
+
+
+def paired_routes(key: str, args, baseline) -> list[list[str]]:
+    """ms per vector of the baseline and the current operator forced onto the same route, and
+    of each one's default, interleaved; the fastest of ``args.repeats`` rounds (other work on
+    the machine only slows calls down) and the median. Rows: route, k, before, after, ratio."""
+    label, model, x, y = setting(key, args.fast)
+    p = sum(t.numel() for t in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    vs = {1: torch.randn(p, 1, generator=gen), K: torch.randn(p, K, generator=gen)}
+    ops = {}
+    for name, kw in [("default", {}), *ROUTES.items()]:
+        for side, mod in (("before", baseline), ("after", None)):
+            cls = mod.HessianOperator if mod is not None else HessianOperator
+            op = cls(model, CE, (x, y), **kw)
+            op.matmat(vs[K])
+            ops[(name, side)] = op
+    times: dict[tuple, list[float]] = {}
+    for r in range(args.repeats):
+        items = list(ops.items())
+        for (name, side), op in (items if r % 2 == 0 else items[::-1]):
+            for k, V in vs.items():
+                t0 = time.perf_counter()
+                op.matmat(V)
+                times.setdefault((name, side, k), []).append((time.perf_counter() - t0) / k)
+    rows = []
+    for name in ["default", *ROUTES]:
+        for k in vs:
+            b, a = times[(name, "before", k)], times[(name, "after", k)]
+            tag = name
+            if name == "default":
+                sb, sa = ops[(name, "before")].settings, ops[(name, "after")].settings
+                tag = (f"default (before {sb['hvp']}/{sb['block']}, "
+                       f"after {sa['hvp']}/{sa['block']})")
+            med = _timing.median(a) / _timing.median(b)
+            rows.append([label, tag, str(k), f"{1e3 * min(b):.2f}", f"{1e3 * min(a):.2f}",
+                         f"**{min(a) / min(b):.2f}**", f"{med:.2f}"])
+    return rows
 
 
 # ---- 3. memory ----------------------------------------------------------------------------------
@@ -330,14 +382,35 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="mlp,cnn,resnet",
                     help="comma list of mlp, cnn, resnet, client (MLP 64-64-64-10 on 143 "
                     "samples, as a client of a 10-way digits split)")
-    ap.add_argument("--baseline", default="f134996",
+    ap.add_argument("--baseline", default="7383cb0",
                     help="git commit of the 'before' operator ('' to skip)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--paired-routes", action="store_true",
+                    help="only: the baseline and the current operator on the same routes")
     args = ap.parse_args(argv)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.fast, args.threads)))
+        return
+    if args.paired_routes:
+        torch.set_num_threads(args.threads)
+        args.repeats = args.repeats or 15
+        baseline = load_baseline(args.baseline)
+        rows = [r for key in args.models.split(",") for r in paired_routes(key, args, baseline)]
+        table = _timing.markdown_table(
+            ["model", "route", "k", f"before ({args.baseline}) ms/vector",
+             "after ms/vector", "after / before (fastest round)", "after / before (medians)"],
+            rows)
+        text = ("# Per-product cost before and after, same route\n\n"
+                f"Machine: {_timing.machine_line(torch.get_num_threads())}; other work kept "
+                f"{_timing.busy_cores():.1f} cores busy at the start. "
+                f"{args.repeats} interleaved rounds. Run: `python experiments/benchmarks/"
+                f"bench_hvp.py --paired-routes --models {args.models}"
+                f"{' --fast' if args.fast else ''}`.\n\n" + table + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(text)
         return
     args.repeats = args.repeats or (5 if args.fast else 7)
     args.min_time = 0.02 if args.fast else 0.1
@@ -380,8 +453,8 @@ def main(argv=None) -> None:
     lines += ["## 2. Calibration: the auto choice, 5 fresh runs", "",
               f"Each run clears the remembered choice, builds a default operator and applies it "
               f"to a block of {K}; seconds = that first call (calibration included). Current "
-              "rule: see `HessianOperator.calibrate` (defaults rev-rev/loop, interleaved timing, "
-              "a challenger must be ≥ 10 % faster). Previous rule: fastest median of 3.", ""]
+              "rule: the deterministic route of `HessianOperator` (no timing; `op.route`). "
+              "Previous: the baseline commit's timed calibration.", ""]
     cal_rows = [calibration_runs(k, args, baseline) for k in args.models.split(",")
                 if k != "resnet"]
     lines += [_timing.markdown_table(["model", "current: choices", "current: s",

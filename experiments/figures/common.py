@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # light at import: the CLI wrapper builds its parser from this package
+    import pandas as pd
 
 CSV_COLUMNS: dict[str, list[str]] = {
     "client_vs_server_stable_rank": [

@@ -61,21 +61,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # run as a script: make `experiments.figures` importable
     sys.path.insert(0, str(_ROOT))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # a script: no display (the figure modules leave the backend alone)
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
 from experiments.figures.common import CSV_COLUMNS, Context, Made, Scale  # noqa: E402
-from experiments.figures.fig_alignment import alignment  # noqa: E402
-from experiments.figures.fig_ranks import client_vs_server, dataset_size  # noqa: E402
-from experiments.figures.fig_theory import theory  # noqa: E402
-from experiments.figures.fig_training import (  # noqa: E402
-    accuracy_vs_clients,
-    communication,
-    fedlrt_lsq,
-)
 
 __all__ = ["CSV_COLUMNS", "FIGURES", "Scale", "add_arguments", "main", "make_figures",
            "parse_only", "run"]
@@ -91,15 +77,23 @@ FIGURES: dict[str, str] = {
 }
 """Figure name → one-line description, in the order they are made."""
 
-_MAKERS: dict[str, Callable[[Context], Made]] = {
-    "client_vs_server_stable_rank": client_vs_server,
-    "stable_rank_vs_dataset_size": dataset_size,
-    "gradient_alignment": alignment,
-    "fedlrt_lowrank_lsq": fedlrt_lsq,
-    "communication": communication,
-    "theory_model": theory,
-    "accuracy_vs_clients": accuracy_vs_clients,
-}
+def _makers() -> dict[str, Callable[[Context], Made]]:
+    """Figure name → maker; imported here so that importing this module stays light (the
+    ``hessrank figures`` wrapper builds its parser from :func:`add_arguments`)."""
+    from experiments.figures.fig_alignment import alignment
+    from experiments.figures.fig_ranks import client_vs_server, dataset_size
+    from experiments.figures.fig_theory import theory
+    from experiments.figures.fig_training import accuracy_vs_clients, communication, fedlrt_lsq
+
+    return {
+        "client_vs_server_stable_rank": client_vs_server,
+        "stable_rank_vs_dataset_size": dataset_size,
+        "gradient_alignment": alignment,
+        "fedlrt_lowrank_lsq": fedlrt_lsq,
+        "communication": communication,
+        "theory_model": theory,
+        "accuracy_vs_clients": accuracy_vs_clients,
+    }
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -204,6 +198,10 @@ def make_figures(
     Raises:
         ValueError: an unknown figure name.
     """
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")  # a script: no display (the figure modules leave the backend alone)
     names = parse_only(only)
     out = Path(out)
     work = Path(work) if work is not None else Path("runs") / "figures"
@@ -222,8 +220,10 @@ def make_figures(
 
 def _make_one(ctx: Context, name: str) -> list[Path]:
     """Make one figure: its PNG, PDF, CSV and JSON (command, configs, timing, reading)."""
+    import matplotlib.pyplot as plt
+
     t0 = time.perf_counter()
-    made = _MAKERS[name](ctx)
+    made = _makers()[name](ctx)
     out = ctx.out
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:

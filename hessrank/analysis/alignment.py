@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature import HessianOperator
-from hessrank.curvature.operator import LossFn
+from hessrank.curvature import LossFn, ParameterSpace
+from hessrank.curvature.data import as_batches
 
 __all__ = [
     "alignment_from_gradients",
@@ -144,15 +144,20 @@ def client_gradients(
                     f"unknown weight matrix {n!r}; valid names: {', '.join(matrices)}"
                 )
     out: dict[str, list[Tensor]] = {n: [] for n in layers}
+    space = ParameterSpace(model, params=layers, mode=mode)
     for c, data in enumerate(client_data):
         try:
-            op = HessianOperator(model, loss_fn, data, params=layers, mode=mode,
-                                 batch_size=batch_size, check_determinism=False)
-        except ValueError as err:
-            raise ValueError(f"client {c}: {err}") from err
-        g = op.unflatten(op.gradient()[:, None])
-        for n in layers:
-            out[n].append(g[n][0])
+            batches = as_batches(data, dtype=space.dtype, device=space.device,
+                                 batch_size=batch_size)
+            space.check_losses(loss_fn, batches)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"client {c}: {err}") from err
+        g = None
+        for x, y, w in zip(batches.inputs, batches.targets, batches.weights):
+            gb = space.gradient(loss_fn, x, y)
+            g = gb.mul_(w) if g is None else g.add_(gb, alpha=w)
+        for n, t in space.unflatten(g).items():
+            out[n].append(t)
     return out
 
 

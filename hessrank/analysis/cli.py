@@ -11,12 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from hessrank.analysis.subjects import VALID_FORMS, parse_subjects
-from hessrank.analysis.trajectory import QUANTITIES, parse_quantities
+# Spelled out so that building the parser (and --help) imports no torch; tests/test_cli.py
+# checks them against hessrank.analysis.subjects.VALID_FORMS and trajectory.QUANTITIES.
+VALID_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
+QUANTITIES = ("stable-rank", "top-eig", "trace", "frobenius", "density", "alignment")
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from hessrank.analysis.trajectory import analyze
+    from hessrank.analysis.subjects import parse_subjects
+    from hessrank.analysis.trajectory import analyze, parse_quantities
 
     quantities = parse_quantities(args.quantities)  # fail fast, before any data is loaded
     if args.threads is not None:

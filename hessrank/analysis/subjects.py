@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature import FederatedHessian, HessianOperator
-from hessrank.curvature.operator import LossFn
+from hessrank.curvature import CurvatureOperator, FederatedOperator, LossFn, curvature_class
+from hessrank.linalg.stack import OperatorStack
 
 __all__ = [
     "KINDS",
@@ -275,58 +275,20 @@ def realize(
     return groups
 
 
-class OperatorStack:
-    """J independent Hessian operators of the same dimension as one (J, p, p) operator.
-
-    ``matmat`` applies operator j to V[j]; estimators then advance the J recurrences together.
-    """
-
-    def __init__(self, operators: Sequence[HessianOperator]) -> None:
-        if not operators:
-            raise ValueError("OperatorStack needs at least one operator")
-        p = operators[0].shape[1]
-        for j, op in enumerate(operators):
-            if op.shape[1] != p:
-                raise ValueError(
-                    f"operator {j} has dimension {op.shape[1]}, operator 0 has {p}; "
-                    "stack operators over the same parameters"
-                )
-        self.operators = list(operators)
-        self.num_matvecs = 0
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        p = self.operators[0].shape[1]
-        return (len(self.operators), p, p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operators[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.operators[0].device
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """V (J, p, k) → (J, p, k) with out[j] = H_j V[j]."""
-        J, p, _ = self.shape
-        if V.ndim != 3 or V.shape[0] != J or V.shape[1] != p:
-            raise ValueError(f"expected V of shape ({J}, {p}, k), got {tuple(V.shape)}")
-        out = torch.stack([op.apply_block(V[j]) for j, op in enumerate(self.operators)])
-        self.num_matvecs += V.shape[2]
-        return out
-
-
 def build_operator(
-    group: SubjectGroup, model: nn.Module, loss_fn: LossFn, **operator_kwargs
-) -> FederatedHessian | HessianOperator | OperatorStack:
+    group: SubjectGroup, model: nn.Module, loss_fn: LossFn, *, curvature: str = "hessian",
+    **operator_kwargs,
+) -> FederatedOperator | CurvatureOperator | OperatorStack:
     """The stacked operator of a group; ``group.index`` says where each subject sits in it.
 
-    ``operator_kwargs`` go to every :class:`HessianOperator` (params, mode, batch_size, ...).
+    ``curvature`` ("hessian", "ggn" or "fisher") picks the matrix; ``operator_kwargs`` go to
+    every curvature operator (params, mode, batch_size, ...).
     """
     if group.federated:
-        return FederatedHessian(model, loss_fn, list(group.client_data), **operator_kwargs)
+        return FederatedOperator(model, loss_fn, list(group.client_data), curvature,
+                                 **operator_kwargs)
+    cls = curvature_class(curvature)
     if group.pooled:
-        return HessianOperator(model, loss_fn, _pool(group.client_data), **operator_kwargs)
-    ops = [HessianOperator(model, loss_fn, s.data, **operator_kwargs) for s in group.subjects]
+        return cls(model, loss_fn, _pool(group.client_data), **operator_kwargs)
+    ops = [cls(model, loss_fn, s.data, **operator_kwargs) for s in group.subjects]
     return ops[0] if len(ops) == 1 else OperatorStack(ops)

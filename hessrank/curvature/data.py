@@ -1,19 +1,69 @@
-"""Normalizing the ``data`` argument: an iterable of (inputs, targets) batches or one pair."""
+"""Normalizing the ``data`` argument: one (inputs, targets) pair or an iterable of batches.
+
+Inputs may be a tensor (``model(x)``), a tuple or list of tensors (``model(*x)``) or a dict
+(``model(**x)``, Hugging Face style); the batch size is read from the first tensor. Targets
+are a tensor whose first dimension is the batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
+
+Inputs = Tensor | tuple | list | dict
+
+
+def map_inputs(fn: Callable[[Tensor], Tensor], x: Inputs) -> Inputs:
+    """Apply ``fn`` to every tensor of a structured input, keeping the structure."""
+    return pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, x)
+
+
+def first_tensor(x: Inputs) -> Tensor:
+    """The first tensor of a structured input (its first dimension is the batch)."""
+    for leaf in pytree.tree_leaves(x):
+        if isinstance(leaf, Tensor):
+            return leaf
+    raise TypeError(f"inputs hold no tensor: got {type(x).__name__}")
+
+
+def batch_size_of(x: Inputs) -> int:
+    t = first_tensor(x)
+    if t.ndim == 0:
+        raise ValueError("inputs must have a batch dimension; got a 0-d tensor")
+    return int(t.shape[0])
+
+
+def call_model(model: Callable, x: Inputs):
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` by the structure of ``x``."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def cat_inputs(xs: list[Inputs]) -> Inputs:
+    """Concatenate structured inputs along the batch dimension."""
+    leaves, spec = pytree.tree_flatten(xs[0])
+    cols = [pytree.tree_flatten(x)[0] for x in xs]
+    out = [torch.cat([c[i] for c in cols]) if isinstance(leaf, Tensor) else leaf
+           for i, leaf in enumerate(leaves)]
+    return pytree.tree_unflatten(out, spec)
+
+
+def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
+    return map_inputs(lambda t: t[start:stop], x)
 
 
 @dataclass(frozen=True)
 class Batches:
     """Materialized batches with their sizes; N = Σ n_b and weights n_b / N (mean reduction)."""
 
-    inputs: tuple[Tensor, ...]
+    inputs: tuple
     targets: tuple[Tensor, ...]
 
     @property
@@ -32,6 +82,10 @@ class Batches:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def pooled(self) -> tuple[Inputs, Tensor]:
+        """All batches as one (inputs, targets) pair."""
+        return cat_inputs(list(self.inputs)), torch.cat(self.targets)
+
 
 def standard_strides(x: Tensor) -> Tensor:
     """``x`` with row-major strides. A tensor with a size-1 dimension can be contiguous and
@@ -47,63 +101,73 @@ def standard_strides(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _is_inputs(x) -> bool:
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, dict):
+        return any(isinstance(v, Tensor) for v in x.values())
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+
+
 def _is_pair(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and isinstance(data[1], Tensor)
-    )
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and isinstance(data[1], Tensor) and _is_inputs(data[0]))
 
 
 def as_batches(
-    data: Iterable | tuple[Tensor, Tensor],
+    data: Iterable | tuple | Batches,
     *,
     dtype: torch.dtype,
     device: torch.device,
     batch_size: int | None = None,
 ) -> Batches:
-    """Read ``data`` once into a tuple of batches on ``device``.
+    """Read ``data`` once into a tuple of batches on ``device`` (a ``Batches`` passes through).
 
-    Floating-point inputs are cast to ``dtype`` (the model's) and given row-major strides
-    (:func:`standard_strides`), integer targets are kept.
+    Floating-point inputs and targets are cast to ``dtype`` (the model's) and given row-major
+    strides (:func:`standard_strides`); integer tensors (labels, token ids, masks) are kept.
     A (inputs, targets) pair becomes one batch, or chunks of ``batch_size`` if given. Empty
     batches are dropped; no data at all is an error.
     """
+    if isinstance(data, Batches):
+        return data
     if _is_pair(data):
         x, y = data
-        if batch_size is None or batch_size >= len(y):
+        n = len(y)
+        if batch_size is None or batch_size >= n:
             pairs: list = [(x, y)]
         else:
-            starts = range(0, len(y), batch_size)
-            pairs = [(x[i : i + batch_size], y[i : i + batch_size]) for i in starts]
+            pairs = [(slice_inputs(x, i, i + batch_size), y[i:i + batch_size])
+                     for i in range(0, n, batch_size)]
     else:
         try:
             pairs = list(data)
         except TypeError:
             raise TypeError(
-                "data must be an (inputs, targets) pair of tensors or an iterable of such batches "
+                "data must be an (inputs, targets) pair or an iterable of such batches "
                 f"(a DataLoader works), got {type(data).__name__}"
             ) from None
+
+    def prepare(t: Tensor) -> Tensor:
+        t = torch.as_tensor(t)
+        if torch.is_floating_point(t):
+            t = t.to(dtype)
+        return standard_strides(t).to(device)
+
     xs, ys = [], []
     for i, batch in enumerate(pairs):
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             got = type(batch).__name__
             raise TypeError(f"batch {i} is not an (inputs, targets) pair: got {got}")
-        x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"batch {i} has {x.shape[0]} inputs but {y.shape[0]} targets; they must match"
-            )
-        if y.shape[0] == 0:
+        x, y = batch[0], torch.as_tensor(batch[1])
+        if not isinstance(x, (dict, tuple, list)):
+            x = torch.as_tensor(x)
+        n = batch_size_of(x)
+        if n != y.shape[0]:
+            raise ValueError(f"batch {i} has {n} inputs but {y.shape[0]} targets; they must match")
+        if n == 0:
             continue
-        if torch.is_floating_point(x):
-            x = x.to(dtype)
-        x = standard_strides(x)
-        if torch.is_floating_point(y):
-            y = y.to(dtype)
-        xs.append(x.to(device))
-        ys.append(y.to(device))
+        xs.append(map_inputs(prepare, x))
+        ys.append(prepare(y))
     if not ys:
-        raise ValueError("data is empty: the Hessian of a loss over no samples is undefined")
+        raise ValueError("data is empty: the curvature of a loss over no samples is undefined")
     return Batches(tuple(xs), tuple(ys))

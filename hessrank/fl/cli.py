@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from hessrank.clikit import format_fields
 from hessrank.fl.config import ALGORITHMS, TrainConfig
 
 __all__ = ["build_config", "register"]
@@ -142,10 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args)
     run = train(config, args.out, resume=args.resume, progress=not args.quiet)
     last = run.metrics().iloc[-1].to_dict() if run.rounds() else {}
-    print(
-        f"{run.path}: {len(run.rounds())} checkpoints, round {last.get('round')}, "
-        f"train loss {last.get('train_loss')}, test accuracy {last.get('test_accuracy')}"
-    )
+    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
+    print(f"{run.path}: {len(run.rounds())} checkpoints, {summary}")
     return 0
 
 
@@ -157,7 +156,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Federated training (FedAvg, FedLoRA, FedLoRU, pFedLoRU, mFedLoRU, FeDLRT) "
         "writing config.json, partition.json, metrics.jsonl and checkpoints to --out.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="run directory to write (or resume)")
     parser.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")

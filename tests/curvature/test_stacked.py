@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hessrank.curvature import FederatedHessian, dense_hessian, federated
+from hessrank.curvature import FederatedHessian, dense_hessian
 from hessrank.curvature.data import as_batches
 from hessrank.curvature.stacked import couples_samples, make_units, plan_unit_size
 
@@ -102,7 +102,7 @@ def test_groups_under_a_small_budget_give_the_same_products(case):
     loss = nn.functional.cross_entropy
     whole = FederatedHessian(model, loss, data, strategy="stacked", batch_size=4)
     F = FederatedHessian(model, loss, data, strategy="stacked", batch_size=4,
-                         cache_budget_mb=2.5 * whole._stacked.unit_mb)
+                         cache_budget_mb=2.5 * whole.route["unit_mb"])
     assert F.settings["groups"] > 1
     V = torch.randn(*F.shape[:2], 2, dtype=torch.float64)
     torch.testing.assert_close(F.matmat(V), whole.matmat(V), rtol=0, atol=TOL)
@@ -126,24 +126,24 @@ def test_batchnorm_in_train_mode_falls_back_to_per_client():
         FederatedHessian(model, nn.functional.cross_entropy, data, mode="train",
                          strategy="stacked")
     F = FederatedHessian(model, nn.functional.cross_entropy, data)  # eval: running statistics
-    assert F.strategy_reason.startswith("auto: timed")
+    assert F.strategy == "stacked" and F.strategy_reason.startswith("auto: rule")
 
 
-def test_auto_times_both_routes_once_and_remembers(case):
-    """"auto" times a product both ways (a winner either way, products exact either way) and
-    reuses the choice for the next operator of the same shapes (the next checkpoint)."""
+def test_auto_follows_a_rule_and_is_bit_identical(case):
+    """"auto" decides by rule (no timing): stacked where it applies, recorded on the operator;
+    two fresh operators give bit-identical products (same inputs, same bits)."""
     _, model, x, y = case
     data = _split(x[:42], y[:42])
     loss = nn.functional.cross_entropy
-    federated._STRATEGY_CHOICE.clear()
     F = FederatedHessian(model, loss, data)
-    assert F.strategy in ("stacked", "per-client")
-    assert F.strategy_reason.startswith("auto: timed") and "ms per-client" in F.strategy_reason
-    assert (F._stacked is None) == (F.strategy == "per-client")
-    assert len(F.clients) == (1 if F.strategy == "stacked" else len(data))
+    assert F.strategy == "stacked" and F.route["strategy"] == "stacked"
+    assert F.strategy_reason == "auto: rule (stacked applies)"
+    assert len(F.clients) == len(data)
     _check_against_dense(F, model, loss, data, 2)
     G = FederatedHessian(model, loss, data)
-    assert G.strategy == F.strategy and G.strategy_reason.endswith("(remembered)")
+    assert G.route == F.route
+    V = torch.randn(*F.shape[:2], 2, dtype=torch.float64)
+    assert torch.equal(F.matmat(V), G.matmat(V))
 
 
 def test_loss_that_is_not_a_per_sample_mean_falls_back():

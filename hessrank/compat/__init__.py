@@ -1,0 +1,1 @@
+"""Drop-in interfaces of other tools, backed by hessrank's operators and estimators."""

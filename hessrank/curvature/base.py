@@ -1,0 +1,401 @@
+"""CurvatureOperator: the shared base of every curvature matrix of a model's mean loss.
+
+For θ ∈ R^p (the selected parameters, :class:`~hessrank.curvature.params.ParameterSpace`) and
+batches b = 1..B of sizes n_b (N = Σ n_b), the loss is L(θ) = Σ_b (n_b/N) L_b(θ), L_b the
+batch-mean ``loss_fn``. A curvature matrix of L is the same size-weighted sum of per-batch
+matrices, C = Σ_b (n_b/N) C_b, so unequal batches give the same operator as one big batch.
+
+The base owns the batches, the loop over them, the block of k tangents (a loop or ``vmap``),
+the per-batch linearizations it may keep, the finiteness and determinism checks, the
+operator protocol (``shape == (1, p, p)``, ``matmat``, ``to_scipy``) and the **route** — how
+products are computed — chosen by a deterministic rule (memory first, then shapes; never by
+timing) and recorded in ``op.route``. A subclass supplies one hook, :meth:`_linearize`: given
+a batch's loss split at the model outputs (:class:`BatchLoss`), return v ↦ C_b v.
+
+The same hook serves a stack of equal-size *units* with their own parameter copies θ_u
+(:meth:`unit_linearization`): the loss Σ_u L_u(θ_u) has a block-diagonal curvature, so one
+call returns every C_u v_u (the federated operator's batched strategy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.utils import _pytree as pytree
+
+from hessrank.curvature.data import Batches, as_batches
+from hessrank.curvature.params import LossFn, ParameterSpace
+
+VMAP_MAX_ENTRIES = 2**17
+"""A block of tangents goes through ``vmap`` only when one batch's activations have at most
+this many entries (small, overhead-bound products; measured: vmap won on a 143-sample client
+MLP, lost on the 512-sample digits MLP and on every conv net) and the model has no conv."""
+
+Closure = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    """One batch's loss as a function of θ, split at the model outputs.
+
+    outputs(θ) → model outputs; loss_of_outputs(out) → scalar, so loss = loss_of_outputs ∘
+    outputs. ``sample_dims`` leading dimensions of every output index samples (1 for a batch
+    (n, ...), 2 for a stack of units (U, m, ...)); ``sample_weights`` (same leading shape) is
+    ∂L/∂ℓ_i, the weight of sample i's loss in the batch loss (1/n for a batch mean; 0 for
+    padding). ``targets`` are the labels the loss sees.
+    """
+
+    outputs: Callable
+    loss_of_outputs: Callable
+    sample_dims: int
+    sample_weights: Tensor
+    targets: Tensor
+
+    def loss(self, params: dict[str, Tensor]) -> Tensor:
+        return self.loss_of_outputs(self.outputs(params))
+
+
+def curvature_class(name: str) -> type[CurvatureOperator]:
+    """The operator class whose ``curvature`` is ``name`` (searched among the imported
+    subclasses, so a new curvature needs no registry)."""
+    found, todo = {}, list(CurvatureOperator.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.curvature and cls.curvature not in found:
+            found[cls.curvature] = cls
+    if name not in found:
+        raise ValueError(f"unknown curvature {name!r}; choose from {', '.join(sorted(found))}")
+    return found[name]
+
+
+class CurvatureOperator:
+    """A curvature matrix of a model's mean loss over ``data``, as a (1, p, p) operator.
+
+    Args:
+        model: the network; evaluated through a twin, never modified.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch **mean** loss.
+        data: an (inputs, targets) pair or an iterable of such batches (a DataLoader works);
+            inputs may be a tensor, a tuple (``model(*x)``) or a dict (``model(**x)``).
+        params: names of the parameters (default: all trainable); vectors are flat in order.
+        mode: "eval" (default) or "train".
+        cache: keep each batch's linearization across products: True, False or "auto" (on when
+            the estimated memory, 4 × activations + 3 × p per batch, fits ``cache_budget_mb``).
+        block: how a block of k tangents is pushed through: "loop", "vmap" or "auto" (vmap only
+            for small, conv-free batches whose k copies of activations fit the budget).
+        check_determinism: on first use, evaluate the first batch's gradient twice and raise if
+            they differ (dropout in train mode, random augmentation, ...).
+        batch_size: split a single (inputs, targets) pair into batches of this size.
+        cache_budget_mb: memory allowed for kept linearizations and vmap activations.
+        space: a :class:`ParameterSpace` to share (then ``model``, ``params``, ``mode`` are
+            taken from it).
+        process_group: a ``torch.distributed`` process group (or True for the default one):
+            ``data`` is this rank's shard; every batch is weighted by n_b / N_total, N_total
+            all-reduced once here, and every product, gradient and loss is summed over the
+            ranks (the same operator as one process holding all shards; estimators need no
+            change: the same seed draws the same probes on every rank).
+    """
+
+    curvature = ""
+    """Name of the curvature matrix (subclasses): "hessian", "ggn", "fisher"."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable | tuple | Batches,
+        params: Sequence[str] | None = None,
+        mode: str = "eval",
+        *,
+        cache: bool | str = "auto",
+        block: str = "auto",
+        check_determinism: bool = True,
+        batch_size: int | None = None,
+        cache_budget_mb: float = 2048.0,
+        space: ParameterSpace | None = None,
+        process_group=None,
+    ) -> None:
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        if block not in ("loop", "vmap", "auto"):
+            raise ValueError(f"block must be one of ('loop', 'vmap', 'auto'), got {block!r}")
+        self.space = space if space is not None else ParameterSpace(model, params, mode)
+        self.loss_fn = loss_fn
+        s = self.space
+        self.batches = as_batches(data, dtype=s.dtype, device=s.device, batch_size=batch_size)
+        self.process_group = process_group
+        local = self.batches.num_samples
+        self.total_samples = int(self._all_reduce(torch.tensor(float(local),
+                                                               dtype=torch.float64)))
+        self.batch_weights = [n / self.total_samples for n in self.batches.sizes]
+        local_loss = s.check_losses(loss_fn, self.batches) * local / self.total_samples
+        self.loss_value = float(self._all_reduce(torch.tensor(local_loss,
+                                                              dtype=torch.float64)))
+        self.cache_budget_mb = float(cache_budget_mb)
+        self._act = s.activations_per_sample(loss_fn, self.batches.inputs[0],
+                                             self.batches.targets[0])
+        self.route = self._choose_route(cache, block)
+        self._cached: list[Closure | None] = [None] * len(self.batches)
+        self._checked = not check_determinism
+        self.num_matvecs = 0
+
+    # ---- the hook ---------------------------------------------------------------------------
+    def _linearize(self, f: BatchLoss, params: dict[str, Tensor]) -> Closure:
+        """v ↦ C v for the batch loss ``f`` at ``params`` ({name: tangent} in and out); the
+        primal work is done here, once, so the closure can be kept."""
+        raise NotImplementedError
+
+    # ---- route ------------------------------------------------------------------------------
+    def _choose_route(self, cache: bool | str, block: str) -> dict:
+        """The deterministic rule: cache when the linearizations fit the budget; a vmap block
+        only for conv-free batches of at most VMAP_MAX_ENTRIES activations whose 8 copies fit."""
+        est = self.estimated_cache_mb()
+        use_cache = est <= self.cache_budget_mb if cache == "auto" else bool(cache)
+        if block == "auto":
+            batch_act = self._act * max(self.batches.sizes)
+            small = batch_act <= VMAP_MAX_ENTRIES and not self.space.has_conv()
+            fits = 8 * batch_act * self.space.element_size / 2**20 <= self.cache_budget_mb
+            block = "vmap" if small and fits else "loop"
+        return {"curvature": self.curvature, "cache": use_cache, "block": block,
+                "mode": self.space.mode}
+
+    def estimated_cache_mb(self) -> float:
+        """Rough memory of all batches' kept linearizations: 4 × activations + 3 × p each."""
+        total = 4 * self._act * self.batches.num_samples + 3 * self.space.dim * len(self.batches)
+        return total * self.space.element_size / 2**20
+
+    def activations_per_sample(self) -> float:
+        """Output entries of all leaf modules per sample (one forward pass on batch 0)."""
+        return self._act
+
+    @property
+    def settings(self) -> dict:
+        """The route (kept under its former name)."""
+        return dict(self.route)
+
+    # ---- operator protocol ------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        p = self.space.dim
+        return (1, p, p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.space.device
+
+    @property
+    def num_samples(self) -> int:
+        """N, over all ranks when distributed."""
+        return self.total_samples
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        """Σ over the ranks of ``process_group`` (``t`` itself in one process)."""
+        if self.process_group is None:
+            return t
+        group = None if self.process_group is True else self.process_group
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    @property
+    def param_names(self) -> list[str]:
+        return self.space.names
+
+    @property
+    def element_size(self) -> int:
+        return self.space.element_size
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """C V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""
+        p, nd = self.space.dim, V.ndim
+        W = V[None, :, None] if nd == 1 else V[None] if nd == 2 else V
+        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] != p:
+            raise ValueError(f"expected V of shape (1, {p}, k), got {tuple(V.shape)}")
+        out = self.apply_block(W[0])
+        return out[:, 0] if nd == 1 else out if nd == 2 else out[None]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v)
+
+    def apply_block(self, V: Tensor) -> Tensor:
+        """C V for a (p, k) block: Σ_b (n_b/N) C_b V, one pass over the data."""
+        if V.ndim != 2 or V.shape[0] != self.space.dim:
+            raise ValueError(f"expected a block of shape ({self.space.dim}, k), "
+                             f"got {tuple(V.shape)}")
+        return self.apply_rows(self.space.rows(V)).T
+
+    def apply_rows(self, R: Tensor) -> Tensor:
+        """(k, p) rows of tangents → (k, p) rows of C v: every batch, weighted, checked."""
+        if not self._checked:
+            with self.space.mode_context():
+                self.space.check_determinism(self.loss_fn, self.batches.inputs[0],
+                                             self.batches.targets[0])
+            self._checked = True
+        tangents = self.space.tangents(R.to(dtype=self.dtype, device=self.device))
+        out = None
+        with self.space.mode_context():
+            for b, w in enumerate(self.batch_weights):
+                cv = self._batch_product(b, tangents)
+                if out is None:
+                    out = cv.mul_(w) if w != 1.0 else cv
+                else:
+                    out.add_(cv, alpha=w)
+        out = self._all_reduce(out)
+        # one reduction: a NaN/inf entry always makes the sum non-finite (full check only then)
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"a {self.curvature} product has NaN/inf entries; the loss is not twice "
+                "differentiable at these weights or overflows in this dtype"
+            )
+        self.num_matvecs += R.shape[0]
+        return out
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64) for cross-checks."""
+        p = self.space.dim
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X, dtype=np.float64)
+            Y = self.apply_block(torch.as_tensor(X.reshape(p, -1)))
+            Y = Y.detach().cpu().to(torch.float64).numpy()
+            return Y[:, 0] if X.ndim == 1 else Y
+
+        return LinearOperator((p, p), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
+
+    # ---- vectors, loss, gradient ------------------------------------------------------------
+    def unflatten(self, V: Tensor) -> dict[str, Tensor]:
+        """(p, k) block → {name: (k, *shape)}."""
+        return self.space.tangents(self.space.rows(V))
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.space.flatten(tensors)
+
+    def parameters_vector(self) -> Tensor:
+        return self.space.vector()
+
+    def gradient_on(self, x, y: Tensor) -> Tensor:
+        """∇ loss_fn(model(x), y) flat (p,), one plain reverse pass."""
+        return self.space.gradient(self.loss_fn, x, y)
+
+    def gradient(self) -> Tensor:
+        """∇L(θ) flat (p,), the size-weighted mean over batches."""
+        g = None
+        for b, w in enumerate(self.batch_weights):
+            gb = self.gradient_on(self.batches.inputs[b], self.batches.targets[b])
+            g = gb.mul_(w) if g is None else g.add_(gb, alpha=w)
+        return self._all_reduce(g)
+
+    # ---- batch machinery --------------------------------------------------------------------
+    def batch_loss(self, x, y: Tensor) -> BatchLoss:
+        """The loss on one batch (x, y) split at the outputs (a plain batch mean)."""
+        s, loss_fn = self.space, self.loss_fn
+        n = int(y.shape[0])
+        return BatchLoss(outputs=lambda p: s.forward(p, x),
+                         loss_of_outputs=lambda out: loss_fn(out, y), sample_dims=1,
+                         sample_weights=torch.full((n,), 1.0 / n, dtype=s.dtype,
+                                                   device=s.device), targets=y)
+
+    def _closure(self, b: int) -> Closure:
+        fn = self._cached[b]
+        if fn is None:
+            x, y = self.batches.inputs[b], self.batches.targets[b]
+            fn = self._linearize(self.batch_loss(x, y), self.space.params)
+            if self.route["cache"]:
+                self._cached[b] = fn
+        return fn
+
+    def _batch_product(self, b: int, tangents: dict[str, Tensor]) -> Tensor:
+        """C_b v for {name: (k, *shape)} tangents, as fresh (k, p) rows."""
+        fn, s = self._closure(b), self.space
+        k = tangents[s.names[0]].shape[0]
+        if k == 1:
+            o = fn({n: t[0] for n, t in tangents.items()})
+            return torch.cat([o[n].reshape(1, -1) for n in s.names], dim=1)
+        if self.route["block"] == "vmap":  # contiguous tangents batch faster than row views
+            T = {n: t.contiguous() for n, t in tangents.items()}
+            batched = getattr(fn, "batched", None)  # a closure may push a block natively
+            return s.flat_rows(batched(T) if batched is not None else vmap(fn)(T))
+        out = torch.empty(k, s.dim, dtype=s.dtype, device=s.device)
+        for i in range(k):
+            o = fn({n: t[i] for n, t in tangents.items()})
+            torch.cat([o[n].reshape(-1) for n in s.names], out=out[i])
+        return out
+
+    # ---- stacks of units --------------------------------------------------------------------
+    def units_loss(self, inputs, targets: Tensor, keep: Tensor, scale: Tensor) -> BatchLoss:
+        """Σ_u L_u(θ_u) over U units of m samples (inputs (U, m, ...), keep (U, m) marks real
+        rows, scale (U,) multiplies each unit's batch mean); padded rows' outputs are detached,
+        so they add a constant and nothing to any derivative."""
+        s, loss_fn = self.space, self.loss_fn
+
+        def outputs(theta):
+            return vmap(s.forward)(theta, inputs)
+
+        def unit_loss(out, y, kp, sc):
+            def masked(o):
+                mask = kp.reshape(-1, *([1] * (o.ndim - 1)))
+                return torch.where(mask, o, o.detach())
+            return loss_fn(pytree.tree_map(masked, out), y) * sc
+
+        def loss_of_outputs(out):
+            return vmap(unit_loss)(out, targets, keep, scale).sum()
+
+        m = keep.shape[1]
+        weights = keep.to(s.dtype) * (scale[:, None].to(s.dtype) / m)
+        return BatchLoss(outputs, loss_of_outputs, 2, weights, targets)
+
+    def unit_linearization(self, inputs, targets: Tensor, keep: Tensor,
+                           scale: Tensor) -> Callable[[Tensor], Tensor]:
+        """R (U, p) ↦ (C_u R[u])_u for a stack of units (:meth:`units_loss`), each unit with
+        its own copy of θ, through one kept linearization."""
+        s = self.space
+        U = int(keep.shape[0])
+        # materialized copies: forward-mode products cannot write into an expanded tensor
+        theta = {n: t.expand(U, *t.shape).clone() for n, t in s.params.items()}
+        with s.mode_context():
+            fn = self._linearize(self.units_loss(inputs, targets, keep, scale), theta)
+
+        def apply(R: Tensor) -> Tensor:
+            with s.mode_context():
+                return s.flat_rows(fn(s.tangents(R)))
+
+        return apply
+
+    def units_gradient(self, inputs, targets: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
+        """(U, p): ∇L_u(θ) per unit (no graph kept)."""
+        s = self.space
+        U = int(keep.shape[0])
+        theta = {n: t.expand(U, *t.shape) for n, t in s.params.items()}
+        f = self.units_loss(inputs, targets, keep, scale)
+        with s.mode_context():
+            g = torch.func.grad(f.loss)(theta)
+        return s.flat_rows(g)
+
+    # ---- re-routing -------------------------------------------------------------------------
+    def _init_kwargs(self) -> dict:
+        """Constructor keywords beyond the base's (subclasses with options extend this)."""
+        return {}
+
+    def with_data(self, data, **route) -> CurvatureOperator:
+        """The same curvature (shared parameter space, same options and route unless
+        overridden) on other data."""
+        kw = {**self._init_kwargs(), "cache": self.route["cache"], "block": self.route["block"],
+              **route}
+        return type(self)(self.space.model, self.loss_fn, data, space=self.space,
+                          check_determinism=False, cache_budget_mb=self.cache_budget_mb,
+                          process_group=self.process_group, **kw)
+
+    def rerouted(self, **route) -> CurvatureOperator:
+        """The same operator (shared parameter space and batches) with other route settings,
+        e.g. those returned by :func:`hessrank.curvature.tune`."""
+        return self.with_data(self.batches, **route)

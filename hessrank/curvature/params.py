@@ -1,0 +1,263 @@
+"""The parameter space of a model: the selected parameters θ ∈ R^p, flat in a fixed order.
+
+Built once per model and shared by every curvature operator on it, by the dense references and
+by gradient-based analyses. It owns
+
+- a *twin* of the model fixed in an explicit mode ("eval" or "train") that shares the model's
+  tensors; the caller's model is never touched (its ``training`` flags included). In "train"
+  mode BatchNorm stops tracking running statistics (the in-place update is not a function of
+  θ and torch.func refuses to differentiate through it);
+- θ by name (a detached copy) and the other parameters and buffers held fixed;
+- flat ↔ dict conversion: θ flat is the concatenation of the selected tensors in ``names``
+  order, a block of k vectors is (p, k), and "rows" (k, p) view as {name: (k, *shape)};
+- the plain loss and gradient, finiteness and determinism checks.
+
+Example:
+    >>> model = nn.Sequential(nn.Linear(3, 2)).double()
+    >>> space = ParameterSpace(model, params=["0.weight"])
+    >>> space.names, space.dim
+    (['0.weight'], 6)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hessrank.curvature.data import Inputs, call_model
+
+LossFn = Callable[..., Tensor]
+MODES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: str):
+    """Temporarily put every submodule in ``mode`` ("eval" or "train"), then restore flags."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def functional_model(model: nn.Module, mode: str) -> nn.Module:
+    """The module to evaluate functionally in ``mode`` when no twin can be made: ``model``
+    itself in "eval"; in "train" a deep copy whose BatchNorm uses batch statistics only."""
+    if mode == "eval":
+        return model
+    twin = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(twin)
+    return twin
+
+
+def private_twin(model: nn.Module, mode: str) -> nn.Module | None:
+    """A structural copy of ``model`` fixed in ``mode`` sharing its parameter and buffer tensors
+    (no weights copied), or None when the model cannot be deep-copied."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    try:
+        twin = copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - exotic modules: fall back to the caller's model
+        return None
+    if mode == "train":
+        torch.func.replace_all_batch_norm_modules_(twin)
+    twin.train(mode == "train")
+    return twin
+
+
+def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
+    """Names of the parameters to differentiate: ``params`` checked, or every trainable one."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, t in named.items() if t.requires_grad]
+        if not names:
+            raise ValueError(
+                "the model has no trainable parameters (all have requires_grad=False); "
+                "pass params=[...] with the names to differentiate"
+            )
+        return names
+    names = list(params)
+    if not names:
+        raise ValueError("params is empty; pass at least one parameter name or None for all")
+    for n in names:
+        if n not in named:
+            raise ValueError(f"unknown parameter {n!r}; valid names: {', '.join(named)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"params lists a name twice: {names}")
+    return names
+
+
+def check_finite_params(model: nn.Module) -> None:
+    """Raise naming the first parameter or buffer with NaN/inf entries."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"{kind} {name!r} has NaN or inf entries; the curvature is undefined there "
+                    "(check the checkpoint or the training run that produced it)"
+                )
+
+
+class ParameterSpace:
+    """θ (the selected parameters of ``model``), a twin fixed in ``mode``, flat ↔ dict.
+
+    Args:
+        model: the network; never modified.
+        params: names to differentiate (default: all trainable), in flat order.
+        mode: "eval" (default) or "train".
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[str] | None = None,
+                 mode: str = "eval") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        self.names = select_params(model, params)
+        check_finite_params(model)
+        twin = private_twin(model, mode)
+        self.model = twin if twin is not None else functional_model(model, mode)
+        self.mode = mode
+        self._needs_mode = twin is None
+        named = dict(self.model.named_parameters())
+        self.params = {n: named[n].detach().clone() for n in self.names}
+        fixed = {n: t.detach() for n, t in named.items() if n not in self.params}
+        fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
+        self.fixed = fixed
+        self.shapes = [self.params[n].shape for n in self.names]
+        self.numels = [int(math.prod(s)) for s in self.shapes]
+        self.offsets = [0, *itertools.accumulate(self.numels)]
+        ref = self.params[self.names[0]]
+        self.dtype, self.device = ref.dtype, ref.device
+
+    @property
+    def dim(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per entry of θ's dtype."""
+        return torch.finfo(self.dtype).bits // 8
+
+    def mode_context(self):
+        """Mode switching, needed only when no private twin could be made."""
+        if self._needs_mode:
+            return module_mode(self.model, self.mode)
+        return contextlib.nullcontext()
+
+    def has_conv(self) -> bool:
+        return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+
+    # ---- flat <-> dict ----------------------------------------------------------------------
+    def rows(self, V: Tensor) -> Tensor:
+        """(p, k) block → (k, p) contiguous rows in θ's dtype and device."""
+        return V.to(dtype=self.dtype, device=self.device).T.contiguous()
+
+    def tangents(self, R: Tensor) -> dict[str, Tensor]:
+        """(..., p) rows → {name: (..., *shape)} views (no copies when R is contiguous)."""
+        lead, o = R.shape[:-1], self.offsets
+        return {n: R[..., o[i]:o[i + 1]].reshape(*lead, *s)
+                for i, (n, s) in enumerate(zip(self.names, self.shapes))}
+
+    def flat_rows(self, tangents: dict[str, Tensor], lead: int = 1) -> Tensor:
+        """{name: (*lead, *shape)} → (*lead, p) (``lead`` leading dimensions kept)."""
+        first = tangents[self.names[0]]
+        shape = first.shape[:lead]
+        return torch.cat([tangents[n].reshape(*shape, -1) for n in self.names], dim=-1)
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """{name: shape} → (p,), in ``names`` order."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """(p,) → {name: shape}; (p, k) → {name: (k, *shape)}."""
+        if v.ndim == 1:
+            return self.tangents(v)
+        return self.tangents(self.rows(v))
+
+    def vector(self) -> Tensor:
+        """θ flat."""
+        return self.flatten(self.params)
+
+    # ---- loss and gradient ------------------------------------------------------------------
+    def forward(self, params: dict[str, Tensor], x: Inputs):
+        """The twin's outputs at ``params`` (the other tensors fixed) on inputs of any
+        structure."""
+        tensors = (params, self.fixed)
+        return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), x)
+
+    def loss(self, loss_fn: LossFn, params: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
+        return loss_fn(self.forward(params, x), y)
+
+    def gradient(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> Tensor:
+        """∇ loss_fn(model(x), y) flat (p,) by one plain reverse pass (nothing kept)."""
+        leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+        with torch.enable_grad(), self.mode_context():
+            loss = self.loss(loss_fn, leaves, x, y)
+            gs = torch.autograd.grad(loss, [leaves[n] for n in self.names])
+        return torch.cat([t.reshape(-1) for t in gs])
+
+    def check_losses(self, loss_fn: LossFn, batches) -> float:
+        """The size-weighted mean loss over ``batches``; raises on a non-scalar or non-finite
+        batch loss, naming the batch."""
+        total = 0.0
+        with torch.no_grad(), self.mode_context():
+            for b, w in enumerate(batches.weights):
+                val = self.loss(loss_fn, self.params, batches.inputs[b], batches.targets[b])
+                if not isinstance(val, Tensor) or val.ndim != 0:
+                    shape = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
+                    raise ValueError(f"loss_fn must return a scalar batch mean, got shape "
+                                     f"{shape}; use reduction='mean'")
+                if not torch.isfinite(val):
+                    raise ValueError(
+                        f"the loss is not finite (the loss is {val.item()} on batch {b}; weights "
+                        "are finite): check the inputs/targets of that batch and the model's "
+                        "numerics"
+                    )
+                total += w * float(val)
+        return total
+
+    def check_determinism(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> None:
+        """Two gradients on the same batch must agree; raise explaining what breaks it."""
+        try:
+            g1 = self.gradient(loss_fn, x, y)
+            g2 = self.gradient(loss_fn, x, y)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the model cannot be differentiated functionally in mode={self.mode!r}: {err}"
+            ) from err
+        tol = 1e-10 if self.dtype == torch.float64 else 1e-5
+        diff = float((g1 - g2).norm() / g1.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        if diff > tol:
+            raise ValueError(
+                f"the loss is not deterministic: two gradients on the same batch differ by "
+                f"{diff:.2e} (relative). A random layer (dropout) is active in mode={self.mode!r} "
+                "or the model draws random numbers; use mode='eval' or check_determinism=False"
+            )
+
+    def activations_per_sample(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> float:
+        """Output entries of all leaf modules per sample, from one forward pass on (x, y)."""
+        numel = 0
+
+        def hook(_m, _i, out):
+            nonlocal numel
+            if isinstance(out, Tensor):
+                numel += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad(), self.mode_context():
+                self.loss(loss_fn, self.params, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        return numel / max(int(y.shape[0]), 1)

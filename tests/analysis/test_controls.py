@@ -1,0 +1,88 @@
+"""Controls that isolate sample size: index draws, label entropy, the rank regression."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hessrank.analysis import controls as ct
+
+
+def test_size_and_label_matched_draws():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, size=300)
+    clients = [y[:40], y[40:100]]
+    size_m = ct.size_matched_indices(300, [40, 60], draws=3, seed=1)
+    assert [[len(i) for i in c] for c in size_m] == [[40] * 3, [60] * 3]
+    assert all(len(np.unique(i)) == len(i) for c in size_m for i in c)
+    assert not np.array_equal(size_m[0][0], size_m[0][1])
+    again = ct.size_matched_indices(300, [40, 60], draws=3, seed=1)
+    assert all(np.array_equal(a, b) for c, d in zip(size_m, again) for a, b in zip(c, d))
+    label_m = ct.label_matched_indices(y, clients, draws=2, seed=1)
+    for c, draws in enumerate(label_m):
+        want = np.bincount(clients[c], minlength=5)
+        for idx in draws:
+            assert np.array_equal(np.bincount(y[idx], minlength=5), want)
+            assert len(np.unique(idx)) == len(idx)
+    with pytest.raises(ValueError, match="class"):
+        ct.label_matched_indices(y[:10], clients, draws=1, seed=0)
+
+
+def test_nested_subsets_are_nested():
+    chain = ct.nested_indices(200, [100, 25, 50], seed=3)
+    assert list(chain) == [25, 50, 100]
+    assert set(chain[25]) <= set(chain[50]) <= set(chain[100])
+    other = ct.nested_indices(200, [25], seed=3, draw=1)
+    assert not np.array_equal(chain[25], other[25])
+    with pytest.raises(ValueError, match="1..200"):
+        ct.nested_indices(200, [0, 10], seed=0)
+
+
+def test_label_entropy():
+    assert ct.label_entropy(np.arange(10)) == pytest.approx(math.log(10))
+    assert ct.label_entropy(np.zeros(7)) == pytest.approx(0.0)
+
+
+def test_rank_regression_recovers_the_size_effect_at_fixed_entropy():
+    # log srank = 1 − 0.5 log n + 0.8 H + replicate shift + noise: n and H correlated, so a
+    # regression on log n alone would be biased; the joint fit must recover −0.5.
+    rng = np.random.default_rng(1)
+    rows = []
+    for rep in range(6):
+        shift = rng.normal(0, 0.1)
+        for _ in range(60):
+            n = rng.choice([25, 50, 100, 200, 400])
+            H = 0.3 * np.log(n) + rng.normal(0, 0.3)
+            v = math.exp(1 - 0.5 * math.log(n) + 0.8 * H + shift + rng.normal(0, 0.1))
+            rows.append({"replicate": rep, "round": int(rng.integers(0, 2)), "value": v,
+                         "subject_size": n, "label_entropy": H, "quantity": "stable-rank"})
+    fit = ct.rank_regression(pd.DataFrame(rows)).set_index("term")
+    assert fit.loc["log_n", "ci_low"] < -0.5 < fit.loc["log_n", "ci_high"]
+    assert fit.loc["label_entropy", "ci_low"] < 0.8 < fit.loc["label_entropy", "ci_high"]
+    assert fit.loc["log_n", "cov_type"] == "cluster" and fit.loc["log_n", "n_clusters"] == 6
+    with pytest.raises(ValueError, match=">= 4 rows"):
+        ct.rank_regression(pd.DataFrame(rows[:2]))
+
+
+def test_analyze_controls_on_a_run(trained_run):
+    from hessrank.analysis.subjects import draw_subset
+    from hessrank.checkpoints import RunDir
+
+    t = ct.analyze_controls(trained_run, rounds=[0, 2], matched_draws=2, nested_sizes=[10, 40],
+                            nested_draws=1, matvecs=6, seed=0)
+    run = RunDir(trained_run)
+    sizes = [int(y.shape[0]) for _, y in run.client_data()]
+    assert set(t["subject_kind"]) == set(ct.CONTROL_KINDS)
+    ms = t[(t["subject_kind"] == "matched-size") & (t["round"] == 0)]
+    assert len(ms) == 2 * len(sizes)
+    assert (ms["subject_size"].to_numpy() == np.repeat(sizes, 2)).all()
+    assert np.isfinite(t["value"]).all() and (t["value"] >= 1 - 1e-6).all()
+    # entropy of subset rows of an analyze table is recomputed from their data seed
+    table = pd.DataFrame([{"subject": "subset10_0", "subject_kind": "subset",
+                           "subject_size": 10, "data_seed": 5}])
+    y = np.concatenate([y.numpy() for _, y in run.client_data()])
+    got = ct.subject_label_entropy(table, run.client_data()).iloc[0]
+    assert got == pytest.approx(ct.label_entropy(y[draw_subset(len(y), 10, 5)]))

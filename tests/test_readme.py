@@ -1,0 +1,181 @@
+"""README.md cannot drift from the code.
+
+- Every ```python block runs (in order, sharing one namespace, in a scratch directory), and
+  when a ```text block follows it, that block is exactly what it printed.
+- Every command in a ```bash block is one the code accepts: ``hessrank ...`` and
+  ``python -m hessrank.demo ...`` lines parse with the real parsers (every flag exists, every
+  value has the right type), ``make X`` names a Makefile target.
+
+After changing an example, regenerate its output block from a real run:
+
+    PYTHONPATH=. python tests/test_readme.py --write
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+_FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block of the README: its language, text, where it starts and ends."""
+
+    lang: str
+    body: str
+    line: int
+    start: int
+    end: int
+
+
+def blocks(text: str) -> list[Block]:
+    return [Block(m["lang"], m["body"], text.count("\n", 0, m.start()) + 1, m.start(), m.end())
+            for m in _FENCE.finditer(text)]  # fmt: skip
+
+
+def examples(text: str) -> list[tuple[Block, Block | None]]:
+    """Each python block with the text block right after it (only blank lines between)."""
+    found = blocks(text)
+    pairs = []
+    for i, block in enumerate(found):
+        if block.lang != "python":
+            continue
+        nxt = found[i + 1] if i + 1 < len(found) else None
+        follows = nxt is not None and nxt.lang == "text" and not text[block.end:nxt.start].strip()
+        pairs.append((block, nxt if follows else None))
+    return pairs
+
+
+def exec_examples(text: str) -> list[str]:
+    """Run the python blocks in order in one namespace; what each printed."""
+    namespace: dict = {"__name__": "__readme__"}
+    outputs = []
+    for block, _ in examples(text):
+        buffer = io.StringIO()
+        code = compile(block.body, f"README.md:{block.line}", "exec")
+        with contextlib.redirect_stdout(buffer):
+            exec(code, namespace)
+        outputs.append(buffer.getvalue())
+    return outputs
+
+
+def run_examples(workdir: Path) -> list[str]:
+    """:func:`exec_examples` on README.md in a fresh interpreter inside ``workdir`` (so that
+    seeds, default dtypes and files an example sets or writes stay there)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, __file__, "--run"], cwd=workdir, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, f"a README example failed:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def commands(text: str) -> list[tuple[int, list[str]]]:
+    """(line, argv) of every command in the bash blocks: continuations joined, comments and
+    ``VAR=value`` prefixes dropped."""
+    found = []
+    for block in blocks(text):
+        if block.lang not in ("bash", "sh", "console"):
+            continue
+        logical = block.body.replace("\\\n", " ")
+        for offset, line in enumerate(logical.splitlines()):
+            argv = shlex.split(line, comments=True)
+            while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                argv = argv[1:]
+            if argv:
+                found.append((block.line + 1 + offset, argv))
+    return found
+
+
+def check_command(argv: list[str]) -> str | None:
+    """Why ``argv`` would be rejected, or None when it parses."""
+    from hessrank import demo
+    from hessrank.cli import build_parser
+
+    if argv[0] == "make":
+        targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+        missing = [t for t in argv[1:] if t not in targets]
+        return f"no Makefile target {missing}" if missing else None
+    if argv[0] == "hessrank":
+        parser, rest = build_parser(), argv[1:]
+    elif argv[:3] == ["python", "-m", "hessrank.demo"]:
+        parser, rest = demo.build_parser(), argv[3:]
+    else:
+        return f"the README test does not know how to check {argv[0]!r}"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            parser.parse_args(rest)
+        except SystemExit as exit_:
+            if exit_.code:
+                return err.getvalue().strip()
+    return None
+
+
+def test_python_examples_print_what_the_readme_shows(tmp_path):
+    text = README.read_text()
+    pairs = examples(text)
+    assert pairs, "the README has no python example"
+    outputs = run_examples(tmp_path)
+    for (block, shown), printed in zip(pairs, outputs):
+        if shown is not None:
+            assert printed == shown.body, (
+                f"README.md:{shown.line} shows other output than the block at line "
+                f"{block.line} prints; rerun `PYTHONPATH=. python tests/test_readme.py --write`"
+                f"\n--- README\n{shown.body}--- printed\n{printed}"
+            )
+    assert any(shown is not None for _, shown in pairs), "no example shows its output"
+
+
+def test_every_command_in_the_readme_parses():
+    found = commands(README.read_text())
+    assert any(argv[0] == "hessrank" for _, argv in found)
+    problems = [f"README.md:{line}: {' '.join(argv)}: {why}"
+                for line, argv in found if (why := check_command(argv))]  # fmt: skip
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checker_rejects_what_the_cli_rejects():
+    assert check_command(["hessrank", "analyze", "runs/x", "--matvec", "3"])
+    assert check_command(["hessrank", "train", "--out", "x", "--rounds", "ten"])
+    assert check_command(["make", "no-such-target"])
+    assert check_command(["hessrank", "plot", "runs/x/analysis"]) is None
+    assert commands("```bash\nOMP_NUM_THREADS=1 hessrank plot a \\\n  --out b  # c\n```\n") == [
+        (2, ["hessrank", "plot", "a", "--out", "b"])
+    ]
+
+
+def _write(path: Path) -> int:
+    """Replace every python example's output block with what it prints now."""
+    import tempfile
+
+    text = path.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = run_examples(Path(tmp))
+    for (_, shown), printed in reversed(list(zip(examples(text), outputs))):
+        if shown is not None:
+            body_start = text.index("\n", shown.start) + 1
+            text = text[:body_start] + printed + text[shown.end - 3:]
+    path.write_text(text)
+    print(f"rewrote the output blocks of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--run"]:  # the child of run_examples: outputs as JSON on stdout
+        print(json.dumps(exec_examples(README.read_text())))
+    elif sys.argv[1:] == ["--write"]:
+        sys.exit(_write(README))
+    else:
+        sys.exit(__doc__)
