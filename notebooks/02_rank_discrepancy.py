@@ -70,15 +70,16 @@ sr.groupby(["round", "subject_kind"])["value"].mean().unstack().round(2)
 # %% [markdown]
 # ## 2. Clients vs server, per round
 #
-# The per-round summary of the paper figure (`experiments/figures/fig_ranks.py`): z = (mean
+# The per-round summary shared with the paper figure and the demo
+# (`hessrank.analysis.inference.client_vs_server_summary`): z = (mean
 # client srank − server srank) / √(stderr²_client-mean + stderr²_server) with the client-mean
 # stderr = spread across clients / √K. Shown for reading; the verdict below uses the
 # phase-level bootstrap, not a count of rounds.
 
 # %%
-from experiments.figures.fig_ranks import client_server_summary
+from hessrank.analysis.inference import client_vs_server_summary
 
-per_round = client_server_summary(sr)
+per_round = client_vs_server_summary(sr)
 per_round.insert(1, "phase", per_round["round"].map(phase_of))
 per_round[["round", "phase", "server", "client_mean", "client_min", "client_max",
            "frac_clients_above", "ratio", "z"]].round(3)
@@ -99,41 +100,36 @@ agg = sub.groupby(["round", "subject_size"])["value"].mean().unstack()
 agg.round(2)
 
 # %% [markdown]
-# ## 4. Confidence intervals per phase
+# ## 4. Confidence intervals and verdicts per phase (`hessrank.analysis.inference`)
 #
 # Effects on the log scale (scale-free; a 5 % difference is 0.049), stated before looking:
 # minimum effect **log 1.05**.
-# - part 1: per client, log srank_c − log srank_server averaged over the phase's rounds;
+# - part 1: per client, log srank_c − log srank_server, averaged over the phase's rounds;
 #   the clients are the bootstrap units;
-# - part 2: per subset draw, log srank averaged over the phase's rounds, at the smallest and
-#   the largest subset size; the draws are the units (unpaired difference of means).
+# - part 2: log srank of each subset draw, averaged over the phase's rounds, at the smallest
+#   and the largest subset size; the draws are the units (a difference of two arms).
 #
-# **Temporary cell**: the CIs come from `nbtools.bootstrap_verdict` (scipy.stats.bootstrap,
-# 95 % percentile) until `hessrank.analysis.inference` is on main.
+# `test_hypotheses`: bootstrap over the units (one replicate here: one run), percentile CI,
+# Holm adjustment across all (hypothesis × phase) tests, verdict supported / reversed /
+# inconclusive against the minimum effect.
 
 # %%
+from hessrank.analysis.inference import (
+    client_server_units,
+    subset_size_units,
+    test_hypotheses,
+)
+
 MIN_EFFECT = float(np.log(1.05))
-sr["log"] = np.log(sr["value"])
-srv_log = sr[sr.subject_kind == "server"].set_index("round")["log"]
-results = []
-for ph in ("early", "middle", "late"):
-    in_ph = sr[sr["phase"] == ph]
-    if in_ph.empty:
-        continue
-    cl = in_ph[in_ph.subject_kind == "client"]
-    d = (cl["log"] - cl["round"].map(srv_log)).groupby(cl["subject"]).mean()
-    results.append({"hypothesis": "client > server", "phase": ph,
-                    "rounds": int(in_ph["round"].nunique()),
-                    **nbtools.bootstrap_verdict(d, min_effect=MIN_EFFECT, seed=SEED)})
-    ss = in_ph[in_ph.subject_kind == "subset"]
-    per_draw = ss.groupby(["subject_size", "data_seed"])["log"].mean()
-    small, large = min(sizes), max(sizes)
-    results.append({"hypothesis": f"n={small} > n={large}", "phase": ph,
-                    "rounds": int(in_ph["round"].nunique()),
-                    **nbtools.bootstrap_verdict(per_draw.loc[small], per_draw.loc[large],
-                                                min_effect=MIN_EFFECT, seed=SEED)})
-hypotheses = pd.DataFrame(results)
-hypotheses.round(3)
+small, large = min(sizes), max(sizes)
+units = {
+    "client > server": client_server_units(sr, transform="log"),
+    f"n={small} > n={large}": subset_size_units(sr, small, large, transform="log"),
+}
+hypotheses = test_hypotheses(units, min_effect=dict.fromkeys(units, MIN_EFFECT), seed=SEED,
+                             transform=dict.fromkeys(units, "log"))
+hypotheses[["hypothesis", "phase", "num_rounds", "estimate", "ci_low", "ci_high",
+            "p_adjusted", "n_units", "verdict"]].round(4)
 
 # %% [markdown]
 # ## 5. Verdict (computed from the table above)
@@ -142,6 +138,6 @@ hypotheses.round(3)
 if SIZE == "smoke":
     print("SMOKE RUN: the verdicts below come from tiny settings and are not results.")
 for h in hypotheses.itertuples():
-    print(f"(a) {h.hypothesis:>18} | {h.phase:>6} ({h.rounds} rounds): log-ratio estimate "
-          f"{h.estimate:+.3f}, 95% CI [{h.ci_low:+.3f}, {h.ci_high:+.3f}] over {h.units} units "
-          f"-> {h.verdict}")
+    print(f"(a) {h.hypothesis:>18} | {h.phase:>6} ({h.num_rounds} rounds): log-ratio estimate "
+          f"{h.estimate:+.3f}, 95% CI [{h.ci_low:+.3f}, {h.ci_high:+.3f}] over {h.n_units} "
+          f"units, Holm-adjusted p {h.p_adjusted:.3g} -> {h.verdict}")

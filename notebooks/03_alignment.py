@@ -80,25 +80,29 @@ ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# ## Confidence intervals and verdict per phase
+# ## Confidence intervals and verdict per phase (`hessrank.analysis.inference`)
 #
-# Minimum effect stated up front: **0.01** in mean cosine. **Temporary**: CIs from
-# `nbtools.bootstrap_verdict` (scipy.stats.bootstrap, 95 % percentile, clients resampled)
-# until `hessrank.analysis.inference` is on main.
+# Minimum effect stated up front: **0.01** in mean cosine. Units frame: per (round, client)
+# the client's mean change of cosine over its pairs, averaged over layers; `test_hypotheses`
+# averages each client over the rounds of a phase, bootstraps over clients, adjusts the
+# p-values (Holm) across all (rank × phase) tests and decides.
 
 # %%
+from hessrank.analysis.inference import test_hypotheses
+
 MIN_EFFECT = 0.01
-results = []
-for (ph, k), g in per_client.groupby(["phase", "rank"], sort=False):
-    unit = g.groupby("client")["diff"].mean()
-    results.append({"hypothesis": f"A_{k} > A_full", "phase": ph,
-                    **nbtools.bootstrap_verdict(unit, min_effect=MIN_EFFECT, seed=SEED)})
-hypotheses = pd.DataFrame(results)
+units = {}
+for k, g in per_client.groupby("rank"):
+    u = g.groupby(["round", "client"], as_index=False)["diff"].mean()
+    units[f"A_{k} > A_full"] = pd.DataFrame({"replicate": 0, "round": u["round"], "arm": "a",
+                                            "unit": u["client"], "value": u["diff"]})
+hypotheses = test_hypotheses(units, min_effect=dict.fromkeys(units, MIN_EFFECT), seed=SEED)
 if SIZE == "smoke":
     print("SMOKE RUN: the verdicts below come from tiny settings and are not results.")
 for h in hypotheses.itertuples():
     print(f"(b) {h.hypothesis:>14} | {h.phase:>6}: estimate {h.estimate:+.4f}, 95% CI "
-          f"[{h.ci_low:+.4f}, {h.ci_high:+.4f}] over {h.units} clients -> {h.verdict}")
+          f"[{h.ci_low:+.4f}, {h.ci_high:+.4f}] over {h.n_units} clients, Holm-adjusted p "
+          f"{h.p_adjusted:.3g} -> {h.verdict}")
 
 # %% [markdown]
 # ## Client updates

@@ -84,44 +84,9 @@ def sibling_run(base, algo: str, size: str, seed: int = 0):
 
 
 def phase(rounds) -> dict[int, str]:
-    """Training phase of each saved round by fraction of training: the first, middle and last
-    third of the saved rounds are early / middle / late."""
-    rounds = sorted(int(r) for r in rounds)
-    k = len(rounds)
-    names = ("early", "middle", "late")
-    return {r: names[min(3 * i // max(k, 1), 2)] for i, r in enumerate(rounds)}
+    """Training phase of each saved round: early / middle / late by fraction of training
+    (``hessrank.analysis.inference.default_phases``, the phases the verdicts use)."""
+    from hessrank.analysis.inference import assign_phases, default_phases
 
-
-# ---- TEMPORARY: confidence intervals until hessrank.analysis.inference is on main -------------
-def bootstrap_verdict(x, y=None, *, min_effect: float, seed: int = 0,
-                      n_resamples: int = 2000) -> dict:
-    """Mean of ``x`` (or mean(x) − mean(y), unpaired) with a 95 % percentile bootstrap CI
-    (scipy.stats.bootstrap; the entries of x, y are the independent units), and a verdict:
-    supported if the CI lies above 0 and the estimate exceeds ``min_effect``, reversed if the
-    CI lies below 0 and the estimate is below −``min_effect``, else inconclusive."""
-    import numpy as np
-    import scipy.stats
-
-    def clean(v):
-        v = np.asarray(v, dtype=float)
-        return v[np.isfinite(v)]
-
-    data = (clean(x),) if y is None else (clean(x), clean(y))
-    if y is None:
-        def stat(a, axis=-1):
-            return a.mean(axis=axis)
-    else:
-        def stat(a, b, axis=-1):
-            return a.mean(axis=axis) - b.mean(axis=axis)
-    if min(len(d) for d in data) < 2:
-        est = float(stat(*data)) if all(len(d) for d in data) else float("nan")
-        return {"estimate": est, "ci_low": float("nan"), "ci_high": float("nan"),
-                "units": min(len(d) for d in data), "verdict": "inconclusive"}
-    est = float(stat(*data))
-    ci = scipy.stats.bootstrap(data, stat, n_resamples=n_resamples, method="percentile",
-                               random_state=seed, vectorized=True).confidence_interval
-    lo, hi = float(ci.low), float(ci.high)
-    verdict = ("supported" if lo > 0 and est > min_effect else
-               "reversed" if hi < 0 and est < -min_effect else "inconclusive")
-    return {"estimate": est, "ci_low": lo, "ci_high": hi, "units": min(len(d) for d in data),
-            "verdict": verdict}
+    by_phase = assign_phases(rounds, default_phases())
+    return {r: name for name, rs in by_phase.items() for r in rs}

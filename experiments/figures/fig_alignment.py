@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -86,27 +85,12 @@ def alignment(ctx: Context) -> Made:
     return Made(df, fig, configs, reading)
 
 
-def _jackknife_offdiag(D: np.ndarray) -> tuple[float, float]:
-    """Mean of the off-diagonal pairs of a symmetric K×K matrix and its leave-one-client-out
-    jackknife stderr (clients are the independent units, pairs are not)."""
-    K = D.shape[0]
-
-    def mean(keep: np.ndarray) -> float:
-        sub = D[np.ix_(keep, keep)]
-        return float(np.nanmean(sub[np.triu_indices(len(keep), k=1)]))
-
-    full = mean(np.arange(K))
-    if K < 3:
-        return full, float("nan")
-    loo = np.array([mean(np.delete(np.arange(K), i)) for i in range(K)])
-    return full, float(math.sqrt((K - 1) / K * np.sum((loo - loo.mean()) ** 2)))
-
-
 def _paired_alignment(run, rounds: Sequence[int], ranks: Sequence[int]) -> dict:
     """Per (round, layer, rank): the paired difference A_r − A_full of pairwise cosines, its
     jackknife stderr, the fraction of client pairs whose rank-r cosine exceeds their full one,
     and the 10%/90% quantiles of the per-pair difference."""
     from hessrank.analysis.alignment import client_gradients, low_rank, pairwise_cosines
+    from hessrank.analysis.inference import offdiag_mean_jackknife
 
     data, loss_fn = run.client_data(), run.loss_fn()
     out: dict[tuple[int, str, int], dict[str, float]] = {}
@@ -120,7 +104,7 @@ def _paired_alignment(run, rounds: Sequence[int], ranks: Sequence[int]) -> dict:
                 if k >= min(mats[0].shape):  # the truncation is the identity: nothing to test
                     continue
                 D = pairwise_cosines([low_rank(G, k) for G in mats]) - full if k else full * 0
-                mean, se = _jackknife_offdiag(D)
+                mean, se = offdiag_mean_jackknife(D)
                 pairs = D[iu]
                 out[(int(r), layer, int(k))] = {
                     "minus_full": mean, "minus_full_stderr": se,

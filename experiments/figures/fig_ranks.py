@@ -12,35 +12,11 @@ from experiments.figures.common import CSV_COLUMNS, Context, Made, digits_config
 
 
 # ---- figure 1: client vs server -------------------------------------------------------------
-def client_server_summary(table: pd.DataFrame, quantity: str = "stable-rank") -> pd.DataFrame:
-    """Per round of an analysis table: the server's value (± estimator stderr), the clients'
-    mean (± spread/√K), sd, min, max, the share of clients above the server, the ratio mean
-    client / server (delta-method stderr) and z = (mean − server)/√(se_mean² + se_server²).
-    Used by the figure and by notebook 02 (one summary, not a copy per consumer)."""
-    t = table[table["quantity"] == quantity]
-    server = t[t["subject_kind"] == "server"].set_index("round")
-    rows = []
-    for r, sub in t[t["subject_kind"] == "client"].groupby("round"):
-        v = sub["value"].to_numpy()
-        k = len(v)
-        sv, se_s = float(server.loc[r, "value"]), float(server.loc[r, "stderr"])
-        mean, sd = float(v.mean()), float(v.std(ddof=1)) if k > 1 else float("nan")
-        se_m = sd / math.sqrt(k)
-        ratio = mean / sv
-        rows.append({
-            "round": int(r), "server": sv, "server_stderr": se_s, "client_mean": mean,
-            "client_stderr": se_m, "client_sd": sd, "client_min": float(v.min()),
-            "client_max": float(v.max()), "num_clients": k,
-            "frac_clients_above": float(np.mean(v > sv)), "ratio": ratio,
-            "ratio_stderr": ratio * math.hypot(se_m / mean, se_s / sv),
-            "z": (mean - sv) / math.hypot(se_m, se_s),
-        })  # fmt: skip
-    return pd.DataFrame(rows, columns=CSV_COLUMNS["client_vs_server_stable_rank"])
-
-
 def client_vs_server(ctx: Context) -> Made:
+    from hessrank.analysis.inference import client_vs_server_summary
+
     table, settings = spectra(ctx)
-    df = client_server_summary(table)
+    df = client_vs_server_summary(table)[CSV_COLUMNS["client_vs_server_stable_rank"]]
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     ax.fill_between(df["round"], df["client_min"], df["client_max"], color="C0", alpha=0.18,
