@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import display
 
 import nbtools
 from hessrank.analysis.alignment import client_gradients, low_rank, pairwise_cosines
@@ -107,14 +108,30 @@ for h in hypotheses.itertuples():
 # %% [markdown]
 # ## Client updates
 #
-# FedLoRU's claim concerns client *updates* after local training (full update vs B·A). They
-# are analyzed here only when the run recorded them (an `updates/` folder in the run
-# directory); the trainer of this checkout does not record them yet.
+# FedLoRU's claim concerns client *updates* after local training (full update vs B·A). When
+# the run recorded them (`updates/round_RRRR.safetensors`, read by
+# `hessrank.analysis.update_alignment`), the rank-r alignment of the updates and the overlap
+# of clients' top-r singular subspaces are computed per recorded round, each against its
+# null baseline (rotated updates; random subspaces).
 
 # %%
 updates = run.path / "updates"
-if updates.is_dir():
-    print("this run has recorded updates in", updates, "— their analysis needs the update "
-          "reader of hessrank.analysis.alignment, not in this checkout yet")
+recorded = sorted(int(f.stem.split("_")[-1]) for f in updates.glob("round_*.safetensors"))
+if recorded:
+    from hessrank.analysis.update_alignment import (
+        load_client_updates,
+        rank_alignment,
+        subspace_overlap,
+    )
+
+    frames = []
+    for r in recorded:
+        ups = load_client_updates(run.path, r)
+        for metric in (rank_alignment, subspace_overlap):
+            frames.append(metric(ups, ranks=ranks, null_draws=5 if SIZE == "smoke" else 20,
+                                 seed=SEED).assign(round=r))
+    upd = pd.concat(frames, ignore_index=True)
+    display(upd.groupby(["metric", "rank"])[["value", "null_mean", "z"]].mean().round(4))
+    print(f"client updates of {len(recorded)} recorded rounds analyzed")
 else:
     print("this run has no recorded client updates: update alignment not computed")

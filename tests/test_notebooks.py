@@ -84,3 +84,33 @@ def test_notebook_runs_on_a_given_run_directory(tmp_path, monkeypatch):
                    for o in c.get("outputs", []))
     assert "algo='fedavg'" in text and "client > server" in text
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_alignment_notebook_reads_recorded_updates(tmp_path, monkeypatch):
+    """A run with recorded client updates (the update_alignment format) gets its update
+    alignment computed by notebook 03."""
+    _use_this_interpreter(monkeypatch)
+    import jupytext
+    import papermill
+    import torch
+    from safetensors.torch import save_file
+
+    import hessrank.fl as fl
+
+    run = tmp_path / "run"
+    fl.train({"algo": "fedavg", "dataset": "digits", "model": "mlp",
+              "model_kwargs": {"hidden": [8]}, "clients": 3, "partition": "iid", "rounds": 2,
+              "save_every": 1, "local_steps": 2, "seed": 0}, run, progress=False)
+    g = torch.Generator().manual_seed(0)
+    (run / "updates").mkdir()
+    save_file({f"{c}/fc1.weight": torch.randn(8, 64, generator=g) for c in range(3)},
+              str(run / "updates" / "round_0001.safetensors"))
+    nb = jupytext.read(NOTEBOOKS / "03_alignment.py")
+    out = papermill.execute_notebook(nb, str(tmp_path / "out.ipynb"),
+                                     parameters={"SIZE": "smoke", "RUN_DIR": str(run)},
+                                     kernel_name="python3", cwd=str(NOTEBOOKS),
+                                     progress_bar=False)
+    text = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "client updates of 1 recorded rounds analyzed" in text
