@@ -6,6 +6,8 @@ Layout (DESIGN.md §5)::
     RUN/partition.json                   Partition.to_json() of the client split
     RUN/metrics.jsonl                    one JSON object per evaluated round
     RUN/checkpoints/round_00000.safetensors, round_00005.safetensors, ...
+    RUN/updates/round_0001.safetensors, ...  (only with ``record_updates``)
+    RUN/provenance.json                  versions, threads, device, command, data hash, times
 
 A checkpoint holds ``model.<key>`` (the dense effective weights and buffers of the global
 model, exactly the state_dict keys of ``build_model(config.model, ...)``), ``state.<name>``
@@ -14,9 +16,19 @@ string metadata ``round``, ``algo``, ``input_shape`` (JSON), ``num_outputs`` and
 cumulative communication. Every file is written atomically (temporary file in the same
 directory, fsync, ``os.replace``), so a killed run leaves either the old or the new file.
 
+Client updates (``TrainConfig.record_updates``): ``updates/round_{t:04d}.safetensors`` holds,
+for every client sampled in round t, its update to the dense effective weights,
+``Δ_c = θ_c − θ``: the client's effective weights after its local training minus the
+weights the server broadcast at the start of round t, one tensor per floating state_dict key
+of the dense model (the keys of ``model.*`` in a checkpoint), stored as ``"{client_id}/{key}"``
+in the run's dtype. For the LoRA family the factorized layers' entry is
+(α/r)(B_c A_c − B A) (rank ≤ 2r; W0 and the personal pairs of pFedLoRU excluded), for FeDLRT
+Ũ S̃_c Ṽᵀ − U S Vᵀ. Integer buffers are not recorded. String metadata: ``round``, ``clients``
+(JSON list of the client ids). :func:`read_client_updates` reads it back.
+
 Example:
     >>> run = RunDir("runs/x")                       # doctest: +SKIP
-    >>> model = run.load_model(run.rounds()[-1])     # dense global model, eval mode
+    >>> model = run.load_model(run.rounds()[-1])     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -50,14 +62,18 @@ __all__ = [
     "atomic_write_text",
     "checkpoint_path",
     "read_checkpoint",
+    "read_client_updates",
     "save_checkpoint",
+    "save_client_updates",
 ]
 
 CONFIG_FILE = "config.json"
 PARTITION_FILE = "partition.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+UPDATES_DIR = "updates"
 _CKPT_RE = re.compile(r"^round_(\d+)\.safetensors$")
+_UPDATE_FILE = "round_{:04d}.safetensors"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -141,6 +157,51 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, meta
 
 
+def updates_path(run: str | Path, round_idx: int) -> Path:
+    """RUN/updates/round_{round:04d}.safetensors."""
+    return Path(run) / UPDATES_DIR / _UPDATE_FILE.format(int(round_idx))
+
+
+def save_client_updates(
+    run: str | Path, round_idx: int, updates: dict[int, dict[str, Tensor]]
+) -> Path:
+    """Write round ``round_idx``'s client updates (client id → key → Δ tensor) atomically."""
+    tensors = {
+        f"{cid}/{key}": t.detach().cpu().contiguous().clone()
+        for cid, per_client in sorted(updates.items())
+        for key, t in per_client.items()
+    }
+    meta = {"round": str(int(round_idx)), "clients": json.dumps(sorted(int(c) for c in updates))}
+    path = updates_path(run, round_idx)
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return path
+
+
+def read_client_updates(run_dir: str | Path, round_idx: int) -> dict[int, dict[str, Tensor]]:
+    """Client id → dense parameter name → update Δ_c of round ``round_idx`` (module docstring).
+
+    Raises:
+        ValueError: the run recorded no updates for that round (lists the rounds it has), or
+            the file is not readable.
+    """
+    path = updates_path(run_dir, round_idx)
+    if not path.is_file():
+        have = RunDir(run_dir).update_rounds() if (Path(run_dir) / CONFIG_FILE).is_file() else []
+        raise ValueError(
+            f"run {run_dir} has no client updates for round {round_idx} (rounds with updates: "
+            f"{have}); train with --record-updates to record them"
+        )
+    try:
+        tensors = st_load(path.read_bytes())
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"update file {path} is corrupt ({err}); delete it") from None
+    out: dict[int, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        cid, _, key = name.partition("/")
+        out.setdefault(int(cid), {})[key] = t
+    return dict(sorted(out.items()))
+
+
 def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries ``prefix.<key>`` of a checkpoint, keyed by ``<key>``."""
     p = prefix + "."
@@ -183,6 +244,18 @@ class RunDir:
             return []
         found = (_CKPT_RE.match(p.name) for p in folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
+
+    def update_rounds(self) -> list[int]:
+        """Rounds with recorded client updates (``record_updates``), ascending."""
+        folder = self.path / UPDATES_DIR
+        if not folder.is_dir():
+            return []
+        found = (_CKPT_RE.match(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def client_updates(self, round: int) -> dict[int, dict[str, Tensor]]:
+        """:func:`read_client_updates` of this run."""
+        return read_client_updates(self.path, round)
 
     def checkpoint_path(self, round: int) -> Path:
         """Path of round ``round``'s checkpoint; ValueError listing the saved rounds if absent."""
@@ -241,7 +314,8 @@ class RunDir:
     def _dataset(self) -> Dataset:
         from hessrank.datasets import load_dataset
 
-        return load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+        cfg = self.config
+        return load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, **cfg.dataset_kwargs)
 
     def dataset(self) -> Dataset:
         """The run's dataset (loaded once, cached)."""

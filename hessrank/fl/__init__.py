@@ -1,4 +1,4 @@
-"""The built-in federated trainer: FedAvg, FedLoRA, FedLoRU (+p/m) and FeDLRT (DESIGN.md §5).
+"""The built-in federated trainer: FedAvg, FedProx, FedLoRA, FedLoRU (+p/m), FeDLRT (DESIGN.md §5).
 
 ``train``, ``TrainConfig`` and ``RunDir`` are exported lazily, so importing one algorithm
 module does not pull in the runner (and the runner's data and model dependencies).

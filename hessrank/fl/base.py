@@ -58,6 +58,10 @@ class FederatedAlgorithm(ABC):
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
         self.config = config
+        self.record: dict[int, dict[str, Tensor]] | None = None
+        """When a dict (the runner sets it for ``record_updates``), :meth:`run_round` stores
+        in it, per sampled client, the client's *effective dense* state after local training
+        (the state_dict keys of :meth:`effective_model`)."""
 
     @abstractmethod
     def run_round(
@@ -81,3 +85,32 @@ class FederatedAlgorithm(ABC):
     def client_model(self, client_id: int) -> nn.Module:
         """The model a client evaluates with; the global one except for personalized methods."""
         return self.effective_model()
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or weight (divergence).
+
+    ``client_id`` names the client whose local work produced it (None: found after
+    aggregation); the runner adds the round and the last finite checkpoint to the message.
+    """
+
+    def __init__(self, message: str, client_id: int | None = None) -> None:
+        super().__init__(message)
+        self.client_id = client_id
+
+
+def first_non_finite(tensors: dict[str, Tensor]) -> str | None:
+    """The first key whose floating-point tensor has a NaN or ±inf entry, else None."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def check_finite_reply(tensors: dict[str, Tensor], client_id: int) -> None:
+    """Raise :class:`NonFiniteError` naming the client and the tensor if a reply diverged."""
+    key = first_non_finite(tensors)
+    if key is not None:
+        raise NonFiniteError(
+            f"client {client_id} sent non-finite values in {key!r}", client_id=client_id
+        )

@@ -52,6 +52,13 @@ def truncated_svd_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
     )
 
 
+def _own_copy(t: Tensor, like: Tensor) -> Tensor:
+    """A contiguous (row-major) copy of ``t`` with ``like``'s dtype and device."""
+    return t.detach().to(device=like.device, dtype=like.dtype).clone(
+        memory_format=torch.contiguous_format
+    )
+
+
 class _USVBase(nn.Module):
     """Shared storage of U (m × k), S (k × l), V (n × l) and the optional dense bias (m,)."""
 
@@ -63,9 +70,9 @@ class _USVBase(nn.Module):
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self._check(U, S, V)
-        self.U = nn.Parameter(U.detach().clone())
-        self.S = nn.Parameter(S.detach().clone())
-        self.V = nn.Parameter(V.detach().clone())
+        self.U = nn.Parameter(U.detach().clone(memory_format=torch.contiguous_format))
+        self.S = nn.Parameter(S.detach().clone(memory_format=torch.contiguous_format))
+        self.V = nn.Parameter(V.detach().clone(memory_format=torch.contiguous_format))
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -109,10 +116,12 @@ class _USVBase(nn.Module):
                 f"new bases have {U.shape[0]} and {V.shape[0]} rows; this layer needs "
                 f"{self.U.shape[0]} (U) and {self.V.shape[0]} (V)"
             )
+        # row-major copies whatever the source's strides (QR returns column-major bases): the
+        # bits of later products must not depend on whether U came from a QR or a checkpoint
         ref = self.S
-        self.U = nn.Parameter(U.detach().to(ref.dtype).clone())
-        self.S = nn.Parameter(S.detach().to(ref.dtype).clone())
-        self.V = nn.Parameter(V.detach().to(ref.dtype).clone())
+        self.U = nn.Parameter(_own_copy(U, ref))
+        self.S = nn.Parameter(_own_copy(S, ref))
+        self.V = nn.Parameter(_own_copy(V, ref))
 
 
 class USVLinear(_USVBase):
@@ -242,12 +251,29 @@ class USVConv2d(_USVBase):
         )
 
 
-def usv_from_dense(layer: nn.Module, rank: int) -> USVLinear | USVConv2d:
-    """Factorize an ``nn.Linear`` or ``nn.Conv2d`` into its U S Vᵀ counterpart (truncated SVD)."""
+def usv_from_dense(
+    layer: nn.Module, rank: int, *, keep_norm: bool = False
+) -> USVLinear | USVConv2d:
+    """Factorize an ``nn.Linear`` or ``nn.Conv2d`` into its U S Vᵀ counterpart (truncated SVD).
+
+    With ``keep_norm`` the coefficients are rescaled, S ← S·‖W‖_F / ‖S‖_F, so the factorized
+    layer keeps the Frobenius norm of the dense init (for isotropic inputs, its output
+    variance): a rank-r truncation of a random m × n init keeps only about r/min(m, n) of
+    ‖W‖_F², and several factorized layers in a row shrink the signal geometrically.
+    """
     if isinstance(layer, nn.Linear):
-        return USVLinear.from_dense(layer, rank)
-    if isinstance(layer, nn.Conv2d):
-        return USVConv2d.from_dense(layer, rank)
-    raise TypeError(
-        f"only nn.Linear and nn.Conv2d layers can be factorized, got {type(layer).__name__}"
-    )
+        out = USVLinear.from_dense(layer, rank)
+    elif isinstance(layer, nn.Conv2d):
+        out = USVConv2d.from_dense(layer, rank)
+    else:
+        raise TypeError(
+            f"only nn.Linear and nn.Conv2d layers can be factorized, got {type(layer).__name__}"
+        )
+    if keep_norm:
+        with torch.no_grad():
+            full = torch.linalg.matrix_norm(layer.weight.detach().reshape(out.U.shape[0], -1))
+            kept = torch.linalg.matrix_norm(out.S.detach())
+            if float(kept) > 0:
+                out.S.mul_(full / kept)
+    return out
+

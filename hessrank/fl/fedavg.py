@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats
+from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats, check_finite_reply
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.local import LocalResult, LossFn, local_sgd
 
@@ -140,6 +140,17 @@ class FedAvg(FederatedAlgorithm):
         state = worker.state_dict()
         return {k: state[k].detach().clone() for k in message}, result
 
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        """The dense effective state_dict the client's ``reply`` stands for (update records)."""
+        state = dict(self._client_held(client_id))
+        state.update(reply)
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
+        """Floats the client actually sends for ``reply`` (a reply may be reconstructed from a
+        smaller message, e.g. mFedLoRU's nested factors)."""
+        return count_floats(reply)
+
     def _aggregate(
         self, replies: list[dict[str, Tensor]], clients: list[ClientData]
     ) -> None:
@@ -164,7 +175,10 @@ class FedAvg(FederatedAlgorithm):
             message = self._download(client.client_id)
             down[client.client_id] = self._sync_floats(client.client_id) + count_floats(message)
             reply, result = self._train_client(message, client, lr, generator)
-            up[client.client_id] = count_floats(reply)
+            check_finite_reply(reply, client.client_id)
+            up[client.client_id] = self._reply_floats(reply, client.client_id)
+            if self.record is not None:
+                self.record[client.client_id] = self._client_effective(reply, client.client_id)
             replies.append(reply)
             losses.append(result.mean_loss)
             seconds += result.seconds
@@ -189,12 +203,20 @@ class FedAvg(FederatedAlgorithm):
 
 
 def _load_strict(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    """``load_state_dict`` with a one-line error naming the missing and unexpected keys."""
-    expected = set(model.state_dict())
+    """``load_state_dict`` with a one-line error naming missing/unexpected keys or the first
+    tensor whose shape does not fit."""
+    current = model.state_dict()
+    expected = set(current)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(
             f"{what} state does not match the algorithm's model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}; was it saved by a run with another config?"
         )
+    for key, value in current.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"{what} state tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
+                f"needs {tuple(value.shape)}; was it saved by a run with another config?"
+            )
     model.load_state_dict(tensors)

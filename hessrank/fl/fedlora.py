@@ -37,7 +37,9 @@ class FedLoRA(FedAvg):
     """FedLoRA; the model passed in is dense and gets factorized here (in place).
 
     ``config.factorize`` names the layers (None: every Linear/Conv2d except the first and the
-    last), ``config.rank`` / ``config.lora_alpha`` give r and α.
+    last), ``config.rank`` / ``config.lora_alpha`` give r and α. By default the factorized
+    layers are pure rank-r (W0 = 0, A and B random: ``from_scratch``, the non-merging
+    baseline of Park et al., 2024); ``from_scratch=False`` starts from W0 = dense init, B = 0.
     """
 
     name = "fedlora"
@@ -65,7 +67,16 @@ class FedLoRA(FedAvg):
         notes.setdefault("lora_aggregation", "A and B averaged separately, weights n_c")
 
     def _from_scratch(self, config: TrainConfig) -> bool:
-        return False
+        """W0 = 0 with both factors random unless ``--no-from-scratch`` (default: the papers'
+        pure rank-r model, as the authors' code initializes it)."""
+        return True if config.from_scratch is None else bool(config.from_scratch)
+
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        """W0 + (α/r)·B_c·A_c (and the client's other tensors) as a dense state_dict; for
+        pFedLoRU the global part only (the personal pair never travels)."""
+        scratch = copy.deepcopy(self.model)
+        scratch.load_state_dict({**self._client_held(client_id), **reply})
+        return densify(scratch, self.template).state_dict()
 
     def _ranks(self) -> dict[str, int]:
         return {n: layer.rank for n, layer in factorized_layers(self.model).items()}

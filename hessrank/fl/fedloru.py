@@ -16,23 +16,26 @@ itself when that is smaller); the redrawn A and B = 0 are part of the next regul
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
 
 from hessrank.fl.base import ClientData
 from hessrank.fl.config import TrainConfig
-from hessrank.fl.fedavg import _load_strict, shared_keys, weighted_average
+from hessrank.fl.fedavg import _load_strict, count_floats, shared_keys, weighted_average
 from hessrank.fl.fedlora import FedLoRA, init_generator
-from hessrank.fl.layers import densify, factorize, factorized_layers
+from hessrank.fl.layers import densify, factorize, factorized_layers, set_submodule
 from hessrank.fl.local import LocalResult
 
 __all__ = ["FedLoRU", "MFedLoRU", "PFedLoRU", "default_client_ranks"]
 
 
 class FedLoRU(FedLoRA):
-    """FedLoRA with a merge every ``config.merge_every`` rounds (0 disables merging) and
-    optional training from scratch (``config.from_scratch``: W0 = 0, both factors random)."""
+    """FedLoRA with a merge every ``config.merge_every`` rounds (0 disables merging).
+
+    Training from scratch (W0 = 0, both factors random) is the default, as in the paper and
+    the authors' code; ``from_scratch=False`` starts from the dense init with B = 0."""
 
     name = "fedloru"
 
@@ -52,9 +55,6 @@ class FedLoRU(FedLoRA):
             "a sampled client that missed m merges downloads min(m r (fan_in+out), out fan_in) "
             "floats per layer before the round's message",
         )
-
-    def _from_scratch(self, config: TrainConfig) -> bool:
-        return bool(config.from_scratch)
 
     def _sync_floats(self, client_id: int) -> int:
         missed = self.num_merges - self.synced[client_id]
@@ -99,10 +99,14 @@ class PFedLoRU(FedLoRU):
 
     Client c's layer is W_c = W0 + (α/r)·B·A + (α_p/r_p)·U_c·L_c, with L_c (r_p, fan_in) and
     U_c (out, r_p) stored as ``PA``/``PB`` (init: L_c random like A, U_c = 0, one draw per
-    client at setup). Local training alternates in two phases each round: first the personal
-    pair (everything else frozen) for ``personal_steps`` steps (0: the same epochs/steps as the
-    global phase), then the global pair A, B and the non-factorized trainables (personal pair
-    frozen). Only the global tensors travel; the personal pair is never merged.
+    client at setup). Local training has two phases each round. Default (``personal_order =
+    "global-first"``, the order of the authors' rebuttal): first the global pair A, B and the
+    non-factorized trainables (personal pair frozen) on the configured schedule
+    (``local_epochs`` / ``local_steps``), then the personal pair alone for ``personal_steps``
+    steps — 0 means half as many steps as the global phase took (at least 1): "more epochs on
+    the global pair", our reading, recorded in the notes. ``personal_order = "personal-first"``
+    is the reverse (personal_steps 0: the same schedule as the global phase). Only the global
+    tensors travel; the personal pair is never merged.
     """
 
     name = "pfedloru"
@@ -121,9 +125,11 @@ class PFedLoRU(FedLoRU):
             self.personal.append(pair)
         config.notes.setdefault(
             "personal",
-            "per layer (alpha_p/r_p) PB PA, PA random, PB = 0; local round = personal phase "
-            "(personal_steps, 0: same schedule) then global phase; personal pair never sent, "
-            "never merged; client_model(c) uses it",
+            "per layer (alpha_p/r_p) PB PA, PA random, PB = 0; local round = "
+            f"{config.personal_order} (global phase on the local schedule, personal phase "
+            "personal_steps steps, 0: half the global steps when global-first, the same "
+            "schedule when personal-first); personal pair never sent, never merged; "
+            "client_model(c) uses it",
         )
 
     def _worker_model(self) -> nn.Module:
@@ -142,14 +148,23 @@ class PFedLoRU(FedLoRU):
         named = dict(worker.named_parameters())
         p_params = [named[n] for n in personal]
         g_params = [p for n, p in named.items() if p.requires_grad and n not in personal]
-        steps = self.config.personal_steps or None
-        first = self._local(worker, p_params, client, lr, gen, steps=steps)
-        second = self._local(worker, g_params, client, lr, gen)
+        personal_first = self.config.personal_order == "personal-first"
+        if personal_first:
+            p_res = self._local(worker, p_params, client, lr, gen, steps=self._personal_steps())
+            g_res = self._local(worker, g_params, client, lr, gen)
+        else:
+            g_res = self._local(worker, g_params, client, lr, gen)
+            steps = self.config.personal_steps or max(1, g_res.num_steps // 2)
+            p_res = self._local(worker, p_params, client, lr, gen, steps=steps)
         state = worker.state_dict()
         self.personal[client.client_id] = {n: state[n].detach().clone() for n in personal}
         reply = {k: state[k].detach().clone() for k in message}
-        seconds = first.seconds + second.seconds
-        return reply, LocalResult(second.mean_loss, first.num_steps + second.num_steps, seconds)
+        seconds = p_res.seconds + g_res.seconds
+        return reply, LocalResult(g_res.mean_loss, p_res.num_steps + g_res.num_steps, seconds)
+
+    def _personal_steps(self) -> int | None:
+        """personal-first: ``personal_steps``, or (0) the global phase's schedule."""
+        return self.config.personal_steps or None
 
     def client_model(self, client_id: int) -> nn.Module:
         """Client ``client_id``'s dense model W0 + (α/r)·B·A + (α_p/r_p)·U_c·L_c."""
@@ -181,17 +196,62 @@ def default_client_ranks(rank: int, clients: int) -> list[int]:
     return [tiers[c % 3] for c in range(clients)]
 
 
-class MFedLoRU(FedLoRU):
-    """mFedLoRU: clients of rank r_c ≤ r train a *nested* truncation of the global factors.
+class _NestedLayer(nn.Module):
+    """A LoRA layer whose global factors are adapted by rank-r_c updates (mFedLoRU client).
 
-    Nesting (our choice, recorded in ``config.notes``): client c receives the leading r_c
+    A_c = A + P_A·Q_A (P_A: r × r_c, Q_A: r_c × fan_in) and B_c = B + P_B·Q_B (P_B: out × r_c,
+    Q_B: r_c × r), in the matrix views of A and B; the layer computes W0 + (α/r)·B_c·A_c.
+    Init: Q_A ~ U(±1/√fan_in), Q_B ~ U(±1/√r), P_A = P_B = 0 (so A_c = A, B_c = B at the start).
+    A, B, W0 are frozen; only P_A, Q_A, P_B, Q_B train.
+    """
+
+    def __init__(self, layer: nn.Module, rank_c: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.layer = layer
+        r, fan_in, out = layer.rank, layer.fan_in, layer.out_dim
+        A = layer.A
+        self.QA = nn.Parameter(_uniform_like((rank_c, fan_in), fan_in, A, generator))
+        self.PA = nn.Parameter(A.new_zeros(r, rank_c))
+        self.QB = nn.Parameter(_uniform_like((rank_c, r), r, A, generator))
+        self.PB = nn.Parameter(A.new_zeros(out, rank_c))
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A_c, B_c) in the shapes of the layer's A and B."""
+        A, B = self.layer.A, self.layer.B
+        return (A + (self.PA @ self.QA).reshape(A.shape), B + (self.PB @ self.QB).reshape(B.shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        A_c, B_c = self.factors()
+        return self.layer.forward_with(x, A_c, B_c)
+
+    def num_floats(self) -> int:
+        return sum(t.numel() for t in (self.PA, self.QA, self.PB, self.QB))
+
+
+def _uniform_like(shape: tuple[int, int], fan_in: int, like: Tensor, gen: torch.Generator):
+    u = torch.rand(shape, generator=gen, dtype=like.dtype)
+    return ((2.0 * u - 1.0) / math.sqrt(fan_in)).to(like.device)
+
+
+class MFedLoRU(FedLoRU):
+    """mFedLoRU: clients of rank r_c ≤ r (heterogeneous capacity), two schemes.
+
+    ``mfedloru_scheme = "hierarchical"`` (default, the paper's scheme): every client receives
+    the global rank-r factors A, B and trains *nested* low-rank updates of them,
+    A_c = A + P_A·Q_A and B_c = B + P_B·Q_B with inner rank r_c (:class:`_NestedLayer`; A, B,
+    W0 frozen on the client). It sends P_A, Q_A, P_B, Q_B — r_c·(r + fan_in) + r_c·(out + r)
+    floats per layer — and the non-factorized trainables; the server maps the reply back to
+    rank r (A_c, B_c) and averages A and B separately with weights n_c, exactly as FedLoRA;
+    merges as FedLoRU. The nested pairs are redrawn every round from the round generator.
+    (The authors' public code, haemPark/fedloru_official, has no mFedLoRU; the nesting, the
+    inits and the fresh draw per round are our choices, recorded in ``config.notes``.)
+
+    ``mfedloru_scheme = "width"`` (width slicing): client c receives the leading r_c
     components, A[:r_c] (rows) and B[:, :r_c] (columns), and trains the rank-r_c model
-    W0 + (α/r)·B[:, :r_c]·A[:r_c] (the same scale α/r as the server, so a component means the
-    same everywhere; components r_c..r are absent from its model). It replies with its
-    (A_c, B_c). The server maps replies back to rank r coordinate-wise: component i of A (row)
-    and B (column) becomes Σ_{c: r_c > i} n_c X_c[i] / Σ_{c: r_c > i} n_c, and keeps its
-    current value when no sampled client holds it. Everything else is averaged as in FedAvg.
-    Floats per client each way: Σ_layers r_c·(fan_in + out) + the non-factorized tensors.
+    W0 + (α/r)·B[:, :r_c]·A[:r_c] (components r_c..r absent from its model). The server
+    maps replies back coordinate-wise: component i becomes Σ_{c: r_c > i} n_c X_c[i] /
+    Σ_{c: r_c > i} n_c and keeps its value when no sampled client holds it. Floats per client
+    each way: Σ_layers r_c·(fan_in + out) + the non-factorized tensors.
     """
 
     name = "mfedloru"
@@ -205,16 +265,70 @@ class MFedLoRU(FedLoRU):
                 f"{list(ranks)}; leave it unset for the default tiers r, r/2, r/4"
             )
         self.client_ranks = [int(r) for r in ranks]
+        self.scheme = config.mfedloru_scheme
         self._workers: dict[int, nn.Module] = {}
         self._factor_keys = {f"{n}.{f}" for n in self.layer_names for f in ("A", "B")}
-        config.notes.setdefault(
-            "nested_ranks",
-            "client c trains A[:r_c], B[:, :r_c] at scale alpha/r (trailing components absent "
-            "from its model); server averages each component over the clients holding it, "
-            "weights n_c; components nobody holds keep their value",
-        )
+        self._sent: dict[int, int] = {}
+        if self.scheme == "hierarchical":
+            config.notes.setdefault(
+                "nested_ranks",
+                "hierarchical: client c trains A + PA QA, B + PB QB (inner rank r_c; QA ~ "
+                "U(+-1/sqrt(fan_in)), QB ~ U(+-1/sqrt(r)), PA = PB = 0, redrawn every round from "
+                "the round generator); sends PA, QA, PB, QB; server averages A_c, B_c like FedLoRA",
+            )
+        else:
+            config.notes.setdefault(
+                "nested_ranks",
+                "width: client c trains A[:r_c], B[:, :r_c] at scale alpha/r (trailing "
+                "components absent from its model); server averages each component over the "
+                "clients holding it, weights n_c; components nobody holds keep their value",
+            )
         config.notes.setdefault("client_ranks", ",".join(map(str, self.client_ranks)))
 
+    # ---- hierarchical ----------------------------------------------------------------
+    def _train_nested(
+        self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
+    ) -> tuple[dict[str, Tensor], LocalResult]:
+        worker = copy.deepcopy(self.model)  # the client's copy, then the message on top
+        worker.load_state_dict(self._client_held(client.client_id), strict=False)
+        worker.load_state_dict(message, strict=False)
+        rc = self.client_ranks[client.client_id]
+        nested = {}
+        for name, layer in factorized_layers(worker).items():
+            nested[name] = _NestedLayer(layer, rc, gen)
+            set_submodule(worker, name, nested[name])
+        for m in nested.values():
+            for p in m.layer.parameters():  # A, B (and W0) stay fixed; the bias trains
+                p.requires_grad_(p is m.layer.bias)
+        params = [p for p in worker.parameters() if p.requires_grad]
+        result = self._local(worker, params, client, lr, gen)
+        state = worker.state_dict()
+        reply = {}
+        for key in message:
+            owner, _, leaf = key.rpartition(".")
+            if owner in nested and leaf in ("A", "B"):
+                A_c, B_c = nested[owner].factors()
+                reply[key] = (A_c if leaf == "A" else B_c).detach().clone()
+            else:
+                src = f"{owner}.layer.{leaf}" if owner in nested else key
+                reply[key] = state[src].detach().clone()
+        plain = count_floats({k: v for k, v in reply.items() if k not in self._factor_keys})
+        self._sent[client.client_id] = plain + sum(m.num_floats() for m in nested.values())
+        return reply, result
+
+    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+        if self.scheme == "hierarchical":  # the reply holds rank-r factors A_c, B_c
+            return super()._client_effective(reply, client_id)
+        worker = copy.deepcopy(self._rank_worker(self.client_ranks[client_id]))
+        worker.load_state_dict({**self._client_held(client_id), **reply}, strict=False)
+        return densify(worker, self.template).state_dict()
+
+    def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
+        if self.scheme == "hierarchical":
+            return self._sent.pop(client_id)
+        return super()._reply_floats(reply, client_id)
+
+    # ---- width slicing ---------------------------------------------------------------
     def _rank_worker(self, rank: int) -> nn.Module:
         if rank not in self._workers:
             cfg = self.config
@@ -226,6 +340,8 @@ class MFedLoRU(FedLoRU):
         return self._workers[rank]
 
     def _download(self, client_id: int) -> dict[str, Tensor]:
+        if self.scheme == "hierarchical":
+            return super()._download(client_id)
         rc = self.client_ranks[client_id]
         state = self.model.state_dict()
         out = {}
@@ -239,6 +355,8 @@ class MFedLoRU(FedLoRU):
     def _train_client(
         self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
     ) -> tuple[dict[str, Tensor], LocalResult]:
+        if self.scheme == "hierarchical":
+            return self._train_nested(message, client, lr, gen)
         worker = self._rank_worker(self.client_ranks[client.client_id])
         worker.load_state_dict(self._client_held(client.client_id), strict=False)
         worker.load_state_dict(message, strict=False)
@@ -248,6 +366,9 @@ class MFedLoRU(FedLoRU):
         return {k: state[k].detach().clone() for k in message}, result
 
     def _aggregate(self, replies: list[dict[str, Tensor]], clients: list[ClientData]) -> None:
+        if self.scheme == "hierarchical":
+            super()._aggregate(replies, clients)
+            return
         sizes = [c.size for c in clients]
         plain = [{k: v for k, v in r.items() if k not in self._factor_keys} for r in replies]
         new = weighted_average(plain, sizes)
@@ -256,7 +377,7 @@ class MFedLoRU(FedLoRU):
             current = state[key]
             dim = 0 if key.endswith(".A") else 1
             acc = torch.zeros_like(current)
-            weight = torch.zeros(current.shape[dim], dtype=current.dtype)
+            weight = torch.zeros(current.shape[dim], dtype=current.dtype, device=current.device)
             for reply, n in zip(replies, sizes):
                 rc = reply[key].shape[dim]
                 acc.narrow(dim, 0, rc).add_(reply[key], alpha=float(n))

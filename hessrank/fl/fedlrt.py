@@ -3,8 +3,10 @@
 Every factorized layer keeps a *global* low-rank form W = U S Vᵀ (U: m × r, S: r × r, V: n × r,
 U and V orthonormal; :mod:`hessrank.fl.dlrt_layers`); clients only ever train the small
 coefficient matrix, in a basis the server built from the averaged basis gradients. With client
-weights w_c = n_c / Σ_{sampled} n_c (size-weighted over the sampled clients), L = Σ_c w_c L_c and
-L_c the mean loss over client c's local data, one round (DESIGN.md §5) is:
+weights w_c (``fedlrt_weighting``: ``uniform``, w_c = 1/|S| over the sampled clients S — the
+paper's objective L = (1/C) Σ_c L_c — by default, or ``size``, w_c = n_c / Σ_{c∈S} n_c, the
+FedAvg convention and DESIGN.md §1's server loss), L = Σ_c w_c L_c and L_c the mean loss over
+client c's local data, one round (DESIGN.md §5) is:
 
 1. *Basis gradients.* Clients get the global model and send, at the global point,
    G_U,c = ∇_U L_c = ∇_W L_c V Sᵀ (m × r) and G_V,c = ∇_V L_c = ∇_W L_cᵀ U S (n × r)
@@ -32,6 +34,26 @@ L_c the mean loss over client c's local data, one round (DESIGN.md §5) is:
    U ← Ũ P[:, :r'], V ← Ṽ Q[:, :r'], S ← Σ[:r', :r']. Then U and V are
    re-orthonormalized by QR with the triangular factors absorbed into S (W unchanged up to
    rounding) so rounding errors do not accumulate over rounds.
+
+*Non-factorized layers* (biases, the first and last layer, BatchNorm, any layer not listed in
+``factorize``) are trained like FedAvg: plain SGD on L_c,B from the global values, averaged
+with the weights w_c. They get **no variance correction**: with heterogeneous clients and
+several local steps their average drifts towards a mixture of the clients' minimizers exactly
+as in FedAvg (client drift), so the global-loss descent guarantee of the paper covers the
+coefficients of the factorized layers only. When the non-factorized layers are a small part of
+the model (the default leaves only the first and last layer dense) the effect is FedAvg's drift
+on those layers.
+
+*Initialization* (``fedlrt_init``). ``scaled-svd`` (default): the rank-r truncated SVD of the
+dense init, with S rescaled to keep the dense init's Frobenius norm; ``svd``: the plain
+truncated SVD. *Truncation*: ϑ is relative (‖σ_tail‖ ≤ ϑ‖σ‖_F), default 0.02. Why both
+(experiments/benchmarks/bench_fedlrt_init.py, results/trainer.md; digits CNN, r = 8, K = 20,
+Dirichlet 0.5, 30 rounds): the plain truncation of a random init keeps only part of each
+layer's norm, so with two factorized layers the network started nearly silent and FeDLRT sat
+at chance (test accuracy 0.103 at lr 0.3, 0.475 at lr 1.0; FedAvg 0.733 / 0.758); and at
+ϑ = 0.1 a round's new directions (under ϑ² = 1 % of the coefficient energy) were always
+truncated, so the rank never left 8–9. scaled-svd alone: 0.319 / 0.636; with ϑ = 0.02 the
+rank grows (22 and 17) and FeDLRT reaches 0.858 at lr 1.0 (MLP: 0.906, FedAvg 0.933).
 
 With one client and full-batch steps the correction vanishes and a round is s* steps of gradient
 descent on S̃ for the augmented factorization, followed by truncation; with full correction the
@@ -80,7 +102,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats
+from hessrank.fl.base import (
+    ClientData,
+    FederatedAlgorithm,
+    NonFiniteError,
+    RoundStats,
+    check_finite_reply,
+)
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear, usv_from_dense
 from hessrank.fl.fedavg import weighted_average
@@ -196,7 +224,10 @@ class FeDLRT(FederatedAlgorithm):
             )
         names = check_factorizable(model, names)
         for n in names:
-            set_submodule(model, n, usv_from_dense(model.get_submodule(n), config.rank))
+            layer = usv_from_dense(
+                model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
+            )
+            set_submodule(model, n, layer)
         super().__init__(model, config)
         self.layer_names = names
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss
@@ -233,15 +264,18 @@ class FeDLRT(FederatedAlgorithm):
     @staticmethod
     def _record_notes(config: TrainConfig) -> None:
         notes = {
-            "fedlrt.init": "factorized layers start at the truncated SVD of the dense init, "
-            "rank min(rank, m, n)",
+            "fedlrt.init": f"{config.fedlrt_init}: factorized layers start at the truncated "
+            "SVD of the dense init, rank min(rank, m, n)"
+            + (", S rescaled to the dense init's Frobenius norm"
+               if config.fedlrt_init == "scaled-svd" else ""),
+            "fedlrt.weighting": f"{config.fedlrt_weighting} client weights in every average",
             "fedlrt.local_steps": "minibatches as FedAvg (hessrank.fl.local.batch_indices): "
             "local_steps batches of min(batch_size, n_c), else local_epochs passes; "
             "batch_size >= n_c gives full-batch GD; basis and correction gradients always use "
             "the full local batch",
             "fedlrt.dense_params": "non-factorized parameters take the same plain SGD steps "
-            "without correction and are size-weighted averaged (FedAvg's weighted_average: "
-            "integer buffers from the first client)",
+            "without variance correction and are averaged with the client weights (FedAvg's "
+            "weighted_average: integer buffers from the first client)",
             "fedlrt.broadcast": "global U, S, V and dense state broadcast every round "
             "(stateless clients)",
             "fedlrt.augmentation": "new directions of (I-UU^T)G_U with singular value <= "
@@ -250,7 +284,7 @@ class FeDLRT(FederatedAlgorithm):
             "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR",
             "fedlrt.simplified": "simplified correction: grad_S L_c (r x r) sent with the basis "
             "gradients, averaged grad_S L broadcast with the new columns",
-            "fedlrt.train_loss": "size-weighted loss of the sampled clients at the round-start "
+            "fedlrt.train_loss": "weighted loss of the sampled clients at the round-start "
             "global point",
         }
         for key, value in notes.items():
@@ -334,6 +368,11 @@ class FeDLRT(FederatedAlgorithm):
             t.requires_grad_(True)
         x, y = self._prepare(data)
         loss, grads = self._full_batch_grad(work, x, y, wrt)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"client {data.client_id} got a non-finite loss ({loss}) at the global point",
+                client_id=data.client_id,
+            )
         out: dict[str, object] = {"loss": loss}
         for i, n in enumerate(self.layer_names):
             out[n] = (grads[3 * i], grads[3 * i + 1], grads[3 * i + 2])  # G_U, G_S, G_V
@@ -387,10 +426,16 @@ class FeDLRT(FederatedAlgorithm):
         batches = batch_indices(
             n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
         )
-        for idx in batches:
+        for step, idx in enumerate(batches):
             # a batch holding every sample is the full local batch: skip the reordering
             xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
             loss = self.loss_fn(work(xb), yb)
+            if not bool(torch.isfinite(loss.detach())):
+                value = float(loss.detach())
+                raise NonFiniteError(
+                    f"client {data.client_id} got a non-finite loss ({value}) at local step "
+                    f"{step + 1} of {len(batches)}", client_id=data.client_id,
+                )  # fmt: skip
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 for i, (p, g) in enumerate(zip(params, grads)):
@@ -400,6 +445,7 @@ class FeDLRT(FederatedAlgorithm):
                     p.sub_(lr * step)
         s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
         dense_out = {k: v.clone() for k, v in self._dense_state(work).items()}
+        check_finite_reply({**s_out, **dense_out}, data.client_id)
         return s_out, dense_out
 
     # ------------------------------------------------------------------ the round
@@ -416,7 +462,10 @@ class FeDLRT(FederatedAlgorithm):
         sizes = torch.tensor([c.size for c in clients], dtype=torch.float64)
         if bool((sizes <= 0).any()):
             raise ValueError("every sampled client needs at least one sample")
-        weights = (sizes / sizes.sum()).tolist()
+        if self.config.fedlrt_weighting == "uniform":
+            weights = [1.0 / len(clients)] * len(clients)
+        else:
+            weights = (sizes / sizes.sum()).tolist()
         glob_layers = self._layers(self.model)
         dense = {k: v.clone() for k, v in self._dense_state(self.model).items()}
         factors = {
@@ -478,8 +527,14 @@ class FeDLRT(FederatedAlgorithm):
             for i, c in enumerate(clients)
         ]
 
+        if self.record is not None:
+            for c, (s_c, dense_c) in zip(clients, results):
+                self.record[c.client_id] = self._effective_state(
+                    dense_c, {n: (A.U, s_c[n], A.V) for n, A in aug.items()}
+                )
+
         # phase 5: aggregation and truncation
-        new_dense = weighted_average([res[1] for res in results], [c.size for c in clients])
+        new_dense = weighted_average([res[1] for res in results], weights)
         ranks: dict[str, int] = {}
         extra: dict[str, float] = {}
         cfg = self.config
@@ -540,6 +595,22 @@ class FeDLRT(FederatedAlgorithm):
         return self._numel_float(self.effective_model().state_dict())
 
     # ------------------------------------------------------------------ state
+
+    def _effective_state(
+        self, dense: dict[str, Tensor], factors: dict[str, tuple[Tensor, Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The dense state_dict (keys of the original model) of non-factorized state ``dense``
+        and factors U S Vᵀ per layer (a client's Ũ S̃_c Ṽᵀ for update records)."""
+        layers = self._layers(self.model)
+        state = {}
+        for key, ref in self._template.state_dict().items():
+            prefix, _, leaf = key.rpartition(".")
+            if prefix in layers and leaf == "weight":
+                U, S, V = factors[prefix]
+                state[key] = (U @ S @ V.T).reshape(ref.shape).detach().clone()
+            else:
+                state[key] = dense[key].detach().clone()
+        return state
 
     def effective_model(self) -> nn.Module:
         """A fresh dense copy of the original model with W = U S Vᵀ in each factorized layer."""

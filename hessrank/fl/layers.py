@@ -121,6 +121,11 @@ class _LoRABase(nn.Module):
             w = w + self.personal_scale * self._product(self.PB, self.PA, self.weight0.shape)
         return w
 
+    def forward_with(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """The layer's output with factors ``A``, ``B`` in place of its own (same shapes):
+        x ↦ base(x; W0, bias) + (α/r)·path(x; A, B). Used for nested updates (mFedLoRU)."""
+        return self._base(x, self.weight0, self.bias) + self.scale * self._factor_path(x, A, B)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self._base(x, self.weight0, self.bias)
         y = y + self.scale * self._factor_path(x, self.A, self.B)

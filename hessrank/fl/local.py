@@ -6,6 +6,7 @@ optimizer are identical across FedAvg, FedLoRA, FedLoRU and their variants.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData
+from hessrank.fl.base import ClientData, NonFiniteError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -126,13 +127,19 @@ def local_sgd(
     model.train()
     total = 0.0
     try:
-        for idx in batches:
+        for step, idx in enumerate(batches):
             for p in params:
                 p.grad = None
             loss = loss_fn(model(data.inputs[idx]), data.targets[idx])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteError(
+                    f"client {data.client_id} got a non-finite loss ({value}) at local step "
+                    f"{step + 1} of {len(batches)}", client_id=data.client_id,
+                )  # fmt: skip
             loss.backward()
             _sgd_step(params, buffers, lr, momentum, weight_decay)
-            total += float(loss.detach())
+            total += value
     finally:
         for p in params:
             p.grad = None

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import importlib
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -37,15 +41,18 @@ from hessrank.checkpoints import (
     CONFIG_FILE,
     METRICS_FILE,
     PARTITION_FILE,
+    UPDATES_DIR,
     RunDir,
     atomic_write_text,
     read_checkpoint,
     read_metrics,
     save_checkpoint,
+    save_client_updates,
     split_prefix,
 )
-from hessrank.fl.base import ClientData, FederatedAlgorithm
-from hessrank.fl.config import TrainConfig
+from hessrank.fl.base import ClientData, FederatedAlgorithm, NonFiniteError, first_non_finite
+from hessrank.fl.config import ALGORITHM_REGISTRY, TrainConfig
+from hessrank.fl.provenance import finish_record, start_record, write_provenance
 
 __all__ = [
     "ALGORITHM_CLASSES",
@@ -57,15 +64,8 @@ __all__ = [
     "train",
 ]
 
-ALGORITHM_CLASSES: dict[str, str] = {
-    "fedavg": "hessrank.fl.fedavg:FedAvg",
-    "fedlora": "hessrank.fl.fedlora:FedLoRA",
-    "fedloru": "hessrank.fl.fedloru:FedLoRU",
-    "pfedloru": "hessrank.fl.fedloru:PFedLoRU",
-    "mfedloru": "hessrank.fl.fedloru:MFedLoRU",
-    "fedlrt": "hessrank.fl.fedlrt:FeDLRT",
-}
-"""Algorithm name → "module:class", imported on first use (FeDLRT may be absent)."""
+ALGORITHM_CLASSES = ALGORITHM_REGISTRY
+"""Alias of :data:`hessrank.fl.config.ALGORITHM_REGISTRY` (one registry)."""
 
 _ROUND_SEED_OFFSET = 1_000_003  # round generator seed = seed + offset: a stream of its own
 _EVAL_BATCH = 2048
@@ -145,15 +145,50 @@ class _Setup:
     train: tuple[Tensor, Tensor]
     input_shape: tuple[int, ...]
     num_outputs: int
+    validation: tuple[Tensor, Tensor] | None = None
+    holdout: list[tuple[Tensor, Tensor]] | None = None
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
-
-
-def _build(config: TrainConfig, partition_json: dict | None) -> _Setup:
-    from hessrank.datasets import load_dataset
+def _split_data(config: TrainConfig, labels: Any) -> tuple[Any, np.ndarray]:
+    """The partition over the samples left after the validation split, in dataset indices,
+    with per-client holdouts (see :func:`held_out_partition`); and the validation indices."""
     from hessrank.fl.partition import Partition, make_partition
+
+    n = int(labels.shape[0])
+    pool, val = np.arange(n), np.zeros(0, dtype=np.int64)
+    if config.validation_fraction > 0:
+        perm = np.random.default_rng([config.seed, 7]).permutation(n)
+        k = min(max(1, round(config.validation_fraction * n)), n - config.clients)
+        val, pool = np.sort(perm[:k]), np.sort(perm[k:])
+    part = make_partition(
+        labels[torch.as_tensor(pool)], config.clients, config.partition,
+        alpha=config.dirichlet_alpha, shards_per_client=config.shards_per_client,
+        min_size=config.min_client_size, seed=config.seed,
+    )  # fmt: skip
+    if config.validation_fraction == 0 and config.client_holdout == 0:
+        return part, val
+    indices, holdout = [pool[idx] for idx in part.indices], []
+    for c, idx in enumerate(indices):
+        if config.client_holdout > 0:
+            perm = np.random.default_rng([config.seed, 11, c]).permutation(idx)
+            k = min(round(config.client_holdout * len(idx)), len(idx) - 1)
+            holdout.append(np.sort(perm[:k]).tolist())
+            indices[c] = np.sort(perm[k:])
+    params = {**part.params, "validation_fraction": config.validation_fraction,
+              "validation_indices": val.tolist(), "client_holdout": config.client_holdout,
+              "holdout_indices": holdout}  # fmt: skip
+    return Partition(part.scheme, part.num_clients, part.seed, tuple(indices), params), val
+
+
+def _cast(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+
+def _build(
+    config: TrainConfig, partition_json: dict | None, device: torch.device | None = None
+) -> _Setup:
+    from hessrank.datasets import load_dataset
+    from hessrank.fl.partition import Partition
     from hessrank.models import build_model
 
     dtype = getattr(torch, str(config.dtype), None)
@@ -166,30 +201,51 @@ def _build(config: TrainConfig, partition_json: dict | None) -> _Setup:
     for name in ("rounds", "batch_size", "save_every", "eval_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    ds = load_dataset(config.dataset, root=config.data_root, seed=config.seed)
+    ds = load_dataset(
+        config.dataset, root=config.data_root, seed=config.seed, **config.dataset_kwargs
+    )
     if partition_json is not None:
         part = Partition.from_json(partition_json)
     else:
-        part = make_partition(
-            ds.train_y, config.clients, config.partition, alpha=config.dirichlet_alpha,
-            shards_per_client=config.shards_per_client, min_size=config.min_client_size,
-            seed=config.seed,
-        )  # fmt: skip
+        labels = ds.meta.get("train_groups", ds.train_y)  # hetero-lsq: split by group
+        part, _ = _split_data(config, labels)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
-    model = model.to(dtype)
+    try:
+        model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
+        model = model.to(dtype=dtype, device=device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a dry forward pass
+            model.eval()(_cast(ds.train_x[:2], dtype, device))
+        model.train()
+    except (TypeError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model {config.model!r} with model_kwargs {config.model_kwargs} does not fit "
+            f"dataset {config.dataset!r} (inputs {tuple(ds.input_shape)}, {ds.output_dim} "
+            f"outputs): {first}"
+        ) from None
     algorithm = algorithm_class(config.algo)(model, config)
     algorithm.loss_fn = ds.loss_fn()
     clients = []
     for cid, idx in enumerate(part.indices):
         index = torch.as_tensor(idx, dtype=torch.long)
-        x, y = _cast(ds.train_x[index], dtype), _cast(ds.train_y[index], dtype)
+        x = _cast(ds.train_x[index], dtype, device)
+        y = _cast(ds.train_y[index], dtype, device)
         clients.append(ClientData(cid, x, y))
+    def subset(idx: Any) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return _cast(ds.train_x[index], dtype, device), _cast(ds.train_y[index], dtype, device)
+
+    val_idx = part.params.get("validation_indices") or []
+    holdout_idx = part.params.get("holdout_indices") or []
+    split = bool(val_idx) or bool(holdout_idx)
     return _Setup(
         config, ds, part, algorithm, clients,
-        test=(_cast(ds.test_x, dtype), _cast(ds.test_y, dtype)),
-        train=(_cast(ds.train_x, dtype), _cast(ds.train_y, dtype)),
+        test=(_cast(ds.test_x, dtype, device), _cast(ds.test_y, dtype, device)),
+        train=subset(np.concatenate(part.indices)) if split else (
+            _cast(ds.train_x, dtype, device), _cast(ds.train_y, dtype, device)),
         input_shape=tuple(ds.input_shape), num_outputs=ds.output_dim,
+        validation=subset(val_idx) if val_idx else None,
+        holdout=[subset(h) for h in holdout_idx] if holdout_idx else None,
     )  # fmt: skip
 
 
@@ -229,7 +285,7 @@ def label_weighted_accuracy(
     skew, estimated from the shared test set."""
     model.eval()
     out = torch.cat([model(x[i : i + _EVAL_BATCH]) for i in range(0, len(x), _EVAL_BATCH)])
-    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(
+    hits = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(
         0, y, (out.argmax(1) == y).to(torch.float64)
     )
     per_class = hits / torch.bincount(y, minlength=num_classes).clamp(min=1).to(torch.float64)
@@ -263,9 +319,30 @@ def _eval_row(setup: _Setup) -> dict[str, Any]:
         "test_loss": te["loss"],
         "test_accuracy": te.get("accuracy"),
     }
+    if setup.validation is not None:
+        va = evaluate(model, *setup.validation, loss_fn, task)
+        row.update({"val_loss": va["loss"], "val_accuracy": va.get("accuracy")})
+    if setup.holdout is not None:
+        row.update(_holdout_eval(setup, model))
     if _personalized(setup.algorithm):
         row.update(_personal_eval(setup))
     return row
+
+
+def _holdout_eval(setup: _Setup, global_model: nn.Module) -> dict[str, Any]:
+    """Per-client evaluation on each client's own held-out samples (``client_holdout``): the
+    client's own model for personalized algorithms, the global model otherwise. Logs the
+    per-client values and their unweighted mean over clients."""
+    algo, task = setup.algorithm, setup.dataset.task
+    key = "accuracy" if task == "classification" else "loss"
+    per_client = {}
+    for client, (x, y) in zip(setup.clients, setup.holdout or []):
+        if x.shape[0] == 0:
+            continue
+        model = algo.client_model(client.client_id) if _personalized(algo) else global_model
+        per_client[str(client.client_id)] = evaluate(model, x, y, algo.loss_fn, task)[key]
+    mean = float(np.mean(list(per_client.values()))) if per_client else None
+    return {f"client_holdout_{key}": per_client, f"holdout_{key}_mean": mean}
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Tensor]:
@@ -294,6 +371,71 @@ def _append_metrics(out: Path, row: dict[str, Any]) -> None:
 
 
 # ---- training --------------------------------------------------------------------------------
+LOCK_FILE = ".train.lock"
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed and checked to exist (one-line errors, before any work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported for training; use cpu or cuda")
+    return dev
+
+
+def _check_out(out: Path) -> None:
+    """``out`` must be a directory or creatable as one (checked before any work).
+
+    Raises:
+        NotADirectoryError: ``out`` or one of its ancestors is a file.
+    """
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+
+
+def _open_out(out: Path) -> None:
+    """Create ``out`` and prove it is writable (OSError, e.g. PermissionError, if not)."""
+    out.mkdir(parents=True, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", delete=True)
+    probe.close()
+
+
+def _check_finite_checkpoint(path: Path, tensors: dict[str, Tensor]) -> None:
+    bad = first_non_finite({k: v for k, v in tensors.items() if not k.startswith("rng.")})
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {path} holds non-finite values ({bad!r}); refusing to resume from it: "
+            "delete that file to resume from an earlier checkpoint, or use --no-resume"
+        )
+
+
+def _restore(algo: FederatedAlgorithm, path: Path, tensors: dict[str, Tensor]) -> None:
+    """Load a checkpoint's algorithm state, mapping shape errors to one line naming the file."""
+    try:
+        algo.load_state_tensors(split_prefix(tensors, "state"))
+    except (ValueError, RuntimeError, KeyError) as err:
+        first = str(err.args[0] if err.args else err).strip().splitlines()[0]
+        raise ValueError(
+            f"checkpoint {path} does not fit this run's model ({first}); delete it or use "
+            "--no-resume"
+        ) from None
+
+
 def train(
     config: TrainConfig | dict,
     out: str | Path,
@@ -301,6 +443,9 @@ def train(
     resume: bool = True,
     progress: bool = True,
     callback: Callback | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    command: list[str] | None = None,
 ) -> RunDir:
     """Run (or resume) federated training and write a run directory.
 
@@ -311,19 +456,62 @@ def train(
         resume: if ``out`` holds a run with the same config, continue from its last
             checkpoint (metrics after it are dropped); a run already at ``config.rounds`` is
             returned as is. With ``resume=False`` an existing run of the same config is
-            restarted from scratch (its checkpoints and metrics are deleted).
+            restarted from scratch (its checkpoints, updates and metrics are deleted).
         progress: show a tqdm bar over rounds.
         callback: called as ``callback(round, algorithm)`` after each round is logged and
             checkpointed (tests use it to simulate a kill).
+        device: where model and data live ("cpu", "cuda", "cuda:1"); not part of the config
+            (a run may resume elsewhere), recorded in ``provenance.json``.
+        threads: ``torch.set_num_threads`` for the run (None: leave torch's setting); the
+            weights depend on it, so it is recorded in ``provenance.json``.
+        command: the command line to record (default ``sys.argv``).
     Returns:
         :class:`~hessrank.checkpoints.RunDir` of ``out``.
     Raises:
-        ValueError: invalid config, or ``out`` holds a run with a different config.
+        OSError: ``out`` cannot be written (PermissionError, NotADirectoryError when a file is
+            in the way, ENOSPC/EFBIG when the disk or ``ulimit -f`` is full).
+        ValueError: invalid config or device; ``out`` holds a run with a different
+            config or a non-finite or misshapen last checkpoint; another process is training
+            into ``out``; or training diverged (:class:`~hessrank.fl.base.NonFiniteError`:
+            the message names round and client and the last finite checkpoint is kept).
     """
     cfg = TrainConfig.from_dict(copy.deepcopy(config)) if isinstance(config, dict) else (
         copy.deepcopy(config)
     )
+    TrainConfig.from_dict(cfg.to_dict())  # re-validate a config mutated after construction
+    dev = _resolve_device(device)
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise ValueError(f"threads must be >= 1, got {threads}")
     out = Path(out)
+    _check_out(out)
+    _open_out(out)
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(
+            f"another process is training into {out} (lock {out / LOCK_FILE}); wait for it to "
+            "finish or choose another --out"
+        ) from None
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        return _train_locked(cfg, out, resume, progress, callback, dev, command)
+    finally:
+        torch.set_num_threads(previous_threads)
+        lock.release()
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    callback: Callback | None,
+    device: torch.device,
+    command: list[str] | None,
+) -> RunDir:
     saved_rounds: list[int] = []
     partition_json = None
     if (out / CONFIG_FILE).is_file():
@@ -334,27 +522,34 @@ def train(
             saved_rounds = existing.rounds()
             if (out / PARTITION_FILE).is_file() and saved_rounds:
                 partition_json = json.loads((out / PARTITION_FILE).read_text())
-        else:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-            (out / METRICS_FILE).unlink(missing_ok=True)
     if saved_rounds and saved_rounds[-1] >= cfg.rounds:
         return RunDir(out)
 
-    setup = _build(cfg, partition_json)
+    setup = _build(cfg, partition_json, device)
     algo = setup.algorithm
     gen = torch.Generator().manual_seed(cfg.seed + _ROUND_SEED_OFFSET)
     cum = {"up": 0, "down": 0}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     if saved_rounds:
         start = saved_rounds[-1]
-        tensors, meta = read_checkpoint(out / CHECKPOINT_DIR / f"round_{start:05d}.safetensors")
-        algo.load_state_tensors(split_prefix(tensors, "state"))
+        path = out / CHECKPOINT_DIR / f"round_{start:05d}.safetensors"
+        tensors, meta = read_checkpoint(path)
+        _check_finite_checkpoint(path, tensors)
+        _restore(algo, path, tensors)
         rng = split_prefix(tensors, "rng")
         gen.set_state(rng["round"])
         torch.set_rng_state(rng["torch"])
         cum = {"up": int(json.loads(meta["cum_floats_up"])),
                "down": int(json.loads(meta["cum_floats_down"]))}  # fmt: skip
+    elif (out / CONFIG_FILE).is_file() and not resume:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(out / UPDATES_DIR, ignore_errors=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    # everything is validated and built: from here on the run directory is written
+    atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    record = start_record(cfg, setup.dataset, device, command, resumed_from=saved_rounds[-1]
+                          if saved_rounds else None)  # fmt: skip
+    write_provenance(out, record)
+    if saved_rounds:
         rows = [r for r in read_metrics(out / METRICS_FILE) if r["round"] <= start] if (
             out / METRICS_FILE
         ).is_file() else []
@@ -373,6 +568,8 @@ def train(
         atomic_write_text(out / METRICS_FILE, json.dumps(row) + "\n")
         _save(setup, out, 0, gen, cum)
 
+    last_saved = start
+    previous = (algo.state_tensors(), _rng_state(gen), dict(cum))  # state after round t - 1
     bar = tqdm(
         range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds,
         disable=not progress, desc=f"{cfg.algo} rounds", unit="round",
@@ -381,7 +578,27 @@ def train(
         t0 = time.perf_counter()
         lr = learning_rate(cfg, t)
         sampled = sample_clients(cfg.clients, cfg.client_fraction, gen)
-        stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen)
+        if cfg.record_updates:
+            broadcast = algo.effective_model().state_dict()
+            algo.record = {}
+        try:
+            stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen)
+            state = algo.state_tensors()
+            bad = first_non_finite(state)
+            if bad is not None:
+                raise NonFiniteError(f"the aggregated state has non-finite values in {bad!r}")
+        except NonFiniteError as err:
+            algo.record = None
+            bar.close()
+            last_saved = _keep_last_finite(setup, out, t - 1, last_saved, previous)
+            raise NonFiniteError(
+                f"training diverged in round {t} (lr {lr:g}): {err.args[0]}; stopped, the last "
+                f"finite checkpoint is round {last_saved} in {out}; lower --lr",
+                client_id=err.client_id,
+            ) from None
+        if cfg.record_updates:
+            save_client_updates(out, t, _updates(broadcast, algo.record))
+            algo.record = None
         up, down = sum(stats.floats_up.values()), sum(stats.floats_down.values())
         cum["up"] += up
         cum["down"] += down
@@ -400,10 +617,45 @@ def train(
         _append_metrics(out, row)
         if t % cfg.save_every == 0 or t == cfg.rounds:
             _save(setup, out, t, gen, cum)
+            last_saved = t
+        previous = (state, _rng_state(gen), dict(cum))
         if evaluated:
             shown = ev["test_accuracy"] if ev["test_accuracy"] is not None else ev["test_loss"]
             bar.set_postfix(train_loss=f"{ev['train_loss']:.4f}", test=f"{shown:.4f}")
         if callback is not None:
             callback(t, algo)
     bar.close()
+    finish_record(out, record)
     return RunDir(out)
+
+
+def _updates(
+    broadcast: dict[str, Tensor], clients: dict[int, dict[str, Tensor]]
+) -> dict[int, dict[str, Tensor]]:
+    """Δ_c = θ_c − θ per client and floating key (the format of hessrank.checkpoints)."""
+    return {
+        cid: {k: state[k] - v for k, v in broadcast.items() if v.is_floating_point()}
+        for cid, state in clients.items()
+    }
+
+
+def _keep_last_finite(
+    setup: _Setup, out: Path, round_idx: int, last_saved: int, previous: tuple
+) -> int:
+    """On divergence in round ``round_idx + 1``: checkpoint the state after ``round_idx`` (the
+    last finite one) unless it is saved already; returns the last saved round."""
+    if round_idx <= last_saved:
+        return last_saved
+    state, rng, cum = previous
+    setup.algorithm.load_state_tensors(state)
+    algo = setup.algorithm
+    save_checkpoint(
+        out, round_idx,
+        model_state=algo.effective_model().state_dict(), algo_state=state, rng=rng,
+        algo=setup.config.algo,
+        metadata={
+            "input_shape": list(setup.input_shape), "num_outputs": setup.num_outputs,
+            "cum_floats_up": cum["up"], "cum_floats_down": cum["down"],
+        },
+    )  # fmt: skip
+    return round_idx

@@ -33,7 +33,7 @@ def test_flags_are_typed_and_override_only_when_given():
     assert cfg.algo == "mfedloru" and cfg.client_ranks == [8, 4, 2] and cfg.factorize == ["fc2"]
     assert cfg.from_scratch is True and cfg.lr == 0.3 and cfg.model_kwargs == {"hidden": [8]}
     assert cfg.data_root is None and cfg.rounds == TrainConfig().rounds
-    assert build_config(_parse("--no-from-scratch")).from_scratch is False
+    assert build_config(_parse("--algo", "fedlora", "--no-from-scratch")).from_scratch is False
 
 
 def test_config_file_then_flags(tmp_path):

@@ -109,7 +109,7 @@ def test_fedloru_merge_keeps_function_and_charges_missed_merges():
 
 
 def test_fedloru_from_scratch_starts_at_zero_base():
-    algo = FedLoRU(_mlp(), _config(from_scratch=True))
+    algo = FedLoRU(_mlp(), _config(algo="fedloru"))  # the paper's default
     layer = factorized_layers(algo.model)["2"]
     assert torch.count_nonzero(layer.weight0) == 0
     assert torch.count_nonzero(layer.B) > 0
@@ -135,7 +135,8 @@ def test_pfedloru_personal_pair_stays_on_the_client():
 
 
 def test_mfedloru_maps_nested_ranks_back():
-    algo = MFedLoRU(_mlp(), _config(rank=4, client_ranks=[4, 2], merge_every=0))
+    algo = MFedLoRU(_mlp(), _config(rank=4, client_ranks=[4, 2], merge_every=0,
+                                    mfedloru_scheme="width"))  # fmt: skip
     seen = _spy_replies(algo)
     layer = factorized_layers(algo.model)["2"]
     a_start = layer.A.detach().clone()
@@ -159,7 +160,8 @@ def test_mfedloru_maps_nested_ranks_back():
 
 
 def test_mfedloru_keeps_components_nobody_held():
-    algo = MFedLoRU(_mlp(), _config(rank=4, client_ranks=[2, 1], merge_every=0))
+    algo = MFedLoRU(_mlp(), _config(rank=4, client_ranks=[2, 1], merge_every=0,
+                                    mfedloru_scheme="width"))  # fmt: skip
     layer = factorized_layers(algo.model)["2"]
     a_start = layer.A.detach().clone()
     algo.run_round(1, _clients(), lr=0.2, generator=torch.Generator().manual_seed(0))
@@ -175,3 +177,71 @@ def test_no_factorizable_layer_is_a_clear_error():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="no layer is factorized"):
         FedLoRA(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), _config())
+
+
+def test_lora_family_defaults_to_pure_rank_r_and_can_start_from_dense():
+    dense = _mlp()
+    for cls in (FedLoRA, FedLoRU):
+        layer = factorized_layers(cls(_mlp(), _config()).model)["2"]
+        assert torch.count_nonzero(layer.weight0) == 0 and torch.count_nonzero(layer.B) > 0
+        cfg = _config(algo="fedlora", from_scratch=False)
+        kept = factorized_layers(cls(_mlp(), cfg).model)["2"]
+        assert torch.equal(kept.weight0, dense[2].weight) and torch.count_nonzero(kept.B) == 0
+    for algo in ("fedavg", "fedlrt"):  # an option that would be ignored is an error
+        with pytest.raises(ValueError, match="from_scratch applies to fedlora"):
+            TrainConfig(algo=algo, from_scratch=True)
+
+
+def _phases(algo) -> list[tuple[str, int]]:
+    """Record (which pair, steps) of each local phase of pFedLoRU."""
+    seen: list = []
+    original = algo._local
+
+    def spy(model, params, client, lr, gen, steps=None):
+        names = {id(p): n for n, p in model.named_parameters()}
+        kind = "personal" if all(names[id(p)].endswith((".PA", ".PB")) for p in params) else (
+            "global")
+        result = original(model, params, client, lr, gen, steps=steps)
+        seen.append((kind, result.num_steps))
+        return result
+
+    algo._local = spy
+    return seen
+
+
+def test_pfedloru_trains_global_pair_first_with_more_steps():
+    algo = PFedLoRU(_mlp(), _config(merge_every=0, local_epochs=2))  # 15 samples: 3 + 3 steps
+    seen = _phases(algo)
+    algo.run_round(1, _clients()[:1], lr=0.2, generator=torch.Generator().manual_seed(0))
+    assert seen == [("global", 6), ("personal", 3)]
+    rev = PFedLoRU(_mlp(), _config(merge_every=0, personal_order="personal-first",
+                                   personal_steps=2))  # fmt: skip
+    seen = _phases(rev)
+    rev.run_round(1, _clients()[:1], lr=0.2, generator=torch.Generator().manual_seed(0))
+    assert seen == [("personal", 2), ("global", 3)]
+    assert "global-first" in algo.config.notes["personal"]
+
+
+def test_mfedloru_hierarchical_nested_updates():
+    """Each client's change to A and B is a rank <= r_c matrix, it sends only the nested
+    factors, and the server averages the reconstructed rank-r factors like FedLoRA."""
+    algo = MFedLoRU(_mlp(), _config(rank=4, client_ranks=[4, 2], merge_every=0))
+    assert algo.scheme == "hierarchical"
+    seen = _spy_replies(algo)
+    layer = factorized_layers(algo.model)["2"]
+    a0, b0 = layer.A.detach().clone(), layer.B.detach().clone()
+    stats = algo.run_round(1, _clients(), lr=0.2, generator=torch.Generator().manual_seed(0))
+    r_full, r_half = seen[0]
+    assert r_half["2.A"].shape == (4, 10) and r_half["2.B"].shape == (9, 4)
+    for reply, rc in ((r_full, 4), (r_half, 2)):
+        for key, start in (("2.A", a0), ("2.B", b0)):
+            change = reply[key] - start
+            assert torch.linalg.matrix_rank(change, atol=1e-10) <= rc
+        assert (reply["2.A"] - a0).abs().max() > 1e-6  # the nested update trained
+    w = (15 / 40, 25 / 40)
+    torch.testing.assert_close(layer.A, w[0] * r_full["2.A"] + w[1] * r_half["2.A"],
+                               rtol=0, atol=1e-14)  # fmt: skip
+    dense = _low_rank_floats(0)
+    nested = {rc: rc * (4 + 10) + rc * (9 + 4) for rc in (4, 2)}
+    assert stats.floats_up == {0: dense + nested[4], 1: dense + nested[2]}
+    assert stats.floats_down == {0: _low_rank_floats(4), 1: _low_rank_floats(4)}

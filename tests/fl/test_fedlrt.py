@@ -363,5 +363,52 @@ def test_configuration_errors_say_what_to_do() -> None:
         FeDLRT(_linear_net(4, 4), _config(factorize=None))
     with pytest.raises(ValueError, match="momentum=0"):
         FeDLRT(_linear_net(4, 4), _config(factorize=["0"], momentum=0.9))
-    with pytest.raises(ValueError, match="r_min <= r_max"):
+    with pytest.raises(ValueError, match="r_max must be >= r_min"):  # caught by the config
         FeDLRT(_linear_net(4, 4), _config(factorize=["0"], r_min=5, r_max=2))
+
+
+# ------------------------------------------------------------ init and weighting (issue 11 #4)
+
+
+def test_scaled_svd_init_keeps_the_dense_norm() -> None:
+    from hessrank.fl.dlrt_layers import usv_from_dense
+
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 32)
+    plain = usv_from_dense(dense, 4)
+    scaled = usv_from_dense(dense, 4, keep_norm=True)
+    w_norm = float(torch.linalg.matrix_norm(dense.weight.detach()))
+    # the plain rank-4 truncation of a random 32 x 32 init keeps well under half the norm
+    assert float(torch.linalg.matrix_norm(plain.dense_weight())) < 0.7 * w_norm
+    assert float(torch.linalg.matrix_norm(scaled.dense_weight())) == pytest.approx(w_norm, 1e-6)
+    torch.testing.assert_close(scaled.U, plain.U)  # same directions, larger coefficients
+
+
+def test_scaled_svd_init_learns_where_plain_svd_stalls(tmp_path) -> None:
+    """Two factorized layers at rank 4 (MLP 32-32-32): the plain truncated-SVD init shrinks the
+    signal twice; measured here: FedAvg 0.533, FeDLRT svd 0.222, scaled-svd 0.378 test accuracy
+    after 8 rounds (lr 0.5, K = 5 iid). The gap grows on the digits CNN (see
+    experiments/benchmarks/bench_fedlrt_init.py)."""
+    from hessrank.fl import train
+
+    accs = {}
+    for init in ("svd", "scaled-svd"):
+        cfg = dict(algo="fedlrt", fedlrt_init=init, dataset="digits", model="mlp",
+                   model_kwargs={"hidden": [32, 32, 32]}, clients=5, partition="iid", rounds=8,
+                   lr=0.5, rank=4, save_every=100, eval_every=8)  # fmt: skip
+        run = train(cfg, tmp_path / init, progress=False)
+        accs[init] = float(run.metrics()["test_accuracy"].iloc[-1])
+    assert accs["scaled-svd"] > accs["svd"] + 0.08, accs
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "size"])
+def test_client_weighting(weighting: str) -> None:
+    clients = _lsq_clients(2, 30, 6, 5, seed=4, hetero=True)
+    clients[0] = ClientData(0, clients[0].inputs[:10], clients[0].targets[:10])  # n = 10, 30
+    algo = FeDLRT(_linear_net(6, 5), _config(rank=2, factorize=["0"], fedlrt_weighting=weighting))
+    w0 = algo.effective_model()[0].weight.detach()
+    losses = [_global_loss(w0, [c]) for c in clients]
+    stats = algo.run_round(1, clients, 0.1, torch.Generator().manual_seed(0))
+    expected = 0.5 * sum(losses) if weighting == "uniform" else 0.25 * losses[0] + 0.75 * losses[1]
+    assert stats.train_loss == pytest.approx(expected, rel=1e-12)
+    assert algo.config.notes["fedlrt.weighting"].startswith(weighting)

@@ -39,7 +39,7 @@ def _kill_at(round_idx: int):
     return callback
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "fedloru", "pfedloru", "mfedloru"])
+@pytest.mark.parametrize("algo", ["fedavg", "fedloru", "pfedloru", "mfedloru", "fedlrt"])
 def test_killed_run_resumes_to_identical_weights(tmp_path, algo):
     cfg = tiny(algo=algo, client_fraction=0.5, rounds=5)
     whole = train(cfg, tmp_path / "whole", progress=False)
@@ -133,3 +133,15 @@ def test_fedlrt_is_registered_lazily():
     except ImportError:
         pytest.skip("FeDLRT not in this build")
     assert algorithm_class("fedlrt").name == "fedlrt"
+
+
+def test_configs_saved_before_new_fields_keep_their_meaning(tmp_path):
+    old = {"algo": "fedavg", "from_scratch": False, "rounds": 3, "notes": {}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = TrainConfig.load(tmp_path / "config.json")
+    assert cfg.from_scratch is None and cfg.rounds == 3
+    old = {"algo": "fedlrt", "notes": {}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = TrainConfig.load(tmp_path / "config.json")
+    assert (cfg.fedlrt_init, cfg.fedlrt_weighting, cfg.trunc_theta) == ("svd", "size", 0.1)
+    assert RunDir(tmp_path).config.fedlrt_init == "svd"

@@ -1,0 +1,59 @@
+"""Issue 11 #6-#7: validation split, per-client held-out data, per-algorithm lr sweep."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from hessrank.cli import main
+from hessrank.fl import train
+
+from .test_runner import tiny
+
+
+def test_validation_and_client_holdout_are_never_trained_on(tmp_path):
+    run = train(tiny(algo="pfedloru", validation_fraction=0.2, client_holdout=0.25, rounds=2),
+                tmp_path / "r", progress=False)  # fmt: skip
+    part = run.partition()
+    val = np.asarray(part.params["validation_indices"])
+    holdout = [np.asarray(h) for h in part.params["holdout_indices"]]
+    n = run.dataset().train_x.shape[0]
+    assert len(val) == round(0.2 * n)
+    everything = np.concatenate([val, *holdout, *part.indices])
+    assert np.array_equal(np.sort(everything), np.arange(n))  # disjoint, covering
+    for idx, h in zip(part.indices, holdout):
+        assert len(h) == round(0.25 * (len(idx) + len(h)))
+    assert [len(x) for x, _ in run.client_data()] == part.sizes()  # training samples only
+    last = run.metrics().iloc[-1]
+    assert 0 <= last["val_accuracy"] <= 1 and 0 <= last["holdout_accuracy_mean"] <= 1
+    per_client = last["client_holdout_accuracy"]
+    assert sorted(per_client) == [str(c) for c in range(4)]
+    assert last["holdout_accuracy_mean"] == np.mean(list(per_client.values()))
+
+
+def test_sweep_picks_each_algorithms_lr_on_validation(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--out", str(out), "--algos", "fedavg,fedlora", "--lrs", "0.01,0.5",
+                 "--clients", "3", "--rounds", "3", "--partition", "iid", "--local-steps", "3",
+                 "--model-kwargs", '{"hidden": [16, 16]}', "--rank", "4", "--quiet"])  # fmt: skip
+    assert code == 0
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 4 and table["val_accuracy"].notna().all()
+    best = json.loads((out / "best.json").read_text())
+    assert set(best) == {"fedavg", "fedlora"}
+    for algo, lr in best.items():
+        rows = table[table["algo"] == algo]
+        assert rows.loc[rows["val_accuracy"].idxmax(), "lr"] == lr
+    assert "fedlora" in capsys.readouterr().out
+
+
+def test_sweep_flag_errors(tmp_path, capsys):
+    assert main(["sweep", "--out", str(tmp_path), "--algos", "fedsgd", "--lrs", "0.1"]) != 0
+    assert main(["sweep", "--out", str(tmp_path), "--algos", "fedavg", "--lrs", "-1"]) != 0
+    assert main(["sweep", "--out", str(tmp_path), "--algos", "fedavg", "--lrs", "0.1",
+                 "--lr", "0.2"]) != 0  # fmt: skip
+    assert main(["sweep", "--out", str(tmp_path), "--algos", "fedavg", "--lrs", "0.1",
+                 "--validation-fraction", "0"]) != 0  # fmt: skip
+    assert "validation-fraction" in capsys.readouterr().err
