@@ -39,7 +39,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) experiments/benchmarks/run_all.py
 
 figures: $(STAMP)
-	$(PY) -m hessrank.cli figures --out paper_figures
+	$(PY) experiments/figures/make_figures.py --out paper_figures
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from hessrank.linalg import (
         DenseOperator,
         DensityResult,
+        DiagonalResult,
         EigenResult,
         StableRankResult,
         TraceResult,
+        diagonal,
         exact_stable_rank,
         frobenius_sq,
         hutchinson,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         spectral_density,
         stable_rank,
         trace,
+        xtrace,
     )
     from hessrank.linalg.stack import LinearCombination, OperatorStack
 
@@ -51,19 +54,19 @@ _EXPORTS: dict[str, str] = {
     ), "hessrank.curvature"),
     **dict.fromkeys(("LinearCombination", "OperatorStack"), "hessrank.linalg.stack"),
     **dict.fromkeys((
-        "DenseOperator", "DensityResult", "EigenResult", "StableRankResult", "TraceResult",
-        "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos",
-        "spectral_density", "stable_rank", "trace",
+        "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult", "StableRankResult",
+        "TraceResult", "diagonal", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp",
+        "lanczos", "spectral_density", "stable_rank", "trace", "xtrace",
     ), "hessrank.linalg"),
 }  # fmt: skip
 """Public name → the subpackage that defines it."""
 
 __all__ = [
-    "CurvatureOperator", "DenseOperator", "DensityResult", "EigenResult", "FederatedHessian",
-    "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator",
+    "CurvatureOperator", "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult",
+    "FederatedHessian", "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator",
     "LinearCombination", "OperatorStack", "ParameterSpace", "StableRankResult", "TraceResult",
-    "dense_hessian", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp", "lanczos",
-    "spectral_density", "stable_rank", "trace", "tune",
+    "dense_hessian", "diagonal", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp",
+    "lanczos", "spectral_density", "stable_rank", "trace", "tune", "xtrace",
 ]
 
 

@@ -1,4 +1,5 @@
-"""hessrank figures: every figure's files from a fast run, --only, and bad names."""
+"""The paper-figure pipeline (experiments/figures): every figure's files from a fast run,
+--only, bad names, and the `hessrank figures` wrapper."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import json
 import pandas as pd
 import pytest
 
+from experiments.figures.make_figures import (
+    CSV_COLUMNS,
+    FIGURES,
+    make_figures,
+    parse_only,
+)
+from experiments.figures.make_figures import (
+    main as script_main,
+)
 from hessrank.cli import main
-from hessrank.figures import CSV_COLUMNS, FIGURES, make_figures, parse_only
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,8 @@ def test_fast_run_writes_every_file(fast_figures):
         assert list(frame.columns) == CSV_COLUMNS[name]
         assert len(frame) > 0
         meta = json.loads((out / f"{name}.json").read_text())
-        assert meta["reading"] and meta["command"].startswith("hessrank figures")
+        assert meta["reading"]
+        assert meta["command"].startswith("python experiments/figures/make_figures.py")
         assert "--fast" in meta["command"]
     assert (out / "README.md") in paths
     readme = (out / "README.md").read_text()
@@ -70,3 +80,31 @@ def test_cli_unknown_figure_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown figure" in err and "client_vs_server_stable_rank" in err
     assert not (tmp_path / "w").exists()  # failed before any training
+
+
+def test_script_unknown_figure_exits_2(tmp_path, capsys):
+    rc = script_main(["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+                      "--only", "theory_model,nope", "--fast", "--quiet"])
+    assert rc == 2
+    assert "unknown figure" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_theory_figure_fast(tmp_path):
+    """The theory figure needs no training: MC and prediction rows for every model and n."""
+    paths = make_figures(tmp_path / "o", fast=True, only="theory_model", work=tmp_path / "w")
+    frame = pd.read_csv(tmp_path / "o" / "theory_model.csv")
+    assert set(frame["source"]) == {"monte carlo", "prediction"}
+    assert frame.groupby(["model", "source"]).size().nunique() == 1
+    assert (tmp_path / "o" / "theory_model.png") in paths
+    assert not (tmp_path / "w").exists()
+
+
+def test_wrapper_without_checkout_says_where_the_pipeline_is(tmp_path, monkeypatch, capsys):
+    import hessrank.figures as wrapper
+
+    monkeypatch.setattr(wrapper, "pipeline_root", lambda: tmp_path)
+    rc = main(["figures", "--fast", "--only", "communication"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "experiments/figures/" in err and "source checkout" in err

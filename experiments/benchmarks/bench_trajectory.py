@@ -10,11 +10,9 @@ clients, stable rank at 40 matvecs) finishes in minutes on 2 cores — give the 
 2. Run ``hessrank analyze RUN --subjects server,clients --quantities stable-rank --matvecs 40
    --threads 2 --quiet`` in a fresh process (default operator settings; no density, alignment
    or subsets) and time its wall clock from process start to exit: imports, loading data and
-   checkpoints, building operators, the estimator, writing the table. The process runs the
-   ordinary CLI entry point (``hessrank.cli.main``) through a small launcher whose only
-   addition is to note, per checkpoint, the product strategy its FederatedHessian settled on
-   (``strategy`` if the class has it, else every client operator's ``settings``), read after
-   that operator's estimate is done.
+   checkpoints, building operators, the estimator, writing the table. The process is the
+   ordinary CLI (``python -m hessrank.cli``); the product route each checkpoint's operator
+   reported is read from the table's ``route`` column.
 
 Reported: checkpoints, Hessians estimated (checkpoints × (K + 1)), wall seconds and seconds per
 checkpoint, the estimator's share (the table's per-unit ``seconds``), CPU seconds of the
@@ -66,46 +64,6 @@ TARGET_MINUTES = 10.0
 FULL = {"clients": 20, "rounds": 20}
 FAST = {"clients": 5, "rounds": 3}
 
-LAUNCHER = r"""
-import json, sys
-import hessrank.analysis.trajectory as trajectory
-from hessrank.cli import main
-
-record, strategies, last = sys.argv[1], [], [None]
-build = trajectory.build_operator
-
-def settings(op):
-    # the operator-level record where the class has one (strategy, its reason, settings), else
-    # every client operator's settings; a property is read only once the operator is prepared
-    found = {k: getattr(op, k) for k in ("strategy", "strategy_reason") if hasattr(op, k)}
-    if not getattr(op, "_ready", True):
-        return found
-    if "strategy" in found and hasattr(op, "settings"):
-        return {**found, "settings": op.settings}
-    ops = getattr(op, "clients", [op])
-    return {**found, "clients": [o.settings if getattr(o, "_ready", True) else None
-                                 for o in ops]}
-
-def note():
-    if last[0] is not None:
-        strategies.append(settings(last[0]))
-        last[0] = None
-
-def recording(*args, **kwargs):
-    note()  # the previous checkpoint's operator has finished its estimate
-    last[0] = build(*args, **kwargs)
-    return last[0]
-
-trajectory.build_operator = recording
-rc = main(sys.argv[2:])
-note()
-with open(record, "w") as f:
-    json.dump(strategies, f, default=str)
-sys.exit(rc)
-"""
-"""Runs ``hessrank.cli.main(argv)`` and writes the operators' product strategies to a file."""
-
-
 @dataclass
 class Analysis:
     """What one timed ``hessrank analyze`` process produced."""
@@ -114,7 +72,7 @@ class Analysis:
     wall: float
     cpu: float
     table: pd.DataFrame
-    strategies: list[dict[str, Any]]
+    strategies: list[dict[str, Any]]  # the route reported per checkpoint
     stdout: str
 
 
@@ -155,17 +113,18 @@ def run_analysis(run_dir: Path, threads: int, seed: int) -> Analysis:
     out = run_dir / "analysis"
     shutil.rmtree(out, ignore_errors=True)
     argv = analyze_argv(run_dir, out, threads, seed)
-    record = run_dir / "strategies.json"
     cpu0 = children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(record), *argv], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "hessrank.cli", *argv], cwd=REPO,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     cpu = children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"hessrank analyze exited {proc.returncode}:\n{proc.stderr}")
-    return Analysis(argv, wall, cpu, pd.read_parquet(out / "results.parquet"),
-                    json.loads(record.read_text()), proc.stdout + proc.stderr)
+    table = pd.read_parquet(out / "results.parquet")
+    # the product route each checkpoint's operator reported (recorded in the table's rows)
+    routes = [json.loads(r) for r in table.groupby("round")["route"].first()]
+    return Analysis(argv, wall, cpu, table, routes, proc.stdout + proc.stderr)
 
 
 def _describe(record: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ stacked operators at once: one ``matmat`` call per step advances all J·b of the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,9 @@ def lanczos(
         tol: convergence threshold on residual / max|θ| (default 1e-8 in float64, 1e-4 else).
         return_eigenvectors: also return Ritz vectors (J, p, k).
     Returns:
-        :class:`EigenResult` with residual norms β_m |e_mᵀ y_i| and convergence flags.
+        :class:`EigenResult` with residual norms β_m |e_mᵀ y_i| (some eigenvalue lies within
+        that distance of θ_i), floored at the dtype's round-off eps·max|θ|·sqrt(p), and
+        convergence flags.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -205,7 +208,10 @@ def lanczos(
     theta, Y, resid = theta[:, 0], Y[:, 0], resid[:, 0]  # b = 1
     idx = _order(theta, which)[:, :k]
     vals = torch.gather(theta, 1, idx)
-    res = torch.gather(resid, 1, idx)
+    # The residual β_m|e_mᵀy| is computed from T in float64; the products behind T are no more
+    # accurate than the operator's dtype, so it is floored at that round-off.
+    floor = torch.finfo(op.dtype).eps * theta.abs().amax(dim=1, keepdim=True) * math.sqrt(p)
+    res = torch.maximum(torch.gather(resid, 1, idx), floor)
     if tol is None:
         tol = 1e-8 if op.dtype == torch.float64 else 1e-4
     scale = theta.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
@@ -226,18 +232,118 @@ def lanczos(
     )
 
 
-def spectral_norm_error(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
-    """Error bound on the top-|θ| Ritz value: min(r, r² / gap) (Kato–Temple style).
+class LanczosRecurrence:
+    """One Lanczos recurrence per stacked operator, advanced one product at a time.
 
-    theta, resid: (J, m) Ritz values and residual norms of one recurrence per operator.
-    The gap is the distance from the top Ritz value to the nearest other Ritz value.
+    Unlike :func:`lanczos_tridiagonal` each operator keeps its own step count: a call to
+    :meth:`advance` moves only the ``active`` ones, so an estimator can stop some recurrences
+    and spend those operators' products elsewhere in the same ``matmat`` call. Full
+    reorthogonalization (twice) against the operator's own basis; an invariant subspace
+    (β below 10·eps·‖H‖) restarts from a random vector orthogonal to the basis, with β = 0.
+
+    After m steps of operator j: H V = V T + β_m q_{m+1} e_mᵀ, with V = ``basis(j)`` (m, p),
+    T from ``alpha[j, :m]`` and ``beta[j, :m−1]``, β_m = ``beta[j, m−1]`` and q_{m+1} =
+    ``next_vector(j)``.
     """
-    J, m = theta.shape
-    out = np.empty(J)
-    for j in range(J):
-        i = int(np.argmax(np.abs(theta[j])))
-        r = float(resid[j, i])
-        others = np.delete(theta[j], i)
-        gap = float(np.min(np.abs(others - theta[j, i]))) if others.size else np.inf
-        out[j] = min(r, r * r / gap) if gap > 0 else r
-    return out
+
+    def __init__(self, start: Tensor, capacity: int, generator: torch.Generator) -> None:
+        J, p = start.shape
+        self.dim = p
+        self.capacity = min(int(capacity), p)
+        self.dtype, self.device = start.dtype, start.device
+        self.Q = torch.zeros(J, self.capacity, p, dtype=self.dtype, device=self.device)
+        self.alpha = np.zeros((J, self.capacity))
+        self.beta = np.zeros((J, self.capacity))
+        self.steps = np.zeros(J, dtype=int)
+        self._scale = np.zeros(J)
+        self._gen = generator
+        nrm = torch.linalg.vector_norm(start.to(torch.float64), dim=1)
+        if (nrm == 0).any():
+            raise ValueError("a Lanczos start vector is zero")
+        self.q = start / nrm.to(self.dtype).to(self.device).unsqueeze(1)
+
+    def full(self, j: int) -> bool:
+        """Whether operator j's recurrence can take no further step (basis full)."""
+        return int(self.steps[j]) >= self.capacity
+
+    def basis(self, j: int) -> Tensor:
+        return self.Q[j, : int(self.steps[j])]
+
+    def next_vector(self, j: int) -> Tensor:
+        return self.q[j]
+
+    def advance(self, HQ: Tensor, active: np.ndarray) -> None:
+        """Take one step for each active operator; ``HQ[j]`` = H_j q_j (p,), the product of the
+        vector from :meth:`next_vector`."""
+        eps = torch.finfo(self.dtype).eps
+        for j in np.flatnonzero(active):
+            i = int(self.steps[j])
+            if i >= self.capacity:
+                raise ValueError(f"the Lanczos recurrence of operator {j} is already full")
+            q, w = self.q[j], HQ[j].to(self.dtype)
+            self.Q[j, i] = q
+            a = float(torch.dot(q.to(torch.float64), w.to(torch.float64)))
+            basis = self.Q[j, : i + 1]
+            for _ in range(2):
+                w = w - basis.T @ (basis @ w)
+            b = float(torch.linalg.vector_norm(w.to(torch.float64)))
+            self._scale[j] = max(self._scale[j], abs(a) + b)
+            self.alpha[j, i], self.beta[j, i] = a, b
+            self.steps[j] = i + 1
+            if i + 1 >= self.capacity:
+                self.q[j] = w / b if b > 0 else torch.zeros_like(w)
+                continue
+            if b <= 10 * eps * max(self._scale[j], np.finfo(float).tiny):
+                fresh = random_block((self.dim,), self._gen, kind="gaussian", dtype=self.dtype,
+                                     device=self.device)
+                for _ in range(2):
+                    fresh = fresh - basis.T @ (basis @ fresh)
+                self.beta[j, i] = 0.0
+                self.q[j] = fresh / torch.linalg.vector_norm(fresh)
+            else:
+                self.q[j] = w / b
+
+    def ritz(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values θ (m,) of operator j and their residual norms β_m|e_mᵀ y_i| (m,)."""
+        m = int(self.steps[j])
+        if m == 0:
+            return np.zeros(0), np.zeros(0)
+        T = np.diag(self.alpha[j, :m]) + np.diag(self.beta[j, : m - 1], 1) + np.diag(
+            self.beta[j, : m - 1], -1)
+        theta, Y = np.linalg.eigh(T)
+        return theta, abs(self.beta[j, m - 1]) * np.abs(Y[-1, :])
+
+    def frobenius_sq(self, j: int) -> float:
+        """‖H V_m‖_F² = ‖T_m‖_F² + β_m² (exact)."""
+        m = int(self.steps[j])
+        if m == 0:
+            return 0.0
+        a, b = self.alpha[j, :m], self.beta[j, :m]
+        return float(np.sum(a**2) + 2 * np.sum(b[: m - 1] ** 2) + b[m - 1] ** 2)
+
+    def trace(self, j: int) -> float:
+        """tr(V_mᵀ H V_m) = tr(T_m) (exact)."""
+        return float(np.sum(self.alpha[j, : int(self.steps[j])]))
+
+    def deflate(self, j: int, G: Tensor, HG: Tensor) -> tuple[Tensor, Tensor]:
+        """((I − P)G, H(I − P)G) for probes G (p, k) with known HG, without new products.
+
+        P = V Vᵀ; H V c = V T c + β_m q_{m+1} c_m with c = Vᵀ G (the Lanczos relation).
+        """
+        m = int(self.steps[j])
+        if m == 0:
+            return G, HG
+        V = self.Q[j, :m]
+        c = V @ G
+        for_t = torch.as_tensor(
+            np.diag(self.alpha[j, :m]) + np.diag(self.beta[j, : m - 1], 1)
+            + np.diag(self.beta[j, : m - 1], -1), dtype=self.dtype, device=self.device)
+        HVc = V.T @ (for_t @ c) + self.beta[j, m - 1] * torch.outer(self.q[j], c[m - 1])
+        return G - V.T @ c, HG - HVc
+
+    def project_out(self, j: int, G: Tensor) -> Tensor:
+        """(I − V Vᵀ) G, twice (G: (p, k))."""
+        V = self.Q[j, : int(self.steps[j])]
+        for _ in range(2):
+            G = G - V.T @ (V @ G)
+        return G

@@ -1,7 +1,7 @@
 """Stable rank ‖H‖_F²/‖H‖₂² and relatives, with error bars (DESIGN.md §1, §4).
 
-One Lanczos run supplies ‖H‖₂ (max |θ|, with a residual-based error bound), the top
-eigenvalues, and the Krylov part of ‖H‖_F² and tr(H); a few residual probes finish both.
+One Lanczos run supplies ‖H‖₂ (max |θ|, with its residual bound), the top eigenvalues, and the
+Krylov part of ‖H‖_F² and tr(H); residual probes finish both, the split chosen from the data.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.linalg.lanczos import ritz, spectral_norm_error
+from hessrank.linalg.deflated import deflated_estimate, spectral_norm_and_error
 from hessrank.linalg.operator import Operator
 from hessrank.linalg.results import StableRankResult
-from hessrank.linalg.trace import deflated_estimate
 
 
 def stable_rank_with_error(
@@ -32,47 +31,62 @@ def stable_rank_with_error(
 def stable_rank(
     op: Operator | Tensor,
     *,
-    num_matvecs: int = 40,
+    num_matvecs: int | None = None,
     seed: int = 0,
     num_probes: int | None = None,
     k_top: int = 10,
+    rtol: float | None = None,
+    max_matvecs: int = 400,
 ) -> StableRankResult:
     """srank(H) = ‖H‖_F² / ‖H‖₂² for each stacked symmetric operator.
 
-    Spends m = num_matvecs − s Lanczos steps and s residual probes (s defaults to a quarter of the
-    budget). ‖H‖₂ = max |θ| over the Ritz values — a lower bound that converges fast for the
-    outliers of a Hessian; ‖H‖_F² is the Krylov-deflated estimate (exact on the Krylov space,
-    sampled on its complement). Also reports tr(H), the top-k stable rank Σ_{i≤k} θ_i²/θ_1²
-    (a lower bound that papers often compute from a handful of eigenvalues) and the intrinsic
-    dimension tr(H)/‖H‖₂.
+    One Lanczos run per operator and residual probes (hessrank.linalg.deflated): the split is
+    chosen from the data — on a flat spectrum most products become probes, on outliers Lanczos
+    runs until they are captured and ‖H‖₂ has converged. ‖H‖₂ = max |θ| over the Ritz values
+    (a lower bound that converges fast for the outliers of a Hessian) with its residual bound;
+    ‖H‖_F² is the Krylov-deflated estimate (exact on the Krylov space, sampled on its
+    complement). Also reports tr(H), the top-k stable rank Σ_{i≤k} θ_i²/θ_1² (a lower bound
+    that papers often compute from a handful of eigenvalues) and the intrinsic dimension
+    tr(H)/‖H‖₂.
 
     Args:
         op: operator (J, p, p) or a dense symmetric tensor.
-        num_matvecs: total products per stacked operator (≥ 4).
+        num_matvecs: fixed budget per stacked operator (≥ 10; default 40 when no ``rtol``).
         seed: seeds every random draw.
-        num_probes: residual probes (default max(2, num_matvecs/4)).
+        num_probes: fix the split instead: num_matvecs − num_probes Lanczos steps (≥ 2 probes).
         k_top: how many top eigenvalues to keep and use for the top-k stable rank.
+        rtol: precision target: spend products until stderr / value ≤ rtol (every operator),
+            at most ``max_matvecs``; ``reached_rtol`` on the result says which made it.
     Returns:
-        :class:`StableRankResult` with error bars (delta method) and the matvecs spent.
+        :class:`StableRankResult` with error bars (delta method; the ‖H‖_F² part t-widened for
+        its probe count) and the matvecs spent.
+
+    Example:
+        >>> A = torch.diag(torch.linspace(0.01, 1.0, 300, dtype=torch.float64))
+        >>> r = stable_rank(A, rtol=0.05, max_matvecs=300, seed=0)
+        >>> bool(r.reached_rtol[0]), bool(r.stderr[0] <= 0.05 * r.value[0])
+        (True, True)
     """
     if k_top < 1:
         raise ValueError(f"k_top must be >= 1, got {k_top}")
-    if num_matvecs < 4:
-        raise ValueError(
-            f"stable_rank needs num_matvecs >= 4 (Lanczos steps plus 2 residual probes), "
-            f"got {num_matvecs}"
-        )
-    est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, num_probes=num_probes)
-    theta, _, resid = ritz(est.krylov)
-    theta, resid = theta[:, 0].numpy(), resid[:, 0].numpy()  # (J, m)
-    order = np.argsort(-np.abs(theta), axis=1)
-    top = np.take_along_axis(theta, order, axis=1)[:, :k_top]
-    lam = np.abs(top[:, 0])
-    lam_err = spectral_norm_error(theta, resid)
+    if num_matvecs is None and rtol is None:
+        num_matvecs = 40
+    est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, num_probes=num_probes,
+                            rtol=rtol, max_matvecs=max_matvecs, target="stable_rank")
+    run = est.lanczos
+    J = len(est.frobenius_sq)
+    lam, lam_err = np.zeros(J), np.zeros(J)
+    top = np.full((J, min(k_top, int(est.lanczos_steps.max()))), np.nan)
+    for j in range(J):
+        theta, _ = run.ritz(j)
+        lam[j], lam_err[j], _ = spectral_norm_and_error(run, j)
+        t = theta[np.argsort(-np.abs(theta))][: top.shape[1]]
+        top[j, : t.size] = t
     if np.any(lam == 0):
         raise ValueError("the operator is zero on the Krylov space: the stable rank is undefined")
     value, err = stable_rank_with_error(est.frobenius_sq, est.frobenius_sq_stderr, lam, lam_err)
-    topk = np.sum(top**2, axis=1) / lam**2
+    topk = np.nansum(top**2, axis=1) / lam**2
+    reached = None if rtol is None else err <= rtol * value
     return StableRankResult(
         value=value,
         stderr=err,
@@ -87,6 +101,12 @@ def stable_rank(
         intrinsic_dimension=est.trace / lam,
         num_matvecs=est.num_matvecs,
         seed=int(seed),
+        lanczos_steps=est.lanczos_steps,
+        num_probes=est.num_probes,
+        dof=est.dof,
+        quantile=est.quantile,
+        rtol=rtol,
+        reached_rtol=reached,
     )
 
 

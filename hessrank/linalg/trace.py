@@ -1,31 +1,32 @@
-"""Trace and Frobenius estimators: Hutchinson (1989), Hutch++ (Meyer et al. 2021), and a
-Krylov-deflated estimator of tr(H) and ‖H‖_F² that reuses one Lanczos run as its sketch.
+"""Trace and Frobenius estimators: Hutchinson (1989), Hutch++ (Meyer et al. 2021), XTrace
+(Epperly, Tropp & Webber 2024), and the Krylov-deflated estimators of hessrank.linalg.deflated.
 
 Every estimator works on a stack of J operators and spends ``num_matvecs`` products per
-stacked operator. Standard errors are sample standard errors of the stochastic part.
+stacked operator. Standard errors are sample standard errors of the stochastic part, widened
+from the normal to the Student-t quantile of their degrees of freedom (``dof`` on the result);
+every budget accepted leaves at least ``MIN_PROBES`` samples behind the error bar.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.linalg.lanczos import Krylov, lanczos_tridiagonal, restart_generator
+from hessrank.linalg.deflated import MIN_PROBES, deflated_estimate
 from hessrank.linalg.operator import Operator, as_operator, make_generator, random_block
 from hessrank.linalg.results import TraceResult
+from hessrank.linalg.sampling import (
+    draw_per_slice,
+    mean_stderr,
+    slice_generators,
+    trace_stderr_floor,
+)
 
-
-def _mean_stderr(samples: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error over the last axis of a (J, s) float64 tensor."""
-    s = samples.shape[-1]
-    mean = samples.mean(dim=-1)
-    if s < 2:
-        return mean.numpy(), np.full(mean.shape, np.nan)
-    return mean.numpy(), (samples.std(dim=-1, correction=1) / math.sqrt(s)).numpy()
+MIN_HUTCHINSON = 10
+"""Smallest budget of plain Hutchinson (undeflated samples keep every outlier's heavy tail)."""
+MIN_SKETCH_BUDGET = 20
+"""Smallest budget of the sketching trace estimators (Hutch++, XTrace) whose error bars held."""
 
 
 def _check_budget(num_matvecs: int, minimum: int, what: str) -> None:
@@ -43,14 +44,19 @@ def _probe_chunks(total: int, chunk: int):
 
 def _probe_samples(op: Operator, num_probes: int, seed: int, kind: str, chunk: int,
                    statistic) -> Tensor:
-    """(J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product."""
+    """(..., J, s) float64 samples statistic(G, H G) over s random probes, ``chunk`` per product.
+
+    Probes come from the per-operator streams of hessrank.linalg.sampling, the same streams the
+    deflated estimators draw from: at one seed they see the same probes, so comparisons between
+    them are paired.
+    """
     J, p, _ = op.shape
-    gen = make_generator(seed)
+    gens = slice_generators(seed, J)
     samples = []
     for k in _probe_chunks(num_probes, chunk):
-        G = random_block((J, p, k), gen, kind=kind, dtype=op.dtype, device=op.device)
+        G = draw_per_slice(gens, p, k, kind=kind, dtype=op.dtype, device=op.device)
         samples.append(statistic(G.double(), op.matmat(G).double()).cpu())
-    return torch.cat(samples, dim=1)
+    return torch.cat(samples, dim=-1)
 
 
 def hutchinson(
@@ -65,18 +71,36 @@ def hutchinson(
 
     Args:
         op: operator (J, p, p) or dense symmetric tensor.
-        num_matvecs: s probes, one product each (≥ 1; ≥ 2 for a standard error).
+        num_matvecs: s probes, one product each (≥ MIN_HUTCHINSON = 10: at 6 the error bar
+            covered 83–87% on a power-law spectrum, whose top eigenvalue holds 60% of ‖H‖_F²).
         distribution: "rademacher" (lowest variance for a fixed matrix) or "gaussian".
         chunk: probes per ``matmat`` call (memory vs. per-call overhead).
     Returns:
         TraceResult with value and sample standard error, one entry per stacked operator.
     """
     op = as_operator(op)
-    _check_budget(num_matvecs, 1, "hutchinson")
-    samples = _probe_samples(op, num_matvecs, seed, distribution, chunk,
-                             lambda G, HG: torch.einsum("jpk,jpk->jk", G, HG))
-    mean, se = _mean_stderr(samples)
-    return TraceResult(mean, se, num_matvecs, int(seed), f"hutchinson-{distribution}")
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(
+            f"unknown probe distribution {distribution!r}; use 'gaussian' or 'rademacher'")
+    _check_budget(num_matvecs, MIN_HUTCHINSON, "hutchinson")
+    samples = _probe_samples(
+        op, num_matvecs, seed, distribution, chunk,
+        lambda G, HG: torch.stack([(G * HG).sum(dim=1), HG.pow(2).sum(dim=1)]))
+    # full worst-case floor: undeflated samples keep every outlier, the heaviest tails
+    return _result(samples[0], num_matvecs, seed, f"hutchinson-{distribution}",
+                   frobenius=samples[1], factor=1.0)
+
+
+def _result(samples: Tensor, num_matvecs: int, seed: int, method: str, offset=0.0,
+            frobenius: Tensor | None = None, factor: float = 0.7) -> TraceResult:
+    """Mean and t-widened stderr; for trace samples with their ‖Mg‖² (``frobenius``) the
+    stderr is floored by :func:`trace_stderr_floor`."""
+    mean, se, dof, q = mean_stderr(samples)
+    J, s = samples.shape
+    if frobenius is not None:
+        se = np.maximum(se, trace_stderr_floor(frobenius.mean(dim=-1).numpy(), s, factor))
+    return TraceResult(np.asarray(offset) + mean, se, num_matvecs, int(seed), method, dof=dof,
+                       quantile=q, num_probes=np.full(J, s))
 
 
 def frobenius_sq_hutchinson(
@@ -84,11 +108,10 @@ def frobenius_sq_hutchinson(
 ) -> TraceResult:
     """‖H‖_F² = tr(H²) ≈ (1/s) Σ_i ‖H g_i‖², Rademacher g — the recipe of PyHessian-style code."""
     op = as_operator(op)
-    _check_budget(num_matvecs, 1, "frobenius_sq (hutchinson)")
+    _check_budget(num_matvecs, MIN_PROBES, "frobenius_sq (hutchinson)")
     samples = _probe_samples(op, num_matvecs, seed, "rademacher", chunk,
                              lambda G, HG: HG.pow(2).sum(dim=1))
-    mean, se = _mean_stderr(samples)
-    return TraceResult(mean, se, num_matvecs, int(seed), "hutchinson")
+    return _result(samples, num_matvecs, seed, "hutchinson")
 
 
 def _project_out(basis: Tensor, G: Tensor) -> Tensor:
@@ -104,161 +127,151 @@ def hutchpp(
     """tr(H) by Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
 
     A third of the budget sketches S (p×s), Q = orth(H S); tr(Qᵀ H Q) is exact on that range
-    (another third), and Hutchinson with the rest estimates tr((I−QQᵀ) H (I−QQᵀ)).
+    (another third), and Hutchinson with the rest estimates tr((I−QQᵀ) H (I−QQᵀ)); the sketch
+    shrinks where needed to leave MIN_PROBES probes. num_matvecs ≥ 20: below that the probes
+    left after a partial sketch of an outlier spectrum gave error bars that covered < 90%
+    (tests/linalg/test_calibration.py).
     The standard error is that of the Hutchinson part; the sketch part is exact given Q.
     """
     op = as_operator(op)
-    _check_budget(num_matvecs, 3, "hutchpp")
+    _check_budget(num_matvecs, MIN_SKETCH_BUDGET, "hutchpp")
     J, p, _ = op.shape
     gen = make_generator(seed)
-    s = min(num_matvecs // 3, p)
+    s = min(max(1, min(num_matvecs // 3, (num_matvecs - MIN_PROBES) // 2)), p)
     g = num_matvecs - 2 * s
     S = random_block((J, p, s), gen, kind="rademacher", dtype=op.dtype, device=op.device)
     Qm, _ = torch.linalg.qr(op.matmat(S))  # (J, p, s)
     HQ = op.matmat(Qm)
     exact = torch.einsum("jpk,jpk->j", Qm.double(), HQ.double()).cpu()
-    samples = []
+    samples, fro = [], []
     basis = Qm.transpose(1, 2)
     for k in _probe_chunks(g, chunk):
         G = random_block((J, p, k), gen, kind="rademacher", dtype=op.dtype, device=op.device)
         G = _project_out(basis, G)
-        samples.append(torch.einsum("jpk,jpk->jk", G.double(), op.matmat(G).double()).cpu())
-    if samples:
-        mean, se = _mean_stderr(torch.cat(samples, dim=1))
-    else:
-        mean, se = np.zeros(J), np.full(J, np.nan)
-    return TraceResult(exact.numpy() + mean, se, num_matvecs, int(seed), "hutch++")
+        HG = op.matmat(G).double()
+        samples.append(torch.einsum("jpk,jpk->jk", G.double(), HG).cpu())
+        fro.append(HG.pow(2).sum(dim=1).cpu())  # ‖H(I−QQᵀ)g‖² ≥ ‖(I−QQᵀ)H(I−QQᵀ)g‖² in mean
+    return _result(torch.cat(samples, dim=1), num_matvecs, seed, "hutch++", exact.numpy(),
+                   frobenius=torch.cat(fro, dim=1))
 
 
-@dataclass
-class DeflatedEstimate:
-    """A Lanczos run plus residual probes, and the tr(H), ‖H‖_F² estimates built from them.
+def xtrace(
+    op: Operator | Tensor, *, num_matvecs: int, seed: int = 0
+) -> TraceResult:
+    """tr(H) by XTrace (Epperly, Tropp & Webber 2024): every probe is both sketch and probe.
 
-    With V (p×m) the orthonormal Lanczos basis and P = VVᵀ:
-        ‖H‖_F² = ‖HV‖_F² + ‖H(I−P)‖_F²,  ‖HV‖_F² = ‖T‖_F² + β_m²  (exact),
-        tr(H)   = tr(T) + tr((I−P)H(I−P)),
-    and the two remainders are E‖H(I−P)g‖² and E[gᵀ(I−P)H(I−P)g] over Rademacher g.
-    """
-
-    krylov: Krylov
-    frobenius_sq: np.ndarray
-    frobenius_sq_stderr: np.ndarray
-    trace: np.ndarray
-    trace_stderr: np.ndarray
-    num_matvecs: int
-
-
-def default_num_probes(num_matvecs: int) -> int:
-    """Residual probes for a deflated estimate: a quarter of the budget, at least 2.
-
-    Measured on briefly trained small MLPs and CNNs (tests/curvature): at 40–50 matvecs the
-    Lanczos part already pins ‖H‖₂ to machine precision and the error of ‖H‖_F² is the sampled
-    remainder, which a quarter of the budget brought under 1% where an eighth did not.
-    """
-    return max(2, round(num_matvecs / 4))
-
-
-def deflated_estimate(
-    op: Operator | Tensor,
-    *,
-    num_matvecs: int,
-    seed: int = 0,
-    num_probes: int | None = None,
-) -> DeflatedEstimate:
-    """One Lanczos run of m = num_matvecs − s steps, then s residual probes (see class doc).
-
-    If m reaches p the Krylov space is the whole space and both estimates are exact (no probe
-    is spent, the standard error is 0).
+    With s = ⌊num_matvecs/2⌋ Gaussian vectors Ω, Y = HΩ = QR and Z = HQ (2s products). For each
+    i, Q_(i) spans the sketch without column i: Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ with s_i the
+    normalized i-th column of R⁻ᵀ. Since ω_i is independent of Q_(i),
+        t_i = tr(Q_(i)ᵀ H Q_(i)) + u_iᵀ H u_i,  u_i = (I − Q_(i)Q_(i)ᵀ) ω_i,
+    is unbiased: tr(Q_(i)ᵀHQ_(i)) = tr(K) − s_iᵀ K s_i with K = QᵀZ, and H u_i = y_i − Z(w_i −
+    s_i (s_iᵀ w_i)), w_i = Qᵀω_i, needs no further product. num_matvecs ≥ 20 (as Hutch++).
+    The estimate is the mean of the t_i and the standard error their spread / sqrt(s)
+    (t-widened; the t_i are exchangeable, not independent, as in the paper's error estimate),
+    floored like Hutchinson's by the residual ‖H u_i‖² (sampling.trace_stderr_floor).
+    The leave-one-out algebra assumes HΩ has full column rank (s ≤ rank H, as for a
+    Hessian); a rank-deficient sketch is not special-cased.
     """
     op = as_operator(op)
+    _check_budget(num_matvecs, MIN_SKETCH_BUDGET, "xtrace")
     J, p, _ = op.shape
-    if num_probes is not None and num_probes < 2:
-        raise ValueError(
-            f"num_probes must be >= 2 (two residual probes give the error bar), got {num_probes}"
-        )
-    s = default_num_probes(num_matvecs) if num_probes is None else int(num_probes)
-    m = num_matvecs - s
-    if num_matvecs >= p:  # the Krylov space can be the whole space: exact, no probe needed
-        m, s = p, 0
-    if m < 1:
-        raise ValueError(
-            f"num_matvecs={num_matvecs} leaves no Lanczos step after {s} residual probes; "
-            f"use num_matvecs >= {s + 2} or fewer probes"
-        )
+    s = min(num_matvecs // 2, p)
     gen = make_generator(seed)
-    start = random_block((J, p, 1), gen, kind="gaussian", dtype=op.dtype, device=op.device)
-    kr = lanczos_tridiagonal(op, start, m, generator=restart_generator(seed), keep_basis=True)
-    alpha, beta = kr.alpha[:, 0], kr.beta[:, 0]  # (J, m)
-    fro_krylov = alpha.pow(2).sum(-1) + 2 * beta[:, :-1].pow(2).sum(-1) + beta[:, -1].pow(2)
-    tr_krylov = alpha.sum(-1)
-    if s == 0:
-        zeros = np.zeros(J)
-        return DeflatedEstimate(kr, fro_krylov.numpy(), zeros, tr_krylov.numpy(), zeros.copy(), m)
-    basis = kr.basis[:, 0]  # (J, m, p)
-    G = random_block((J, p, s), gen, kind="rademacher", dtype=op.dtype, device=op.device)
-    G = _project_out(basis, G)
-    HG = op.matmat(G).double()
-    fro_samples = HG.pow(2).sum(dim=1).cpu()
-    tr_samples = torch.einsum("jpk,jpk->jk", G.double(), HG).cpu()
-    fro_rest, fro_se = _mean_stderr(fro_samples)
-    tr_rest, tr_se = _mean_stderr(tr_samples)
-    return DeflatedEstimate(
-        krylov=kr,
-        frobenius_sq=fro_krylov.numpy() + fro_rest,
-        frobenius_sq_stderr=fro_se,
-        trace=tr_krylov.numpy() + tr_rest,
-        trace_stderr=tr_se,
-        num_matvecs=m + s,
-    )
+    Om = random_block((J, p, s), gen, kind="gaussian", dtype=op.dtype, device=op.device)
+    Y = op.matmat(Om).double()
+    Om = Om.double()
+    Q, R = torch.linalg.qr(Y)
+    Z = op.matmat(Q.to(op.dtype)).double()
+    K = Q.transpose(1, 2) @ Z
+    K = (K + K.transpose(1, 2)) / 2
+    S = torch.linalg.pinv(R).transpose(1, 2)  # columns ∝ R⁻ᵀ e_i
+    S = S / torch.linalg.vector_norm(S, dim=1, keepdim=True).clamp_min(1e-300)
+    W = Q.transpose(1, 2) @ Om  # (J, s, s)
+    d = (S * W).sum(dim=1, keepdim=True)  # s_iᵀ w_i
+    C = W - S * d
+    U = Om - Q @ C
+    HU = Y - Z @ C
+    sKs = (S * (K @ S)).sum(dim=1)
+    trK = torch.diagonal(K, dim1=1, dim2=2).sum(-1, keepdim=True)
+    samples = (trK - sKs + (U * HU).sum(dim=1)).cpu()
+    return _result(samples, 2 * s, seed, "xtrace", frobenius=HU.pow(2).sum(dim=1).cpu(),
+                   factor=1.0)
+
+
+def trace(
+    op: Operator | Tensor,
+    *,
+    num_matvecs: int | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    rtol: float | None = None,
+    max_matvecs: int = 400,
+) -> TraceResult:
+    """tr(H) by "auto" (default), "deflated", "hutchinson", "hutch++" or "xtrace".
+
+    "auto" is the Krylov-deflated estimator with the split chosen from the variance it
+    estimates (hessrank.linalg.deflated): on flat, indefinite spectra (initialization) it spends
+    its budget on probes, as plain Hutchinson, where Hutch++ and a fixed deflation measured 2–3×
+    worse; on outlier-dominated spectra it deflates them. "deflated" is the same estimator.
+    ``rtol`` (auto/deflated only) spends products until the relative stderr is below it.
+    """
+    if method in ("auto", "deflated"):
+        est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, rtol=rtol,
+                                max_matvecs=max_matvecs, target="trace")
+        return TraceResult(est.trace, est.trace_stderr, est.num_matvecs, int(seed),
+                           "deflated-adaptive", dof=est.dof, quantile=est.quantile,
+                           num_probes=est.num_probes, rtol=rtol, reached_rtol=est.reached_rtol)
+    if method not in _TRACE_METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; use one of {', '.join(['auto', *_TRACE_METHODS])}")
+    if rtol is not None:
+        raise ValueError(f"rtol= needs method='auto' or 'deflated', not {method!r}")
+    if num_matvecs is None:
+        raise ValueError("pass num_matvecs= (a fixed budget)")
+    return _TRACE_METHODS[method](op, num_matvecs=num_matvecs, seed=seed)
 
 
 def frobenius_sq(
     op: Operator | Tensor,
     *,
-    num_matvecs: int,
+    num_matvecs: int | None = None,
     seed: int = 0,
     method: str = "deflated",
     num_probes: int | None = None,
+    rtol: float | None = None,
+    max_matvecs: int = 400,
 ) -> TraceResult:
     """‖H‖_F² = tr(H²) by Krylov deflation plus sampled residual.
 
     With the Lanczos basis V (p×m, orthonormal) and tridiagonal T:
     ‖HV‖_F² = ‖T‖_F² + β_m² exactly; ‖H(I − VVᵀ)‖_F² = E‖H(I − VVᵀ)g‖², g Rademacher.
     The outliers that dominate a Hessian's Frobenius norm are captured deterministically by the
-    Krylov space; only the bulk is sampled.
+    Krylov space; only the bulk is sampled. The split between Lanczos steps and probes is chosen
+    from the data (hessrank.linalg.deflated), so a flat spectrum gets plain Hutchinson's
+    accuracy and an outlier-dominated one the deflation's.
 
     Args:
         op: symmetric operator, shape (J, p, p), or a dense (p, p) tensor.
-        num_matvecs: total products spent (Lanczos steps + residual probes).
+        num_matvecs: total products spent (Lanczos steps + residual probes), fixed budget.
         seed: seeds every random draw; same seed, same result.
         method: "deflated" (default) or "hutchinson" (plain (1/s) Σ ‖H g‖², for comparison).
-        num_probes: residual probes for "deflated" (default: a quarter of the budget, ≥ 2).
+        num_probes: a fixed split for "deflated" (num_matvecs − num_probes Lanczos steps).
+        rtol, max_matvecs: spend products until the relative stderr is below ``rtol``.
     Returns:
-        TraceResult(value, stderr, num_matvecs) with one entry per stacked operator.
+        TraceResult(value, stderr, num_matvecs, ...) with one entry per stacked operator.
     """
     if method == "hutchinson":
+        if rtol is not None:
+            raise ValueError("rtol= needs method='deflated'")
         return frobenius_sq_hutchinson(op, num_matvecs=num_matvecs, seed=seed)
     if method != "deflated":
         raise ValueError(f"unknown method {method!r}; use 'deflated' or 'hutchinson'")
-    est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, num_probes=num_probes)
+    est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, num_probes=num_probes,
+                            rtol=rtol, max_matvecs=max_matvecs, target="frobenius")
     return TraceResult(
-        est.frobenius_sq, est.frobenius_sq_stderr, est.num_matvecs, int(seed), "krylov-deflated"
-    )
+        est.frobenius_sq, est.frobenius_sq_stderr, est.num_matvecs, int(seed), "krylov-deflated",
+        dof=est.dof, quantile=est.quantile, num_probes=est.num_probes, rtol=rtol,
+        reached_rtol=est.reached_rtol)
 
 
-def trace(
-    op: Operator | Tensor,
-    *,
-    num_matvecs: int,
-    seed: int = 0,
-    method: str = "hutch++",
-) -> TraceResult:
-    """tr(H) by "hutch++" (default), "hutchinson" or "deflated" (Lanczos + residual probes)."""
-    if method == "hutch++":
-        return hutchpp(op, num_matvecs=num_matvecs, seed=seed)
-    if method == "hutchinson":
-        return hutchinson(op, num_matvecs=num_matvecs, seed=seed)
-    if method == "deflated":
-        est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed)
-        return TraceResult(est.trace, est.trace_stderr, est.num_matvecs, int(seed), "deflated")
-    raise ValueError(f"unknown method {method!r}; use 'hutch++', 'hutchinson' or 'deflated'")
+_TRACE_METHODS = {"hutchinson": hutchinson, "hutch++": hutchpp, "xtrace": xtrace}

@@ -25,7 +25,7 @@ def test_bad_flags_exit_2_with_one_line(trained_run, capsys, flag, message):
 def test_analyze_then_plot(trained_run, tmp_path, capsys):
     out = tmp_path / "an"
     argv = ["analyze", str(trained_run), "--rounds", "0:2:2", "--subjects", "server,clients",
-            "--quantities", "stable-rank,alignment", "--matvecs", "8", "--out", str(out),
+            "--quantities", "stable-rank,alignment", "--matvecs", "10", "--out", str(out),
             "--alignment-ranks", "1,full", "--quiet"]
     assert main(argv) == 0
     table = pd.read_parquet(out / "results.parquet")
@@ -36,7 +36,7 @@ def test_analyze_then_plot(trained_run, tmp_path, capsys):
 
 def test_failed_checkpoint_exits_1_with_summary(run_copy, tmp_path, capsys):
     (run_copy / "checkpoints" / "round_00002.safetensors").write_bytes(b"\x00" * 10)
-    argv = ["analyze", str(run_copy), "--subjects", "server", "--matvecs", "8", "--quiet"]
+    argv = ["analyze", str(run_copy), "--subjects", "server", "--matvecs", "10", "--quiet"]
     with pytest.warns(UserWarning):
         assert main(argv) == 1
     err = capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_model_factory_route(tmp_path, monkeypatch):
 
     torch.save(my_nets.small().state_dict(), ckpts / "round_1.pt")
     argv = ["analyze", str(ckpts), "--model-factory", "my_nets:small", "--dataset", "digits",
-            "--clients", "2", "--matvecs", "6", "--out", str(tmp_path / "an"), "--quiet"]
+            "--clients", "2", "--matvecs", "10", "--out", str(tmp_path / "an"), "--quiet"]
     assert main(argv) == 0
     table = pd.read_csv(tmp_path / "an" / "results.csv")
     assert set(table["subject"]) == {"client0", "client1", "server"}

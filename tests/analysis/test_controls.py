@@ -72,7 +72,7 @@ def test_analyze_controls_on_a_run(trained_run):
     from hessrank.checkpoints import RunDir
 
     t = ct.analyze_controls(trained_run, rounds=[0, 2], matched_draws=2, nested_sizes=[10, 40],
-                            nested_draws=1, matvecs=6, seed=0)
+                            nested_draws=1, matvecs=10, seed=0)
     run = RunDir(trained_run)
     sizes = [int(y.shape[0]) for _, y in run.client_data()]
     assert set(t["subject_kind"]) == set(ct.CONTROL_KINDS)

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from hessrank.analysis.trajectory import COLUMNS
+from hessrank.analysis.store import COLUMNS, Store
 from hessrank.linalg import spectral_density
-from hessrank.plotting import load_table, plot_all, plot_ratio, plot_stable_rank
+from hessrank.plotting import (
+    KIND_COLORS,
+    consistent,
+    eigenvalue_figure,
+    load_table,
+    plot_all,
+    plot_ratio,
+    plot_stable_rank,
+    stable_rank_figure,
+)
 
 
-def _row(r, subject, kind, q, value, k=0, layer="", size=10):
+def _row(r, subject, kind, q, value, k=0, layer="", size=10, unit="u", settings="s"):
     return {"round": r, "subject": subject, "subject_kind": kind, "subject_size": size,
             "quantity": q, "k": k, "layer": layer, "value": value, "stderr": 0.1 * value,
-            "matvecs": 8, "seconds": 0.1, "seed": 0, "data_seed": -1}
+            "matvecs": 8, "seconds": 0.1, "seed": 0, "data_seed": -1, "curvature": "hessian",
+            "rtol": float("nan"), "checkpoint": "c", "data": "d", "settings": settings,
+            "unit": unit, "route": "{}"}
 
 
 @pytest.fixture
@@ -37,18 +46,18 @@ def analysis_dir(tmp_path):
         for layer in ("fc1.weight", "out.weight"):
             for rank, v in ((1, 0.9), (2, 0.7), (0, 0.4)):
                 rows.append(_row(r, "clients", "client", "alignment", v, k=rank, layer=layer))
-        rows.append(_row(r, "server", "server", "effective-rank", 3.0))
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table.to_parquet(tmp_path / "results.parquet", index=False)
+    store = Store(tmp_path)
+    store.merge([pd.DataFrame(rows, columns=COLUMNS)])
     A = torch.diag(torch.as_tensor(rng.normal(size=40)))
     dens = spectral_density(A, num_probes=3, lanczos_steps=10, seed=0)
-    (tmp_path / "densities").mkdir()
     for r in (0, 5, 10):
-        for name in ("server", "client0", "subset5_0"):
-            buf = io.BytesIO()
-            np.savez(buf, alpha=dens.alpha[0], beta=dens.beta[0], dim=dens.dim,
-                     num_matvecs=dens.num_matvecs, seed=0)
-            (tmp_path / "densities" / f"round_{r:05d}_{name}.npz").write_bytes(buf.getvalue())
+        names = {"server": "server", "client0": "client", "subset5_0": "subset"}
+        frame = pd.DataFrame([_row(r, n, kind, "effective-rank", 3.0, unit=f"d{r}",
+                                   settings="sd") for n, kind in names.items()],
+                             columns=COLUMNS)
+        store.commit(f"d{r}", frame, frame,
+                     {n: (dens.alpha[0], dens.beta[0], dens.dim, dens.num_matvecs, 0)
+                      for n in names})
     return tmp_path
 
 
@@ -76,3 +85,44 @@ def test_plots_say_what_is_missing(analysis_dir, tmp_path):
         plot_stable_rank(t, tmp_path, quantity="trace")
     with pytest.raises(ValueError, match="--subjects server,clients"):
         plot_ratio(t[t["subject_kind"] != "server"], tmp_path)
+
+
+def test_wide_stable_ranks_get_a_log_axis_and_kinds_their_own_colours(analysis_dir):
+    from matplotlib.colors import to_hex
+
+    t = load_table(analysis_dir)
+    fig = stable_rank_figure(t)
+    assert fig.axes[0].get_yscale() == "linear"  # 10 .. 27: within 10x
+    wide = t.copy()
+    wide.loc[(wide["subject"] == "server") & (wide["quantity"] == "stable-rank"), "value"] = 1.5
+    wide.loc[wide["subject_kind"] == "client", "value"] *= 10
+    fig = stable_rank_figure(wide)
+    assert fig.axes[0].get_yscale() == "log"
+    colours = {}
+    for handle, label in zip(*fig.axes[0].get_legend_handles_labels()):
+        line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar containers
+        colours[label.split()[0]] = to_hex(line.get_color())
+    assert len(set(colours.values())) == len(colours) >= 4  # server, clients, subsets, test
+    assert colours["test"] == to_hex(KIND_COLORS["test"]) != colours["server"]
+
+
+def test_eigenvalue_lines_do_not_jump_sign(analysis_dir):
+    t = load_table(analysis_dir)
+    flip = (t["quantity"] == "top-eig") & (t["subject"] == "server") & (t["k"] == 1) & (
+        t["round"] == 5)
+    t.loc[flip, "value"] = -4.0  # λ1 by magnitude turned negative at round 5
+    fig = eigenvalue_figure(t)
+    ax = fig.axes[0]
+    assert "|λ" in ax.get_ylabel()
+    lam1 = next(ln for ln in ax.get_lines() if ln.get_label() == "|λ1|")
+    assert (lam1.get_ydata() > 0).all()
+
+
+def test_plot_uses_one_settings_per_quantity(analysis_dir, tmp_path):
+    t = load_table(analysis_dir)
+    other = t[t["quantity"] == "stable-rank"].assign(settings="s2", value=1000.0)
+    Store(analysis_dir).merge([other])
+    table, notes = consistent(load_table(analysis_dir))
+    sr = table[table["quantity"] == "stable-rank"]
+    assert sr["settings"].nunique() == 1 and len(notes) == 1
+    assert not sr.duplicated(["round", "subject"]).any()

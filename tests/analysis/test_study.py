@@ -28,7 +28,7 @@ local_steps = 1
 save_every = 1
 [analyze]
 subjects = "server,clients,subset:10x3,subset:100x2"
-matvecs = 6
+matvecs = 10
 [controls]
 matched_draws = 1
 [diagnostics]

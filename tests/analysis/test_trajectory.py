@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import hessrank.analysis.trajectory as traj
+from hessrank.analysis.store import Store
 from hessrank.analysis.trajectory import (
     COLUMNS,
     analyze,
@@ -22,7 +23,7 @@ from hessrank.analysis.trajectory import (
 from hessrank.models import build_model
 
 KEY = ["round", "subject", "quantity", "k", "layer"]
-FAST = {"matvecs": 8, "progress": False}
+FAST = {"matvecs": 10, "progress": False}
 
 
 def _sorted(t: pd.DataFrame) -> pd.DataFrame:
@@ -41,7 +42,7 @@ def test_select_rounds():
         select_rounds([3], saved)
     with pytest.raises(ValueError, match="start:stop:step"):
         select_rounds("a:b", saved)
-    with pytest.raises(ValueError, match="select none"):
+    with pytest.raises(ValueError, match="selects none"):
         select_rounds("21:30", saved)
 
 
@@ -49,7 +50,9 @@ def test_parse_quantities_and_factory():
     assert parse_quantities("top-eig,stable-rank,top-eig") == ["top-eig", "stable-rank"]
     with pytest.raises(ValueError, match="valid quantities: stable-rank"):
         parse_quantities("stable_rank")
-    assert load_factory("hessrank.models:build_model") is build_model
+    assert load_factory(_small_mlp) is _small_mlp
+    with pytest.raises(ValueError, match="takes arguments"):
+        load_factory("hessrank.models:build_model")
     with pytest.raises(ValueError, match="module:function"):
         load_factory("hessrank.models")
     with pytest.raises(ValueError, match="no callable"):
@@ -80,10 +83,10 @@ def test_table_of_every_quantity_and_subject(trained_run, tmp_path):
     assert abs(eig["value"].iloc[0]) ** 2 <= fro["value"].iloc[0] * (1 + 1e-6)
     er = t[t["quantity"] == "effective-rank"]
     assert len(er) == 14 and (er["value"] > 1).all()
-    dens = sorted(p.name for p in (out / "densities").iterdir())
-    assert len(dens) == 14 and "round_00002_subset20_1.npz" in dens
-    with np.load(out / "densities" / "round_00000_server.npz") as z:
-        assert z["alpha"].shape == (2, 8) and z["beta"].shape == (2, 8)
+    store = Store(out)
+    dens = {(r.round, r.subject): store.density(r.unit, r.subject) for r in er.itertuples()}
+    assert len(dens) == 14 and (2, "subset20_1") in dens
+    assert dens[(0, "server")].alpha.shape == (1, 2, 10)  # 2 probes of 10 steps
     al = t[t["quantity"] == "alignment"]
     assert set(al["layer"]) == {"fc1.weight", "out.weight"} and set(al["k"]) == {0, 1}
     assert (al["subject"] == "clients").all()
@@ -106,35 +109,38 @@ def reference(trained_run, tmp_path_factory):
 def test_killed_run_resumes_to_the_same_table(trained_run, tmp_path, monkeypatch, reference,
                                               kill_after):
     out = tmp_path / "an"
-    real_write = traj._write_unit
+    real_commit = Store.commit
     calls = []
 
-    def dying_write(path, rows):
-        calls.append(path)
-        if len(calls) > kill_after:  # killed while computing unit kill_after + 1
+    def dying_commit(self, key, rows, selected, *a, **k):
+        calls.append(selected)  # the rows that go into the table
+        if len(calls) > kill_after:  # killed while committing unit kill_after + 1
             raise KeyboardInterrupt
-        real_write(path, rows)
+        real_commit(self, key, rows, selected, *a, **k)
 
-    monkeypatch.setattr(traj, "_write_unit", dying_write)
+    monkeypatch.setattr(Store, "commit", dying_commit)
     kwargs = dict(subjects="server,clients,subset:10x2", quantities="stable-rank,alignment",
                   alignment_ranks=(1, None), out=out, **FAST)
     with pytest.raises(KeyboardInterrupt):
         analyze(trained_run, **kwargs)
     assert len(list((out / "units").glob("*.parquet"))) == kill_after
-    (out / "units" / ".round_00001__x.parquet.abc.tmp").write_bytes(b"torn")  # a torn write
-    monkeypatch.setattr(traj, "_write_unit", real_write)
+    assert len(pd.read_parquet(out / "results.parquet")) == sum(map(len, calls[:kill_after]))
+    (out / "units" / ".abc.parquet.xyz.tmp").write_bytes(b"torn")  # a torn write
+    monkeypatch.setattr(Store, "commit", real_commit)
 
     recomputed = []
-    orig_run_group = traj._run_group
-    monkeypatch.setattr(traj, "_run_group",
-                        lambda u, *a, **k: recomputed.append(u) or orig_run_group(u, *a, **k))
+    orig_compute = traj._compute
+    monkeypatch.setattr(traj, "_compute",
+                        lambda u, *a, **k: recomputed.append(u) or orig_compute(u, *a, **k))
     t = analyze(trained_run, **kwargs)
     assert len(list((out / "units").glob("*.parquet"))) == 9  # 3 rounds x 3 units
-    assert len(recomputed) == 6 - sum(1 for p in calls[:kill_after] if "alignment" not in p.name)
+    assert len(recomputed) == 9 - kill_after
     assert not t.duplicated(KEY).any()
     pd.testing.assert_frame_equal(_sorted(t), _sorted(reference), rtol=1e-6)
     again = analyze(trained_run, **kwargs)  # a completed analysis is only re-read
     pd.testing.assert_frame_equal(again, t)
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "results.parquet")),
+                                  _sorted(t), check_dtype=False)
 
 
 def test_corrupt_checkpoint_is_reported_and_skipped(run_copy, tmp_path):

@@ -122,3 +122,41 @@ def stack(spectra) -> tuple[torch.Tensor, list[Spectrum]]:
     """All four spectra as one (4, p, p) operator, with the per-slice truths."""
     items = list(spectra.values())
     return torch.stack([s.A for s in items]), items
+
+
+# ---------------------------------------------------------------- real Hessians (dense, float64)
+
+
+def digits_mlp_hessian(trained: bool, n: int = 256, hidden: int = 8) -> Spectrum:
+    """The dense Hessian of a digits MLP 64-hidden-10 (ReLU, cross-entropy, n samples), p = 610.
+
+    At initialization the spectrum is flat and indefinite; after 300 full-batch Adam steps
+    (lr 0.01) a few outliers dominate — the two regimes the estimators must both serve.
+    """
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from hessrank import dense_hessian
+
+    d = load_digits()
+    x = torch.as_tensor(d.data[:n] / 16.0, dtype=torch.float64)
+    y = torch.as_tensor(d.target[:n])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).double()
+    loss = nn.functional.cross_entropy
+    if trained:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(300):
+            opt.zero_grad()
+            loss(model(x), y).backward()
+            opt.step()
+    H = dense_hessian(model, loss, (x, y))
+    H = (H + H.T) / 2
+    lam = torch.linalg.eigvalsh(H).numpy()
+    return Spectrum("mlp-trained" if trained else "mlp-init", lam, H)
+
+
+@pytest.fixture(scope="session")
+def mlp_hessians() -> dict[str, Spectrum]:
+    """Digits-MLP Hessians at initialization and after training, built once per session."""
+    return {s.name: s for s in (digits_mlp_hessian(False), digits_mlp_hessian(True))}

@@ -15,7 +15,9 @@ from hessrank.linalg import (
     lanczos_tridiagonal,
     stable_rank,
 )
+from hessrank.linalg.deflated import MIN_PROBES, min_budget
 from hessrank.linalg.operator import make_generator
+from hessrank.linalg.trace import MIN_SKETCH_BUDGET
 
 from .conftest import from_spectrum
 
@@ -90,10 +92,11 @@ def test_deflated_exact_when_lanczos_reaches_p(case, seed):
 @PROPS
 @given(case=symmetric(), seed=st.integers(0, 1000))
 def test_hutchpp_exact_at_three_p(case, seed):
-    # num_matvecs = 3p: the sketch has p columns, so Q is a full orthogonal basis.
+    # num_matvecs = max(3p, 2p + MIN_PROBES, 20): the sketch has p columns (and MIN_PROBES
+    # probes are left), so Q is a full orthogonal basis.
     lam, A = case
     p = lam.size
-    r = hutchpp(A, num_matvecs=3 * p, seed=seed)
+    r = hutchpp(A, num_matvecs=max(3 * p, 2 * p + MIN_PROBES, MIN_SKETCH_BUDGET), seed=seed)
     np.testing.assert_allclose(r.value, [lam.sum()], rtol=0, atol=1e-9 * scale(lam) * p)
 
 
@@ -112,7 +115,8 @@ def test_stable_rank_bounds(case, data):
     np.testing.assert_allclose(full.value, [exact], rtol=1e-8)
     # Any budget: ‖H‖_F² estimate ≥ ‖T‖_F² ≥ θ_1², so the estimate is ≥ 1, and the top-k stable
     # rank (Σθ_i²/θ_1² over the top k) lies between 1 and the estimate.
-    n = data.draw(st.integers(4, p + 4), label="num_matvecs")
+    lo = min_budget("stable_rank")
+    n = data.draw(st.integers(lo, max(lo, p + 4)), label="num_matvecs")
     r = stable_rank(A, num_matvecs=n, seed=seed)
     assert r.value[0] >= 1 - 1e-10
     assert 1 - 1e-10 <= r.top_k_stable_rank[0] <= r.value[0] * (1 + 1e-10)

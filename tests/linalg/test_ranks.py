@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hessrank.linalg import DenseOperator, exact_stable_rank, stable_rank
-from hessrank.linalg.trace import default_num_probes
 
 from .conftest import from_spectrum, indefinite, outliers
 
@@ -48,7 +47,7 @@ def test_spectral_norm_is_a_lower_bound_with_small_budget(spectra):
     # max|θ| ≤ ‖H‖₂ by interlacing (Ritz values lie in [λ_min, λ_max]), at any budget.
     s = spectra["wishart"]
     for k in range(5):
-        r = stable_rank(s.A, num_matvecs=8, seed=k)
+        r = stable_rank(s.A, num_matvecs=10, seed=k)
         assert r.spectral_norm[0] <= s.norm * (1 + 1e-12)
 
 
@@ -78,8 +77,10 @@ def test_top_k_stable_rank_is_a_lower_bound(stack):
 
 
 def test_top_eigenvalues_ordered_by_magnitude(spectra):
+    # The adaptive split stops Lanczos once the four outliers are captured (about 11 of the 40
+    # products), so the smallest, 5, is converged to ~1e-8 rather than to rounding.
     r = stable_rank(spectra["indefinite"].A, num_matvecs=40, seed=2, k_top=4)
-    np.testing.assert_allclose(r.top_eigenvalues[0], [-20.0, -12.0, 8.0, 5.0], rtol=1e-8)
+    np.testing.assert_allclose(r.top_eigenvalues[0], [-20.0, -12.0, 8.0, 5.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["outliers", "wishart", "power_law"])
@@ -97,7 +98,7 @@ def test_intrinsic_dimension_for_psd(spectra, name):
 def test_exact_once_lanczos_spans_the_space():
     s = indefinite(p=40)
     n = 60
-    assert n - default_num_probes(n) >= s.p  # m reaches p: no probe is drawn
+    assert n >= s.p  # the budget reaches p: Lanczos spans the space, no probe is drawn
     op = DenseOperator(s.A)
     r = stable_rank(op, num_matvecs=n, seed=0)
     np.testing.assert_allclose(r.value, [s.srank], rtol=1e-10)
@@ -131,9 +132,9 @@ def test_value_is_never_below_one_rank_one():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("n", [0, 3])
+@pytest.mark.parametrize("n", [0, 3, 9])
 def test_too_small_budget(n):
-    with pytest.raises(ValueError, match=rf"stable_rank needs num_matvecs >= 4 .*got {n}"):
+    with pytest.raises(ValueError, match=rf"stable_rank needs num_matvecs >= 10 .*got {n}"):
         stable_rank(torch.eye(10, dtype=torch.float64), num_matvecs=n)
 
 

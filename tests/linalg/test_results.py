@@ -27,13 +27,13 @@ def test_results_are_frozen(stacked):
 
 
 def test_rows_one_per_stacked_operator(stacked):
-    r = stable_rank(stacked, num_matvecs=12, seed=3)
+    r = stable_rank(stacked, num_matvecs=20, seed=3)
     rows = r.rows()
     assert len(rows) == 2
     # The second slice is 2A: twice the spectral norm, to rounding, because the outlier 100 is
-    # separated from 50 and the [0, 1] bulk and converges within the 9 Lanczos steps.
+    # separated from 50 and the [0, 1] bulk and converges within the Lanczos steps taken.
     assert rows[1]["spectral_norm"] == pytest.approx(2 * rows[0]["spectral_norm"], rel=1e-10)
-    assert rows[0]["seed"] == 3 and rows[0]["num_matvecs"] == 12
+    assert rows[0]["seed"] == 3 and rows[0]["num_matvecs"] == 20
     e = lanczos(stacked, k=2, num_matvecs=20).rows()
     assert len(e) == 2 and e[0]["converged"] in (True, False)
 

@@ -1,0 +1,50 @@
+"""Same command, same bits (issue 9, item 3): two analyses in fresh processes give a
+bit-identical table; the product route is what the operators report, recorded per row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from hessrank.analysis.trajectory import analyze
+
+ROOT = Path(__file__).resolve().parents[2]
+VOLATILE = ["seconds"]  # wall time is the one column that may differ
+
+
+def _cli(run: Path, out: Path) -> pd.DataFrame:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hessrank.cli", "analyze", str(run), "--rounds", "0,2",
+           "--subjects",
+           "server,clients", "--quantities", "stable-rank,top-eig,density",
+           "--density-probes", "2", "--matvecs", "10", "--out", str(out), "--quiet"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return pd.read_parquet(out / "results.parquet")
+
+
+def test_two_fresh_processes_give_the_same_bits(trained_run, tmp_path):
+    a = _cli(trained_run, tmp_path / "a").drop(columns=VOLATILE)
+    b = _cli(trained_run, tmp_path / "b").drop(columns=VOLATILE)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert len(a) > 40
+    ja = json.loads((tmp_path / "a" / "analysis.json").read_text())["calls"][0]
+    jb = json.loads((tmp_path / "b" / "analysis.json").read_text())["calls"][0]
+    assert ja["routes"] == jb["routes"] and ja["environment"]["threads"] == 1
+
+
+def test_rtol_spends_products_until_the_stderr_is_small(trained_run, tmp_path):
+    loose = analyze(trained_run, rounds="2", subjects="server", matvecs=10, rtol=0.5,
+                    out=tmp_path / "a", progress=False)
+    tight = analyze(trained_run, rounds="2", subjects="server", matvecs=10, rtol=0.002,
+                    out=tmp_path / "b", progress=False)
+    sl = loose[loose["quantity"] == "stable-rank"].iloc[0]
+    st = tight[tight["quantity"] == "stable-rank"].iloc[0]
+    assert st["matvecs"] > sl["matvecs"]
+    assert st["stderr"] <= 0.002 * st["value"] or st["matvecs"] >= 400
+    assert (tight["rtol"] == 0.002).all()

@@ -1,0 +1,67 @@
+"""Splitting an analysis (issue 14): shards and workers give the serial table bit for bit;
+``hessrank merge`` unions analysis directories of one run and refuses others."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from hessrank.analysis.store import RunMismatchError, merge_dirs
+from hessrank.analysis.trajectory import analyze
+from hessrank.cli import main
+from hessrank.plotting import load_table
+
+KW = dict(rounds="1,2", subjects="server,clients,subset:10x2",
+          quantities="stable-rank,density", density_probes=2, matvecs=10, progress=False,
+          threads=1)
+
+
+def _bits(out) -> pd.DataFrame:
+    return load_table(out).drop(columns="seconds")
+
+
+@pytest.fixture(scope="module")
+def serial(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    analyze(trained_run, out=out, **KW)
+    return out
+
+
+def test_shards_into_one_directory_equal_the_serial_table(trained_run, tmp_path, serial):
+    out = tmp_path / "an"
+    parts = [analyze(trained_run, out=out, shard=(i, 3), **KW) for i in (1, 2, 3)]
+    assert all(len(p) for p in parts)
+    assert sum(map(len, parts)) == len(load_table(out))
+    pd.testing.assert_frame_equal(_bits(out), _bits(serial), check_exact=True)
+
+
+def test_workers_equal_the_serial_table(trained_run, tmp_path, serial):
+    out = tmp_path / "an"
+    analyze(trained_run, out=out, workers=2, **KW)
+    pd.testing.assert_frame_equal(_bits(out), _bits(serial), check_exact=True)
+
+
+def test_merge_of_shards_and_refusal_of_other_runs(trained_run, run_copy, tmp_path, serial,
+                                                   capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    analyze(trained_run, out=a, shard=(1, 2), **KW)
+    analyze(trained_run, out=b, shard=(2, 2), **KW)
+    assert main(["merge", str(a), str(b), str(a), "--out", str(tmp_path / "c")]) == 0
+    pd.testing.assert_frame_equal(_bits(tmp_path / "c"), _bits(serial), check_exact=True)
+    (run_copy / "config.json").write_text(
+        (run_copy / "config.json").read_text().replace('"lr": 0.05', '"lr": 0.07'))
+    other = tmp_path / "other"
+    analyze(run_copy, out=other, **{**KW, "rounds": "0"})
+    with pytest.raises(RunMismatchError, match="different runs"):
+        merge_dirs([a, other], tmp_path / "d")
+    assert main(["merge", str(a), str(other), "--out", str(tmp_path / "d")]) == 2
+    assert "different runs" in capsys.readouterr().err
+
+
+def test_bad_shard_flags(trained_run, tmp_path, capsys):
+    for flags, needle in ((["--shard", "3/2"], "1 <= I <= N"), (["--shard", "x"], "I/N"),
+                          (["--shard", "1/2", "--prune"], "other shards"),
+                          (["--workers", "0"], "--workers")):
+        assert main(["analyze", str(trained_run), "--quiet", "--out", str(tmp_path / "x"),
+                     *flags]) == 2
+        assert needle in capsys.readouterr().err
