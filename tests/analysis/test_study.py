@@ -33,7 +33,7 @@ matvecs = 10
 matched_draws = 1
 [diagnostics]
 subjects = "server,subset:10x2"
-matvecs = 6
+matvecs = 10
 density_probes = 3
 [inference]
 resamples = 200
@@ -262,7 +262,7 @@ save_every = 2
 record_updates = true
 [analyze]
 subjects = "server"
-matvecs = 6
+matvecs = 10
 [inference]
 resamples = 200
 phases = [{ name = "all", lo = 0.0, hi = 1.0 }]
