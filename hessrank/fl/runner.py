@@ -516,10 +516,15 @@ def train_many(
     threads: int | None = None,
     command: list[str] | None = None,
     engine: str = "builtin",
+    execute_for: Callable[[str], Execute] | None = None,
 ) -> list[RunDir]:
     """:func:`train` for several (config, out) pairs one after the other; with
     ``engine="flower"`` all of them run in one Flower simulation (one start-up), each its
-    own run directory. Every config and directory is checked and locked before any work."""
+    own run directory. Every config and directory is checked and locked before any work.
+
+    ``execute_for`` (with ``engine="flower"``): the runs are already inside a Flower
+    ServerApp (deployment, :mod:`hessrank.fl.flower_app`); ``execute_for(config_json)`` is
+    the ``execute`` of the run with that config (:func:`hessrank.fl.flower.make_execute`)."""
     configs = []
     for config, out in jobs:
         cfg = TrainConfig.from_dict(copy.deepcopy(config)) if isinstance(config, dict) else (
@@ -560,6 +565,10 @@ def train_many(
                 for cfg, out in configs
             ]  # fmt: skip
 
+        if execute_for is not None:
+            if engine != "flower":
+                raise ValueError("execute_for needs engine='flower'")
+            return loop(execute_for)
         if engine == "flower":
             from hessrank.fl.flower import run_flower
 

@@ -81,3 +81,13 @@ def test_unsupported_engine_is_one_line(tmp_path, algo, engine, message):
     with pytest.raises(ValueError, match=message):
         train(_cfg(algo), tmp_path / "run", engine=engine, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_deployed_serverapp_names_missing_run_config():
+    from flwr.app import Context, RecordDict
+
+    from hessrank.fl.flower_app import serverapp
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"out": "x"})
+    with pytest.raises(ValueError, match=r"\['config'\]"):
+        serverapp(grid=None, context=ctx)
