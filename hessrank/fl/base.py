@@ -1,8 +1,23 @@
 """The round protocol every federated algorithm implements (DESIGN.md §5).
 
-A round is: the server broadcasts, sampled clients compute on their own data, the server
-aggregates. Client work is a pure function of (message, local data, rng). Every tensor that
+A round is: server broadcast -> client work -> aggregation -> server update. In code:
+:meth:`FederatedAlgorithm.run_round` builds, phase by phase (``phases``), one
+:class:`ClientTask` per sampled client (phase, client id, message tensors, tensors the client
+holds), has each one done by an ``execute`` function (:data:`Execute`; by default the
+algorithm's own :meth:`FederatedAlgorithm.client_work` in process, under ``--engine flower`` a
+Flower ClientApp, :mod:`hessrank.fl.flower`), and aggregates the :class:`ClientReply` s.
+Client work is a pure function of (task, local data, round generator). Every tensor that
 travels is counted in floats, up (client -> server) and down (server -> client).
+
+Phases: FedAvg, FedProx, FedLoRA, FedLoRU (+p/m): ``train``. FeDLRT: ``basis`` (basis
+gradients at the global point), ``correction`` (∇_S̃ L_c at the augmented point, full
+correction only), ``train`` (local coefficient steps); the server augments between the first
+two and truncates after the last.
+
+Adding an algorithm: a module with a subclass (FedProx, 56 lines, overrides only the local
+objective of FedAvg), one line in ``config.ALGORITHM_REGISTRY`` (the only registry) with its
+config fields in ``config.py``, and each field's help line in ``cli.py``: three library files
+(plus its test).
 """
 
 from __future__ import annotations
