@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{means[a]:.3f} ± {sd:.3f} ({floats:.2e} floats)")
             diff = means.get("fedloru", float("nan")) - means.get("fedavg", float("nan"))
             lines.append(f"| {part} | {k} | " + " | ".join(cells) + f" | {diff:+.3f} |")
-    command = " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(sys.argv[1:] if argv is None else argv) or "default arguments"
     full = (args.seeds, args.rounds) == (3, 30)
     reduced = "" if full else " (reduced from the full protocol's 3 seeds and 30 rounds)"
     header = (
