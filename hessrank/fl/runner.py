@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from hessrank.checkpoints import (
     CHECKPOINT_DIR,
@@ -61,6 +60,7 @@ from hessrank.fl.base import (
 )
 from hessrank.fl.config import ALGORITHM_REGISTRY, TrainConfig
 from hessrank.fl.provenance import finish_record, start_record, write_provenance
+from hessrank.progress import progress as progress_bar
 
 __all__ = [
     "ALGORITHM_CLASSES",
@@ -479,7 +479,7 @@ def train(
             checkpoint (metrics after it are dropped); a run already at ``config.rounds`` is
             returned as is. With ``resume=False`` an existing run of the same config is
             restarted from scratch (its checkpoints, updates and metrics are deleted).
-        progress: show a tqdm bar over rounds.
+        progress: show progress over rounds (a bar on a terminal, periodic lines otherwise).
         callback: called as ``callback(round, algorithm)`` after each round is logged and
             checkpointed (tests use it to simulate a kill).
         device: where model and data live ("cpu", "cuda", "cuda:1"); not part of the config
@@ -663,10 +663,9 @@ def _train_locked(
 
     last_saved = start
     previous = (algo.state_tensors(), _rng_state(gen), dict(cum))  # state after round t - 1
-    bar = tqdm(
-        range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds,
-        disable=not progress, desc=f"{cfg.algo} rounds", unit="round",
-    )  # fmt: skip
+    desc = f"{cfg.algo} rounds" + (f" {start + 1}-{cfg.rounds}" if start else "")
+    bar = progress_bar(range(start + 1, cfg.rounds + 1), desc=desc, unit="round",
+                       disable=not progress)  # a bar on a terminal, plain lines in a log
     for t in bar:
         t0 = time.perf_counter()
         lr = learning_rate(cfg, t)
