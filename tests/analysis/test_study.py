@@ -226,6 +226,9 @@ def test_committed_findings_are_rendered_from_the_committed_tables():
         "experiments/results/FINDINGS.md is stale: run python "
         "experiments/results/render_findings.py")
     assert "| `n50_minus_n500` | late |" in text and "**reversed**" in text
+    readme = mod.README.read_text()
+    assert readme == mod.with_readme_block(readme, mod.readme_block()), (
+        "README.md's findings block is stale: run python experiments/results/render_findings.py")
 
 
 def test_committed_diagnostic_tests_follow_from_the_committed_diagnostics():
