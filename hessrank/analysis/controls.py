@@ -163,10 +163,13 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
 
     Same columns as :data:`hessrank.analysis.trajectory.COLUMNS` (quantity "stable-rank") plus
     ``client`` (the matched client, −1 for nested) and ``label_entropy``. The estimator seed
-    is ``seed`` (as in ``analyze``); subsets are drawn from streams of ``seed``. Written to
-    ``out/controls.parquet`` (with its settings in ``out/controls.json``) when ``out`` is
-    given, and reused from there by a call with the same settings and checkpoints.
+    of each (round, group) is derived from ``seed`` as in ``analyze``
+    (:func:`hessrank.analysis.settings.probe_seed`); subsets are drawn from streams of
+    ``seed``. Written to ``out/controls.parquet`` (with its settings in ``out/controls.json``)
+    when ``out`` is given, and reused from there by a call with the same settings and
+    checkpoints.
     """
+    from hessrank.analysis.settings import probe_seed
     from hessrank.analysis.subjects import build_operator
     from hessrank.analysis.trajectory import COLUMNS
     from hessrank.checkpoints import RunDir, atomic_write_bytes, atomic_write_text
@@ -176,6 +179,7 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     settings = {"rounds": [int(r) for r in rounds], "matched_draws": int(matched_draws),
                 "nested_sizes": sorted(int(n) for n in nested_sizes),
                 "nested_draws": int(nested_draws), "matvecs": int(matvecs), "seed": int(seed),
+                "probe_streams": "per-round-group",
                 "checkpoints": [run.checkpoint_path(int(r)).stat().st_mtime_ns for r in rounds]}
     if out is not None:
         done, key = Path(out) / "controls.parquet", Path(out) / "controls.json"
@@ -192,14 +196,15 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
         for g in groups:
             op = build_operator(g, model, loss_fn)
             t0 = time.perf_counter()
-            res = stable_rank(op, num_matvecs=matvecs, seed=seed)
+            probe = probe_seed(seed, int(r), f"lanczos:{g.label}")
+            res = stable_rank(op, num_matvecs=matvecs, seed=probe)
             dt = time.perf_counter() - t0
             for s, j in zip(g.subjects, g.index):
                 rows.append({"round": int(r), "subject": s.name, "subject_kind": s.kind,
                              "subject_size": s.size, "quantity": "stable-rank", "k": 0,
                              "layer": "", "value": float(res.value[j]),
                              "stderr": float(res.stderr[j]), "matvecs": res.num_matvecs,
-                             "seconds": dt, "seed": int(seed), "data_seed": -1,
+                             "seconds": dt, "seed": probe, "data_seed": -1,
                              **info[s.name]})
     table = pd.DataFrame(rows, columns=[*COLUMNS, "client", "label_entropy"])
     if out is not None:

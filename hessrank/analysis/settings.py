@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +204,8 @@ class AnalysisSettings:
     def family_settings(self, family: str) -> dict[str, Any]:
         """The settings that determine the numbers of one estimator family ("lanczos",
         "density", "alignment"); hashed into the ``settings`` column and the unit keys."""
-        common = {"seed": self.seed, "params": list(self.params) if self.params else None,
+        common = {"seed": self.seed, "probe_streams": "per-round-group",
+                  "params": list(self.params) if self.params else None,
                   "batch_size": self.batch_size, "dtype": self.dtype, "mode": self.mode}
         if family == "lanczos":
             return {**common, "family": family, "curvature": self.curvature,
@@ -257,6 +259,22 @@ def _shard(spec: str) -> tuple[int, int]:
         return int(i), int(n)
     except ValueError:
         raise ValueError(f"--shard must be I/N (e.g. 2/8), got {spec!r}") from None
+
+
+def probe_seed(seed: int, round_idx: int, label: str) -> int:
+    """The estimator seed of one (round, subject group, estimator family) unit.
+
+    ``SeedSequence([seed, round, crc32(label)])``: every unit draws its own probes and start
+    vectors, so estimator errors are independent across rounds and subject groups (with one
+    seed for all, the same probes came back at every round and errors correlated at ~0.9
+    between subjects), while the same command still gives the same bits. Subset draws keep
+    their own round-independent seeds (``data_seed``), so the same subsets are compared at
+    every round.
+    """
+    import numpy as np
+
+    ss = np.random.SeedSequence([int(seed), int(round_idx), zlib.crc32(label.encode())])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _int_at_least(flag: str, value: Any, low: int, why: str = "") -> None:

@@ -52,7 +52,7 @@ from hessrank.analysis.quantities import (
     parse_quantities,
     quantity_rows,
 )
-from hessrank.analysis.settings import AnalysisSettings, digest
+from hessrank.analysis.settings import AnalysisSettings, digest, probe_seed
 from hessrank.analysis.sources import (
     StateDictDir,
     data_hash,
@@ -372,8 +372,9 @@ def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
                  "seconds": dt} for t in table.itertuples()]
         return rows, None, "{}"
     op = _build(u, model, loss_fn, s)
+    seed = probe_seed(s.seed, u.round, f"{u.family}:{u.label}")
     t0 = time.perf_counter()
-    res = estimate(u.family, CountingOperator(op, progress), matvecs=s.matvecs, seed=s.seed,
+    res = estimate(u.family, CountingOperator(op, progress), matvecs=s.matvecs, seed=seed,
                    rtol=s.rtol, max_matvecs=s.max_matvecs, density_probes=s.density_probes,
                    density_steps=s.density_steps)
     dt = time.perf_counter() - t0
@@ -382,7 +383,7 @@ def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
     per_op = quantity_rows(names, res)
     rows, dens = [], None
     for subj, j in zip(u.group.subjects, u.group.index):
-        base = _base(u, subj, hashes[subj.name], s, rtol, route)
+        base = {**_base(u, subj, hashes[subj.name], s, rtol, route), "seed": seed}
         rows.extend({**base, **r, "layer": "", "seconds": dt} for r in per_op[j])
     if u.family == "density":
         d = res.density
