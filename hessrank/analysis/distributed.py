@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Ranks", "from_environment", "shard_bounds", "shard_pair"]
+__all__ = ["Ranks", "from_environment", "launched_world", "shard_bounds", "shard_pair"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,15 @@ class Ranks:
             dist.destroy_process_group()
 
 
+def launched_world() -> int:
+    """``WORLD_SIZE`` of the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def from_environment(device: str) -> Ranks | None:
     """The ranks of a ``torchrun`` launch (None in a plain single process); initialises the
     default process group from the environment when nobody has yet."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launched_world()
     if world <= 1:
         return None
     import torch.distributed as dist

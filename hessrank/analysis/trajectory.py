@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from hessrank.analysis.alignment import gradient_alignment
-from hessrank.analysis.distributed import Ranks, from_environment
+from hessrank.analysis.distributed import Ranks, from_environment, launched_world
 from hessrank.analysis.progress import CountingOperator, Progress
 from hessrank.analysis.quantities import (
     QUANTITIES,
@@ -127,12 +127,12 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     """:func:`analyze` with typed settings."""
     started = _now()
     s = settings.validate()
-    ranks = from_environment(s.device)
-    if ranks is not None and s.workers > 1:
+    if s.workers > 1 and launched_world() > 1:
         raise ValueError("--workers starts its own processes: under torchrun leave it out "
                          "(--shard is fine)")
     if s.workers > 1:
         return _run_pool(run_dir, s, out=out, command=command)
+    ranks = from_environment(s.device)
     try:
         return _run(run_dir, s, ranks, out=out, command=command, started=started)
     finally:

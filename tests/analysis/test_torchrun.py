@@ -69,3 +69,10 @@ def test_two_gloo_ranks_equal_one_process(trained_run, tmp_path):
         assert diff <= 1e-10 * max(1.0, float(a[col].abs().max())), (col, diff)
     # the distributed products route through per-client operators that all-reduce
     assert b["route"].str.contains("per-client").any()
+
+
+def test_workers_under_torchrun_is_refused(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun"):
+        analyze(trained_run, out=tmp_path / "x", workers=2, rounds="1", progress=False)
+    assert not (tmp_path / "x").exists()
