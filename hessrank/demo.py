@@ -45,38 +45,38 @@ def run_config(clients: int, rounds: int, save_every: int, seed: int) -> dict:
     )
 
 
-def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Per round: server srank ± stderr, client mean and range, ratio, and the share of clients
-    whose srank exceeds the server's by more than 2 combined standard errors."""
-    import numpy as np
-    import pandas as pd
+SHOWN = {
+    "round": "round", "server": "server", "server_stderr": "±", "client_mean": "client mean",
+    "client_min": "min", "client_max": "max", "ratio": "ratio", "ratio_stderr": "ratio ±",
+    "frac_clients_above_2se": "above", "frac_clients_below_2se": "below",
+    "subset50_mean": "subset50", "verdict": "verdict",
+}
+"""Columns of the printed table (the CSV keeps all) and their headers. above / below: the
+share of clients more than 2 combined standard errors above / below the server."""
 
+
+def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per round: the shared client-vs-server summary
+    (:func:`hessrank.analysis.inference.client_vs_server_summary`: server srank ± stderr,
+    client mean, range, ratio ± delta-method stderr, shares of clients more than 2 combined
+    stderr above / below the server), the mean of the random 50-sample subsets, and a verdict
+    by majority of clients; with the text that reports them."""
+    import numpy as np
+
+    from hessrank.analysis.inference import client_vs_server_summary
+
+    per_round = client_vs_server_summary(table)
     sr = table[table["quantity"] == "stable-rank"]
-    rows = []
-    for r, g in sr.groupby("round"):
-        server = g[g["subject_kind"] == "server"].iloc[0]
-        clients = g[g["subject_kind"] == "client"]
-        subsets = g[g["subject_kind"] == "subset"]
-        z = (clients["value"] - server["value"]) / np.hypot(clients["stderr"], server["stderr"])
-        rows.append({
-            "round": int(r),
-            "server": server["value"], "server_stderr": server["stderr"],
-            "client_mean": clients["value"].mean(), "client_min": clients["value"].min(),
-            "client_max": clients["value"].max(),
-            "subset50_mean": subsets["value"].mean() if len(subsets) else np.nan,
-            "ratio": clients["value"].mean() / server["value"],
-            "clients_above_2se": float((z > 2).mean()),
-            "clients_below_2se": float((z < -2).mean()),
-        })
-    per_round = pd.DataFrame(rows)
-    acc = metrics.dropna(subset=["test_accuracy"]).iloc[-1]["test_accuracy"]
+    subsets = sr[sr["subject_kind"] == "subset"].groupby("round")["value"].mean()
+    per_round["subset50_mean"] = per_round["round"].map(subsets).astype(float)
     per_round["verdict"] = np.select(
-        [per_round["clients_above_2se"] > 0.5, per_round["clients_below_2se"] > 0.5],
+        [per_round["frac_clients_above_2se"] > 0.5, per_round["frac_clients_below_2se"] > 0.5],
         ["client > server", "client < server"], default="mixed",
     )
+    acc = metrics.dropna(subset=["test_accuracy"]).iloc[-1]["test_accuracy"]
 
     def rounds_with(label: str) -> str:
-        rs = per_round.loc[per_round["verdict"] == label, "round"].tolist()
+        rs = per_round.loc[per_round["verdict"] == label, "round"].astype(int).tolist()
         return ", ".join(map(str, rs)) if rs else "none"
 
     text = (
@@ -91,6 +91,7 @@ def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame,
         + ("holds at every saved round of this run."
            if (per_round["verdict"] == "client > server").all()
            else "does not hold along the whole trajectory of this run.")
+        + " (Per-round description; `hessrank study` tests it across replicates.)"
     )
     return per_round, text
 
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     per_round, text = summarize(table, run.metrics())
     per_round.to_csv(args.out / "summary.csv", index=False)
     with pd.option_context("display.width", 120):
-        print(per_round.to_string(index=False, float_format=lambda v: format_number(v, 4)))
+        shown = per_round[list(SHOWN)].rename(columns=SHOWN)
+        print(shown.to_string(index=False, float_format=lambda v: format_number(v, 4)))
     print()
     print(text)
     print(f"\ntable:   {analysis / 'results.csv'}\nsummary: {args.out / 'summary.csv'}")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from hessrank import demo
+from hessrank.analysis.inference import CLIENT_SERVER_COLUMNS, client_vs_server_summary
 
 
 def _table() -> pd.DataFrame:
@@ -33,6 +34,11 @@ def test_summary_is_computed_from_the_table():
     assert per_round["round"].tolist() == [0, 5, 10]
     assert per_round["verdict"].tolist() == ["client < server", "client > server", "mixed"]
     np.testing.assert_allclose(per_round["ratio"], [0.3, 4.0, 1.0])
+    # the one summary shared with the figures and notebooks, plus the demo's two columns
+    pd.testing.assert_frame_equal(per_round[CLIENT_SERVER_COLUMNS],
+                                  client_vs_server_summary(_table()))
+    np.testing.assert_allclose(per_round["subset50_mean"], [40.0, 20.0, 20.0])
+    assert set(demo.SHOWN) <= set(per_round.columns)
     assert "test accuracy 0.876" in text and "0.30–4.00×" in text
     assert "above the server at rounds 5" in text and "below at rounds 0" in text
     assert "(mixed: 10)" in text and "averaged 2.00×" in text

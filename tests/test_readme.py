@@ -4,7 +4,8 @@
   when a ```text block follows it, that block is exactly what it printed.
 - Every command in a ```bash block is one the code accepts: ``hessrank ...`` and
   ``python -m hessrank.demo ...`` lines parse with the real parsers (every flag exists, every
-  value has the right type), ``make X`` names a Makefile target.
+  value has the right type), ``make X`` names a Makefile target, ``papermill NB.ipynb ...``
+  names a committed notebook and only parameters of its ``parameters`` cell.
 
 After changing an example, regenerate its output block from a real run:
 
@@ -107,6 +108,8 @@ def check_command(argv: list[str]) -> str | None:
         targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
         missing = [t for t in argv[1:] if t not in targets]
         return f"no Makefile target {missing}" if missing else None
+    if argv[0] == "papermill":
+        return _check_papermill(argv[1:])
     if argv[0] == "hessrank":
         parser, rest = build_parser(), argv[1:]
     elif argv[:3] == ["python", "-m", "hessrank.demo"]:
@@ -121,6 +124,21 @@ def check_command(argv: list[str]) -> str | None:
             if exit_.code:
                 return err.getvalue().strip()
     return None
+
+
+def _check_papermill(args: list[str]) -> str | None:
+    """Why ``papermill args`` would fail on the checkout: a notebook that is not committed, or a
+    ``-p NAME VALUE`` whose NAME the notebook's ``parameters`` cell does not define."""
+    notebook = ROOT / args[0]
+    if notebook.suffix != ".ipynb" or not notebook.is_file():
+        return f"no notebook {args[0]}"
+    cells = json.loads(notebook.read_text())["cells"]
+    params = "".join("".join(c["source"]) for c in cells
+                     if "parameters" in c.get("metadata", {}).get("tags", []))  # fmt: skip
+    defined = set(re.findall(r"^(\w+)\s*=", params, re.M))
+    names = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-p", "--parameters")]
+    unknown = [n for n in names if n not in defined]
+    return f"{args[0]} has no parameter {unknown}" if unknown else None
 
 
 def test_python_examples_print_what_the_readme_shows(tmp_path):
@@ -150,6 +168,10 @@ def test_the_checker_rejects_what_the_cli_rejects():
     assert check_command(["hessrank", "analyze", "runs/x", "--matvec", "3"])
     assert check_command(["hessrank", "train", "--out", "x", "--rounds", "ten"])
     assert check_command(["make", "no-such-target"])
+    assert check_command(["papermill", "notebooks/no_such.ipynb", "out.ipynb"])
+    assert check_command(["papermill", "notebooks/05_theory.ipynb", "o.ipynb", "-p", "SIZ", "x"])
+    assert check_command(["papermill", "notebooks/05_theory.ipynb", "o.ipynb", "-p", "SIZE",
+                          "smoke"]) is None
     assert check_command(["hessrank", "plot", "runs/x/analysis"]) is None
     assert commands("```bash\nOMP_NUM_THREADS=1 hessrank plot a \\\n  --out b  # c\n```\n") == [
         (2, ["hessrank", "plot", "a", "--out", "b"])

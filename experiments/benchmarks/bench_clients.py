@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{means[a]:.3f} ± {sd:.3f} ({floats:.2e} floats)")
             diff = means.get("fedloru", float("nan")) - means.get("fedavg", float("nan"))
             lines.append(f"| {part} | {k} | " + " | ".join(cells) + f" | {diff:+.3f} |")
+    command = " ".join(sys.argv[1:] if argv is None else argv) or "default arguments"
+    full = (args.seeds, args.rounds) == (3, 30)
+    reduced = "" if full else " (reduced from the full protocol's 3 seeds and 30 rounds)"
     header = (
-        f"# Accuracy vs number of clients (bench_clients.py{' --fast' if args.fast else ''})\n\n"
+        f"# Accuracy vs number of clients (bench_clients.py {command})\n\n"
+        f"Scale of this run: K {args.ks}, {args.seeds} seed(s), {args.rounds} rounds, lr grid "
+        f"{lrs}{reduced}.\n\n"
         f"{datetime.date.today()}; torch {torch.__version__}; 1 thread; digits MLP 64-64, rank "
         f"8, merge every 5, 1 local epoch, batch 32, {args.rounds} rounds, {args.seeds} "
         f"seed(s); lrs tuned on validation (K = 10, Dirichlet): {best}; "

@@ -75,6 +75,7 @@ __all__ = [
     "subset_size_units",
     "test_hypotheses",
     "transform_values",
+    "update_alignment_units",
     "verdict",
 ]
 
@@ -228,6 +229,31 @@ def alignment_units(table: pd.DataFrame, rank: int, quantity: str = "alignment")
                         "arm": "a", "unit": low["layer"].to_numpy(),
                         "value": low["value"].to_numpy() - f})
     return out.dropna(subset=["value"])[UNIT_COLUMNS]
+
+
+def update_alignment_units(pairs: pd.DataFrame, rank: int,
+                           layers: Sequence[str] | None = None) -> pd.DataFrame:
+    """Units frame of A_r − A_full of recorded client *updates*, unit = client.
+
+    ``pairs`` holds :data:`hessrank.analysis.update_alignment.PAIR_COLUMNS` plus replicate
+    and round: D_r(a, b) per client pair. Pairs are not independent (pair (a, b) and (a, c)
+    share client a), clients are: the value of client c at a round is the mean of D_r(c, c')
+    over its partners c' and over the chosen weight matrices (all by default), arm "a". The
+    mean over clients equals the mean over pairs when every pair is present, so the estimate
+    is A_r − A_full, and the bootstrap resamples the independent level.
+    """
+    p = _with_replicate(pairs)
+    p = p[p["rank"] == int(rank)]
+    if layers is not None:
+        p = p[p["layer"].isin(list(layers))]
+    if p.empty:
+        raise ValueError(f"A_{rank} − A_full of updates needs pair rows at rank {rank}"
+                         + (f" for layers {list(layers)}" if layers is not None else ""))
+    both = pd.concat([p.rename(columns={"client_a": "unit"}).drop(columns="client_b"),
+                      p.rename(columns={"client_b": "unit"}).drop(columns="client_a")])
+    out = both.groupby(["replicate", "round", "unit"], as_index=False)["value"].mean()
+    out["unit"] = "client" + out["unit"].astype(int).astype(str)
+    return out.assign(arm="a")[UNIT_COLUMNS]
 
 
 def phase_unit_means(units: pd.DataFrame, rounds: Sequence[int]) -> pd.DataFrame:

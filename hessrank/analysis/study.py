@@ -20,6 +20,11 @@ A study spec is a TOML file (``experiments/configs/*.toml``)::
     matched_draws = 5
     nested_sizes = [25, 50, 100]
 
+    [diagnostics]             # optional: hessrank.analysis.diagnostics.run_diagnostics
+    subjects = "server,subset:50x5,subset:500x5"   # at every analyzed round (or rounds = [...])
+    matvecs = 40
+    density_probes = 8
+
     [inference]
     alpha = 0.05
     adjust = "holm"           # or "bh"
@@ -29,6 +34,9 @@ A study spec is a TOML file (``experiments/configs/*.toml``)::
     [[hypotheses]]
     name = "n50_minus_n500"
     kind = "subset-size"      # or "client-server", "alignment", "matched-size", ...
+                              # alignment: rank = r; with [train] record_updates = true it
+                              # tests the recorded client updates (unit = client), else the
+                              # gradient alignment rows of ``analyze`` (unit = layer)
     small = 50
     large = 500               # or "server"
     transform = "log"         # difference of log stable ranks (a ratio)
@@ -43,8 +51,10 @@ its probe vectors are drawn from the same seed at every round).
 Layout of ``out``: ``spec.toml`` (the spec as run), ``replicate_{i}/run`` (training),
 ``replicate_{i}/analysis`` (``analyze``'s resumable store), ``replicate_{i}/controls``,
 ``results.{parquet,csv}`` (all replicates, with a ``replicate`` column), ``hypotheses.csv``,
-``regression.csv`` (with controls) and ``study.json`` (provenance). Rerunning resumes; an
-``out`` holding a different spec is refused.
+``regression.csv`` (with controls), ``diagnostics.csv`` (with [diagnostics]; per replicate in
+``replicate_{i}/diagnostics.csv``), ``update_pairs.csv`` (alignment of recorded updates; per
+replicate in ``replicate_{i}/update_pairs.csv``) and ``study.json`` (provenance). Rerunning
+resumes; an ``out`` holding a different spec is refused.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +83,9 @@ __all__ = [
     "analysis_seed",
     "build_units",
     "load_spec",
+    "phases_of",
     "run_study",
+    "update_pairs",
 ]
 
 HYPOTHESIS_KINDS = ("client-server", "subset-size", "nested", "alignment", "matched-size",
@@ -93,6 +106,11 @@ class StudySpec:
     inference: dict[str, Any]
     hypotheses: list[dict[str, Any]]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def update_ranks(self) -> list[int]:
+        """Ranks of the ``alignment`` hypotheses that test recorded client updates."""
+        return sorted({int(h["rank"]) for h in self.hypotheses if _from_updates(self.train, h)})
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -113,7 +131,7 @@ def load_spec(path: str | Path) -> StudySpec:
 
 
 def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
-    known = {"study", "train", "analyze", "controls", "inference", "hypotheses"}
+    known = {"study", "train", "analyze", "controls", "diagnostics", "inference", "hypotheses"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown sections {unknown}; valid: {sorted(known)}")
@@ -135,6 +153,22 @@ def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
         if not float(h.get("min_effect", 0)) > 0:
             raise ValueError(f"{where}: hypothesis {h['name']!r} needs min_effect > 0, stated "
                              "up front")
+        if h["kind"] == "alignment" and "rank" not in h:
+            raise ValueError(f"{where}: alignment hypothesis {h['name']!r} needs rank = r "
+                             "(A_r − A_full)")
+        if h.get("source", "gradients") not in ("gradients", "updates"):
+            raise ValueError(f"{where}: hypothesis {h['name']!r} has source "
+                             f"{h['source']!r}; valid: gradients, updates")
+        if h.get("source") == "updates" and not raw["train"].get("record_updates"):
+            raise ValueError(f"{where}: hypothesis {h['name']!r} tests recorded updates: set "
+                             "record_updates = true in [train]")
+    diag = dict(raw.get("diagnostics", {}))
+    from hessrank.analysis.diagnostics import DIAGNOSTIC_KEYS
+
+    bad = sorted(set(diag) - set(DIAGNOSTIC_KEYS))
+    if bad:
+        raise ValueError(f"{where}: unknown [diagnostics] keys {bad}; valid: "
+                         f"{list(DIAGNOSTIC_KEYS)}")
     names = [h["name"] for h in hyps]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: hypothesis names must be unique, got {names}")
@@ -145,8 +179,17 @@ def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
         name=str(study.get("name", "study")), replicates=replicates,
         seed=int(study.get("seed", 0)), train=dict(raw["train"]),
         analyze=dict(raw.get("analyze", {})), controls=dict(raw.get("controls", {})),
-        inference=dict(raw.get("inference", {})), hypotheses=hyps, raw=raw,
+        inference=dict(raw.get("inference", {})), hypotheses=hyps, raw=raw, diagnostics=diag,
     )
+
+
+def _from_updates(train: dict[str, Any], hypothesis: dict[str, Any]) -> bool:
+    """An alignment hypothesis tests recorded updates when its source says so, or by default
+    when [train] records them."""
+    if hypothesis["kind"] != "alignment":
+        return False
+    default = "updates" if train.get("record_updates") else "gradients"
+    return hypothesis.get("source", default) == "updates"
 
 
 def analysis_seed(study_seed: int, replicate: int) -> int:
@@ -178,6 +221,38 @@ def _controls_replicate(run_path: Path, out: Path, seed: int, rounds, matvecs: i
                             **kwargs)
 
 
+def update_pairs(run_path: Path, ranks: Sequence[int]) -> pd.DataFrame:
+    """D_r per (round, layer, client pair) of every recorded round of a run."""
+    from hessrank.analysis.update_alignment import load_client_updates, pair_differences
+
+    folder = run_path / "updates"
+    rounds = sorted(int(p.stem.removeprefix("round_")) for p in folder.glob("round_*.safetensors")
+                    ) if folder.is_dir() else []
+    if not rounds:
+        raise ValueError(f"{run_path} has no recorded client updates ({folder}); the alignment "
+                         "hypotheses of updates need [train] record_updates = true")
+    frames = [pair_differences(load_client_updates(run_path, r), ranks).assign(round=r)
+              for r in rounds]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _diagnostics_replicate(run_path: Path, out: Path, seed: int, rounds, conf: dict[str, Any],
+                           progress: bool) -> pd.DataFrame:
+    """Diagnostics of one replicate, reused when ``out`` holds them for the same settings."""
+    from hessrank.analysis.diagnostics import run_diagnostics
+
+    kwargs = {"rounds": rounds, **conf}
+    settings = json.dumps({"seed": seed, **kwargs}, sort_keys=True, default=str)
+    csv, meta = out / "diagnostics.csv", out / "diagnostics.json"
+    if csv.is_file() and meta.is_file() and meta.read_text() == settings:
+        return pd.read_csv(csv)
+    table = run_diagnostics(run_path, seed=seed, progress=progress, **kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(csv, table.to_csv(index=False))
+    atomic_write_text(meta, settings)
+    return table
+
+
 def _entropy(table: pd.DataFrame, run_path: Path) -> pd.Series:
     from hessrank.analysis.controls import subject_label_entropy
     from hessrank.checkpoints import RunDir
@@ -203,12 +278,17 @@ def _matched_units(table: pd.DataFrame, kind: str, transform: str) -> pd.DataFra
     return out.dropna(subset=["value"])
 
 
-def build_units(table: pd.DataFrame, hypothesis: dict[str, Any]) -> pd.DataFrame:
+def build_units(table: pd.DataFrame, hypothesis: dict[str, Any],
+                updates: pd.DataFrame | None = None) -> pd.DataFrame:
     """Units frame of one spec hypothesis from the study table.
 
     kinds: client-server (client − server, paired per client); subset-size (draws of size
     ``small`` − draws of size ``large`` or the server); nested (the same between nested sizes,
-    units = nested chains); alignment (A_rank − A_full per layer); matched-size /
+    units = nested chains); alignment (A_rank − A_full: of recorded updates from ``updates``,
+    the pair table of :func:`~hessrank.analysis.update_alignment.pair_differences` with
+    replicate and round, unit = client, see
+    :func:`~hessrank.analysis.inference.update_alignment_units`; or of gradients per layer
+    from the analysis rows when ``updates`` is None); matched-size /
     matched-label (client − the mean of its size-/label-matched random subsets: > 0 means the
     client's excess is not explained by its sample size / its label histogram alone).
     """
@@ -221,12 +301,16 @@ def build_units(table: pd.DataFrame, hypothesis: dict[str, Any]) -> pd.DataFrame
                                      if hypothesis["large"] == "server"
                                      else int(hypothesis["large"]), q, tr,
                                      kind="subset" if kind == "subset-size" else "nested")
+    if kind == "alignment" and updates is not None:
+        return inf.update_alignment_units(updates, int(hypothesis["rank"]),
+                                          hypothesis.get("layers"))
     if kind == "alignment":
         return inf.alignment_units(table, int(hypothesis["rank"]), q)
     return _matched_units(table, kind, tr)
 
 
-def _phases(spec: StudySpec) -> list[inf.Phase]:
+def phases_of(spec: StudySpec) -> list[inf.Phase]:
+    """The spec's ``[inference] phases`` (default: thirds of the rounds)."""
     ph = spec.inference.get("phases")
     if ph is None:
         return inf.default_phases()
@@ -234,30 +318,41 @@ def _phases(spec: StudySpec) -> list[inf.Phase]:
                       bool(p.get("absolute", False))) for p in ph]
 
 
-def infer(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.DataFrame:
+def infer(table: pd.DataFrame, spec: StudySpec, last_round: int,
+          updates: pd.DataFrame | None = None) -> pd.DataFrame:
     """``hypotheses.csv`` of a study table (every hypothesis × phase, one multiplicity family).
 
     Grid check: the same tests on the even-indexed and on the odd-indexed analyzed rounds
     alone (each its own family) give ``verdict_even_grid`` / ``verdict_odd_grid``
     ("" where that grid has no round in the phase); ``settled`` is True when every grid
     that covers the phase agrees with ``verdict``. A verdict that flips under a coarser
-    checkpoint grid is not settled.
+    checkpoint grid is not settled. The grids are taken over each hypothesis's own rounds
+    (recorded updates exist at other rounds than the analyzed checkpoints).
+
+    ``updates``: the pair table of the recorded updates (all replicates), needed by the
+    alignment hypotheses of updates (:meth:`StudySpec.update_ranks`).
     """
-    units = {h["name"]: build_units(table, h) for h in spec.hypotheses}
+    units = {}
+    for h in spec.hypotheses:
+        if _from_updates(spec.train, h) and updates is None:
+            raise ValueError(f"hypothesis {h['name']!r} tests recorded updates; pass their "
+                             "pair table")
+        units[h["name"]] = build_units(table, h, updates if _from_updates(spec.train, h)
+                                       else None)
     conf = spec.inference
     kwargs = dict(
         min_effect={h["name"]: float(h["min_effect"]) for h in spec.hypotheses},
-        phases=_phases(spec), last_round=last_round, alpha=float(conf.get("alpha", 0.05)),
+        phases=phases_of(spec), last_round=last_round, alpha=float(conf.get("alpha", 0.05)),
         adjust=str(conf.get("adjust", "holm")), num_resamples=int(conf.get("resamples", 4000)),
         seed=int(conf.get("seed", spec.seed)),
         transform={h["name"]: h.get("transform", "identity") for h in spec.hypotheses},
     )
     hyp = inf.test_hypotheses(units, **kwargs)
-    rounds = sorted(int(r) for r in table["round"].unique())
     key = ["hypothesis", "phase"]
     agree = pd.Series(True, index=hyp.index)
-    for label, grid in (("even", rounds[0::2]), ("odd", rounds[1::2])):
-        sub = {k: u[u["round"].isin(grid)] for k, u in units.items()}
+    for label, start in (("even", 0), ("odd", 1)):
+        sub = {k: u[u["round"].isin(sorted(u["round"].unique())[start::2])]
+               for k, u in units.items()}
         sub = {k: u for k, u in sub.items() if len(u)}
         alt = inf.test_hypotheses(sub, **kwargs) if sub else pd.DataFrame(
             columns=inf.HYPOTHESES_COLUMNS)
@@ -277,7 +372,7 @@ def _regressions(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.Da
     sub = table[table["subject_kind"] != "server"]
     if not sub["label_entropy"].notna().any():
         return None
-    by_phase = inf.assign_phases(sub["round"].unique(), _phases(spec), last_round)
+    by_phase = inf.assign_phases(sub["round"].unique(), phases_of(spec), last_round)
     frames = []
     for name, rounds in [("all", None), *by_phase.items()]:
         if rounds is not None and not rounds:
@@ -335,7 +430,8 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
                       "clusters; verdicts speak for these runs, not for the training recipe",
                       stacklevel=2)
     t_start = time.perf_counter()
-    frames, controls, timing = [], [], []
+    frames, controls, diagnostics, pairs, timing = [], [], [], [], []
+    update_ranks = spec.update_ranks()
     analyze_kwargs = dict(spec.analyze)
     analyze_kwargs.setdefault("quantities", "stable-rank")
     last_round = int(spec.train.get("rounds", 50))
@@ -359,11 +455,33 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
             ctrl = _controls_replicate(run.path, rep / "controls", seed, rounds,
                                        int(analyze_kwargs.get("matvecs", 40)), spec.controls)
             controls.append(ctrl.assign(replicate=i, train_seed=spec.seed + i))
+        t3 = time.perf_counter()
+        if spec.diagnostics:
+            conf = dict(spec.diagnostics)
+            rounds = conf.pop("rounds", sorted(int(r) for r in table["round"].unique()))
+            diag = _diagnostics_replicate(run.path, rep, seed, rounds, conf, progress)
+            diagnostics.append(diag.assign(replicate=i, train_seed=spec.seed + i))
+        t4 = time.perf_counter()
+        if update_ranks:
+            pair_file = rep / "update_pairs.csv"
+            if pair_file.is_file():
+                pt = pd.read_csv(pair_file)
+            else:
+                pt = update_pairs(run.path, update_ranks)
+                atomic_write_text(pair_file, pt.to_csv(index=False))
+            pairs.append(pt.assign(replicate=i))
         timing.append({"replicate": i, "train_s": t1 - t0, "analyze_s": t2 - t1,
-                       "controls_s": time.perf_counter() - t2})
+                       "controls_s": t3 - t2, "diagnostics_s": t4 - t3,
+                       "updates_s": time.perf_counter() - t4})
     table = pd.concat(frames + controls, ignore_index=True)
     _write_table(out, "results", table)
-    hyp = infer(table, spec, last_round)
+    if diagnostics:
+        atomic_write_text(out / "diagnostics.csv",
+                          pd.concat(diagnostics, ignore_index=True).to_csv(index=False))
+    updates = pd.concat(pairs, ignore_index=True) if pairs else None
+    if updates is not None:
+        atomic_write_text(out / "update_pairs.csv", updates.to_csv(index=False))
+    hyp = infer(table, spec, last_round, updates)
     atomic_write_text(out / "hypotheses.csv", hyp.to_csv(index=False))
     regression = _regressions(table, spec, last_round)
     if regression is not None:

@@ -48,8 +48,10 @@ from hessrank.analysis.inference import offdiag_mean_jackknife
 
 __all__ = [
     "COLUMNS",
+    "PAIR_COLUMNS",
     "hessian_overlap",
     "load_client_updates",
+    "pair_differences",
     "principal_cosines",
     "random_orthogonal",
     "rank_alignment",
@@ -60,6 +62,9 @@ __all__ = [
 COLUMNS = ["metric", "layer", "rank", "value", "stderr", "null_mean", "null_sd", "z",
            "num_clients", "shape"]
 """Columns of every metric's table. ``rank``: truncation rank / subspace dim (0 = full)."""
+
+PAIR_COLUMNS = ["layer", "rank", "client_a", "client_b", "value"]
+"""Columns of :func:`pair_differences`: one row per (layer, rank, client pair a < b)."""
 
 Updates = Mapping[int, Mapping[str, Tensor]]
 
@@ -138,6 +143,31 @@ def rank_alignment(updates: Updates, ranks: Sequence[int] = (1, 2, 4, 8), *,
             null = [_diff_alignment(rot, r)[0] for rot in rotated]
             rows.append(_row("rank-alignment", layer, r, value, se, null, len(mats), (m, n)))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def pair_differences(updates: Updates, ranks: Sequence[int] = (1, 2, 4, 8), *,
+                     layers: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per weight matrix, rank r and client pair (a, b), a < b, the paired difference
+
+        D_r(a, b) = cos([Δ_a]_r, [Δ_b]_r) − cos(Δ_a, Δ_b)
+
+    whose mean over pairs is :func:`rank_alignment`'s D_r = A_r − A_∞ (the input of the
+    study's ``alignment`` hypotheses). Ranks ≥ min(m, n) are skipped; pairs with a zero
+    update (NaN cosine) are dropped."""
+    rows = []
+    ids = sorted(updates)
+    for layer, mats in _matrices(updates, layers).items():
+        full = pairwise_cosines(mats)
+        iu = np.triu_indices(len(mats), k=1)
+        for r in ranks:
+            if r >= min(mats[0].shape):
+                continue
+            D = pairwise_cosines([low_rank(G, r) for G in mats]) - full
+            for i, j in zip(*iu):
+                if np.isfinite(D[i, j]):
+                    rows.append({"layer": layer, "rank": int(r), "client_a": ids[i],
+                                 "client_b": ids[j], "value": float(D[i, j])})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
 def principal_cosines(A: Tensor, B: Tensor) -> Tensor:

@@ -176,6 +176,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
             else:
                 argv += [flag, str(value)]
     argv += ["--resume" if args.resume else "--no-resume", "--device", str(args.device)]
+    argv += ["--engine", str(args.engine)]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     return argv + (["--quiet"] if args.quiet else [])
@@ -191,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     # (hessrank.clikit.run_command) prints them as one line with a hint, exit status 1
     run = train(
         config, args.out, resume=args.resume, progress=not args.quiet, device=args.device,
-        threads=args.threads, command=_command_line(args),
+        threads=args.threads, command=_command_line(args), engine=args.engine,
     )  # fmt: skip
     last = run.metrics().iloc[-1].to_dict() if run.rounds() else {}
     summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
@@ -278,6 +279,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--threads", type=int, default=None, metavar="N",
         help="torch threads for training (default: torch's own); recorded in provenance.json "
         "because the weights' last bits depend on it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine", default="builtin", choices=("builtin", "flower"),
+        help="builtin: clients run in this process; flower: every client task runs in a "
+        "Flower ClientApp under Flower's simulation engine (needs flwr[simulation]; same "
+        "run directory and weights; see docs/flower.md)",
     )  # fmt: skip
     _add_field_flags(parser)
     parser.set_defaults(func=_run)

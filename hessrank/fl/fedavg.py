@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, FederatedAlgorithm, RoundStats, check_finite_reply
+from hessrank.fl.base import (
+    ClientData,
+    ClientReply,
+    ClientTask,
+    Execute,
+    FederatedAlgorithm,
+    RoundStats,
+    check_finite_reply,
+)
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.local import LocalResult, LossFn, local_sgd
 
@@ -129,11 +137,19 @@ class FedAvg(FederatedAlgorithm):
         return {k: v for k, v in state.items() if k not in keys}
 
     def _train_client(
-        self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
+        self,
+        message: dict[str, Tensor],
+        client: ClientData,
+        lr: float,
+        gen: torch.Generator,
+        held: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], LocalResult]:
-        """Client code: load the message, train locally, reply with the same keys."""
+        """Client code: load what the client holds (``held``, default the server's copy) and
+        the message, train locally, reply with the same keys."""
         worker = self._worker_model()
-        worker.load_state_dict(self._client_held(client.client_id), strict=False)
+        if held is None:
+            held = self._client_held(client.client_id)
+        worker.load_state_dict(held, strict=False)
         worker.load_state_dict(message, strict=False)
         trainable = [p for p in worker.parameters() if p.requires_grad]
         result = self._local(worker, trainable, client, lr, gen)
@@ -162,26 +178,49 @@ class FedAvg(FederatedAlgorithm):
         return {}
 
     # ---- protocol ----------------------------------------------------------------------
+    def client_work(
+        self, task: ClientTask, data: ClientData, generator: torch.Generator
+    ) -> ClientReply:
+        """Phase ``train``: local training from the message; replies with the message's keys
+        and the metrics ``loss`` (mean local batch loss), ``steps`` and ``seconds``."""
+        if task.phase != "train":
+            raise ValueError(f"{self.name} has only the phase 'train', got {task.phase!r}")
+        reply, result = self._train_client(task.message, data, task.lr, generator, task.held)
+        metrics = {"loss": result.mean_loss, "steps": float(result.num_steps),
+                   "seconds": result.seconds}  # fmt: skip
+        return ClientReply(reply, metrics)
+
     def run_round(
-        self, round_idx: int, clients: list[ClientData], lr: float, generator: torch.Generator
+        self,
+        round_idx: int,
+        clients: list[ClientData],
+        lr: float,
+        generator: torch.Generator,
+        execute: Execute | None = None,
     ) -> RoundStats:
-        """One round; clients are visited in the given order, all drawing from ``generator``."""
+        """One round; clients are visited in the given order, all drawing from ``generator``:
+        broadcast (``_download``) -> ``client_work`` per client (through ``execute``) ->
+        ``_aggregate`` -> ``_after_round``."""
         if not clients:
             raise ValueError("a round needs at least one sampled client")
+        run = self._execute(execute)
         replies, losses, seconds = [], [], 0.0
         up: dict[int, int] = {}
         down: dict[int, int] = {}
         for client in clients:
             message = self._download(client.client_id)
             down[client.client_id] = self._sync_floats(client.client_id) + count_floats(message)
-            reply, result = self._train_client(message, client, lr, generator)
+            task = ClientTask("train", client.client_id, message,
+                              self._client_held(client.client_id), lr)  # fmt: skip
+            answer = run(task, client, generator)
+            reply = answer.tensors
             check_finite_reply(reply, client.client_id)
             up[client.client_id] = self._reply_floats(reply, client.client_id)
             if self.record is not None:
                 self.record[client.client_id] = self._client_effective(reply, client.client_id)
             replies.append(reply)
-            losses.append(result.mean_loss)
-            seconds += result.seconds
+            losses.append(float(answer.metrics["loss"]))
+            seconds += float(answer.metrics["seconds"])
         self._aggregate(replies, clients)
         extra = {"client_seconds": seconds}
         extra.update(self._after_round(round_idx, generator))

@@ -110,6 +110,7 @@ class PFedLoRU(FedLoRU):
     """
 
     name = "pfedloru"
+    stateless_clients = False  # the personal pairs live between rounds
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         super().__init__(model, config)
@@ -138,10 +139,17 @@ class PFedLoRU(FedLoRU):
         return self._worker
 
     def _train_client(
-        self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
+        self,
+        message: dict[str, Tensor],
+        client: ClientData,
+        lr: float,
+        gen: torch.Generator,
+        held: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], LocalResult]:
         worker = self._worker_model()
-        worker.load_state_dict(self._client_held(client.client_id), strict=False)
+        if held is None:
+            held = self._client_held(client.client_id)
+        worker.load_state_dict(held, strict=False)
         worker.load_state_dict(message, strict=False)
         worker.load_state_dict(self.personal[client.client_id], strict=False)
         personal = {n for n in self.personal[client.client_id]}
@@ -255,6 +263,7 @@ class MFedLoRU(FedLoRU):
     """
 
     name = "mfedloru"
+    stateless_clients = False  # hierarchical replies report their size through self._sent
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         super().__init__(model, config)
@@ -287,10 +296,17 @@ class MFedLoRU(FedLoRU):
 
     # ---- hierarchical ----------------------------------------------------------------
     def _train_nested(
-        self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
+        self,
+        message: dict[str, Tensor],
+        client: ClientData,
+        lr: float,
+        gen: torch.Generator,
+        held: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], LocalResult]:
         worker = copy.deepcopy(self.model)  # the client's copy, then the message on top
-        worker.load_state_dict(self._client_held(client.client_id), strict=False)
+        if held is None:
+            held = self._client_held(client.client_id)
+        worker.load_state_dict(held, strict=False)
         worker.load_state_dict(message, strict=False)
         rc = self.client_ranks[client.client_id]
         nested = {}
@@ -353,12 +369,19 @@ class MFedLoRU(FedLoRU):
         return out
 
     def _train_client(
-        self, message: dict[str, Tensor], client: ClientData, lr: float, gen: torch.Generator
+        self,
+        message: dict[str, Tensor],
+        client: ClientData,
+        lr: float,
+        gen: torch.Generator,
+        held: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], LocalResult]:
+        if held is None:
+            held = self._client_held(client.client_id)
         if self.scheme == "hierarchical":
-            return self._train_nested(message, client, lr, gen)
+            return self._train_nested(message, client, lr, gen, held)
         worker = self._rank_worker(self.client_ranks[client.client_id])
-        worker.load_state_dict(self._client_held(client.client_id), strict=False)
+        worker.load_state_dict(held, strict=False)
         worker.load_state_dict(message, strict=False)
         trainable = [p for p in worker.parameters() if p.requires_grad]
         result = self._local(worker, trainable, client, lr, gen)

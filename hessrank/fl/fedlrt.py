@@ -104,6 +104,9 @@ from torch import Tensor, nn
 
 from hessrank.fl.base import (
     ClientData,
+    ClientReply,
+    ClientTask,
+    Execute,
     FederatedAlgorithm,
     NonFiniteError,
     RoundStats,
@@ -207,6 +210,7 @@ class FeDLRT(FederatedAlgorithm):
     """
 
     name = "fedlrt"
+    phases = ("basis", "correction", "train")
 
     def __init__(
         self, model: nn.Module, config: TrainConfig, loss_fn: LossFn | None = None
@@ -448,16 +452,77 @@ class FeDLRT(FederatedAlgorithm):
         check_finite_reply({**s_out, **dense_out}, data.client_id)
         return s_out, dense_out
 
+    # ------------------------------------------------------------------ messages
+
+    def _message(
+        self,
+        dense: dict[str, Tensor],
+        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
+        corrections: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """A message as one flat tensor dict: the dense state, ``<layer>.U/.S/.V`` and, for the
+        training phase with a correction, ``corr.<layer>``."""
+        out = dict(dense)
+        for n, (U, S, V) in factors.items():
+            out.update({f"{n}.U": U, f"{n}.S": S, f"{n}.V": V})
+        if corrections is not None:
+            out.update({f"corr.{n}": c for n, c in corrections.items()})
+        return out
+
+    def _unpack(self, message: dict[str, Tensor]) -> tuple[
+        dict[str, Tensor], dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, Tensor] | None
+    ]:
+        """Inverse of :meth:`_message`."""
+        dense = {k: v for k, v in message.items()
+                 if k not in self._factor_keys and not k.startswith("corr.")}  # fmt: skip
+        factors = {n: (message[f"{n}.U"], message[f"{n}.S"], message[f"{n}.V"])
+                   for n in self.layer_names}  # fmt: skip
+        corr = {n: message[f"corr.{n}"] for n in self.layer_names if f"corr.{n}" in message}
+        return dense, factors, (corr or None)
+
+    def client_work(
+        self, task: ClientTask, data: ClientData, generator: torch.Generator
+    ) -> ClientReply:
+        """The client's side of the three phases (module docstring).
+
+        ``basis``: message = global model; reply ``<layer>.GU/.GS/.GV`` (phase 1), metric
+        ``loss``. ``correction``: message = augmented model; reply ``<layer>.GS`` = ∇_S̃ L_c
+        (phase 3, full correction). ``train``: message = augmented model (+ ``corr.<layer>``);
+        reply ``<layer>.S`` = S̃_c and the client's non-factorized state (phase 4).
+        """
+        dense, factors, corr = self._unpack(task.message)
+        if task.phase == "basis":
+            out = self._client_basis_grads(dense, factors, data)
+            tensors = {}
+            for n in self.layer_names:
+                g_u, g_s, g_v = out[n]  # type: ignore[misc]
+                tensors.update({f"{n}.GU": g_u, f"{n}.GS": g_s, f"{n}.GV": g_v})
+            return ClientReply(tensors, {"loss": float(out["loss"])})  # type: ignore[arg-type]
+        if task.phase == "correction":
+            grads = self._client_coef_grad(dense, factors, data)
+            return ClientReply({f"{n}.GS": g for n, g in grads.items()})
+        if task.phase == "train":
+            s_out, dense_out = self._client_train(dense, factors, corr, data, task.lr, generator)
+            return ClientReply({**dense_out, **{f"{n}.S": s for n, s in s_out.items()}})
+        raise ValueError(f"FeDLRT phases are {self.phases}, got {task.phase!r}")
+
     # ------------------------------------------------------------------ the round
 
     def run_round(
-        self, round_idx: int, clients: list[ClientData], lr: float, generator: torch.Generator
+        self,
+        round_idx: int,
+        clients: list[ClientData],
+        lr: float,
+        generator: torch.Generator,
+        execute: Execute | None = None,
     ) -> RoundStats:
-        """One FeDLRT round (module docstring) over the sampled ``clients`` at step size λ = lr."""
+        """One FeDLRT round (module docstring) over the sampled ``clients`` at step size λ = lr;
+        every client computation goes through ``execute`` (default :meth:`client_work`)."""
         if not clients:
             raise ValueError("run_round needs at least one sampled client")
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
+        run = self._execute(execute)
         correction = self.config.correction
         sizes = torch.tensor([c.size for c in clients], dtype=torch.float64)
         if bool((sizes <= 0).any()):
@@ -475,7 +540,12 @@ class FeDLRT(FederatedAlgorithm):
         D = self._numel_float(dense)
 
         # phase 1: basis gradients (and ∇_S L_c for the simplified correction)
-        replies = [self._client_basis_grads(dense, factors, c) for c in clients]
+        message = self._message(dense, factors)
+        answers = [run(ClientTask("basis", c.client_id, message, lr=lr), c, generator)
+                   for c in clients]  # fmt: skip
+        replies = [{"loss": a.metrics["loss"], **{
+            n: (a.tensors[f"{n}.GU"], a.tensors[f"{n}.GS"], a.tensors[f"{n}.GV"])
+            for n in self.layer_names}} for a in answers]  # fmt: skip
         train_loss = sum(w * float(r["loss"]) for w, r in zip(weights, replies))
         aug: dict[str, _Augmented] = {}
         grad_s_local: dict[str, list[Tensor]] = {}
@@ -502,11 +572,15 @@ class FeDLRT(FederatedAlgorithm):
             s_tilde = S.new_zeros(A.r + A.a, A.r + A.b)
             s_tilde[: A.r, : A.r] = S
             aug_factors[n] = (A.U, s_tilde, A.V)
+        aug_message = self._message(dense, aug_factors)
 
         # phase 3: variance correction
         corrections: list[dict[str, Tensor] | None]
         if correction == "full":
-            coef_grads = [self._client_coef_grad(dense, aug_factors, c) for c in clients]
+            coef_grads = []
+            for c in clients:
+                got = run(ClientTask("correction", c.client_id, aug_message, lr=lr), c, generator)
+                coef_grads.append({n: got.tensors[f"{n}.GS"] for n in self.layer_names})
             mean = {n: sum(w * g[n] for w, g in zip(weights, coef_grads)) for n in self.layer_names}
             corrections = [{n: mean[n] - g[n] for n in self.layer_names} for g in coef_grads]
         elif correction == "simplified":
@@ -522,10 +596,13 @@ class FeDLRT(FederatedAlgorithm):
             corrections = [None] * len(clients)
 
         # phase 4: local coefficient training
-        results = [
-            self._client_train(dense, aug_factors, corrections[i], c, lr, generator)
-            for i, c in enumerate(clients)
-        ]
+        results = []
+        for i, c in enumerate(clients):
+            task = ClientTask("train", c.client_id,
+                              self._message(dense, aug_factors, corrections[i]), lr=lr)  # fmt: skip
+            out = run(task, c, generator).tensors
+            s_c = {n: out[f"{n}.S"] for n in self.layer_names}
+            results.append((s_c, {k: out[k] for k in dense}))
 
         if self.record is not None:
             for c, (s_c, dense_c) in zip(clients, results):

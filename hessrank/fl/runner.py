@@ -16,17 +16,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
 import importlib
+import importlib.util
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,6 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from hessrank.checkpoints import (
     CHECKPOINT_DIR,
@@ -50,22 +51,36 @@ from hessrank.checkpoints import (
     save_client_updates,
     split_prefix,
 )
-from hessrank.fl.base import ClientData, FederatedAlgorithm, NonFiniteError, first_non_finite
+from hessrank.fl.base import (
+    ClientData,
+    Execute,
+    FederatedAlgorithm,
+    NonFiniteError,
+    first_non_finite,
+)
 from hessrank.fl.config import ALGORITHM_REGISTRY, TrainConfig
 from hessrank.fl.provenance import finish_record, start_record, write_provenance
+from hessrank.progress import progress as progress_bar
 
 __all__ = [
     "ALGORITHM_CLASSES",
+    "ENGINES",
     "algorithm_class",
+    "build_setup",
     "evaluate",
     "label_weighted_accuracy",
     "learning_rate",
     "sample_clients",
     "train",
+    "train_many",
 ]
 
 ALGORITHM_CLASSES = ALGORITHM_REGISTRY
 """Alias of :data:`hessrank.fl.config.ALGORITHM_REGISTRY` (one registry)."""
+
+ENGINES = ("builtin", "flower")
+"""``builtin``: client work in this process; ``flower``: every client task runs in a Flower
+ClientApp under Flower's simulation engine (:mod:`hessrank.fl.flower`), same results."""
 
 _ROUND_SEED_OFFSET = 1_000_003  # round generator seed = seed + offset: a stream of its own
 _EVAL_BATCH = 2048
@@ -247,6 +262,12 @@ def _build(
         validation=subset(val_idx) if val_idx else None,
         holdout=[subset(h) for h in holdout_idx] if holdout_idx else None,
     )  # fmt: skip
+
+
+def build_setup(config: TrainConfig) -> _Setup:
+    """Data, partition and algorithm of ``config`` on the CPU, exactly as a run builds them
+    (a Flower ClientApp rebuilds a run's clients with it)."""
+    return _build(config, None)
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
@@ -446,6 +467,7 @@ def train(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     command: list[str] | None = None,
+    engine: str = "builtin",
 ) -> RunDir:
     """Run (or resume) federated training and write a run directory.
 
@@ -457,7 +479,7 @@ def train(
             checkpoint (metrics after it are dropped); a run already at ``config.rounds`` is
             returned as is. With ``resume=False`` an existing run of the same config is
             restarted from scratch (its checkpoints, updates and metrics are deleted).
-        progress: show a tqdm bar over rounds.
+        progress: show progress over rounds (a bar on a terminal, periodic lines otherwise).
         callback: called as ``callback(round, algorithm)`` after each round is logged and
             checkpointed (tests use it to simulate a kill).
         device: where model and data live ("cpu", "cuda", "cuda:1"); not part of the config
@@ -465,6 +487,9 @@ def train(
         threads: ``torch.set_num_threads`` for the run (None: leave torch's setting); the
             weights depend on it, so it is recorded in ``provenance.json``.
         command: the command line to record (default ``sys.argv``).
+        engine: ``builtin`` or ``flower`` (:data:`ENGINES`; Flower's simulation engine runs
+            the client work in ClientApps, same run directory and weights; needs the
+            ``flwr[simulation]`` package, CPU and an algorithm with stateless clients).
     Returns:
         :class:`~hessrank.checkpoints.RunDir` of ``out``.
     Raises:
@@ -475,32 +500,99 @@ def train(
             into ``out``; or training diverged (:class:`~hessrank.fl.base.NonFiniteError`:
             the message names round and client and the last finite checkpoint is kept).
     """
-    cfg = TrainConfig.from_dict(copy.deepcopy(config)) if isinstance(config, dict) else (
-        copy.deepcopy(config)
-    )
-    TrainConfig.from_dict(cfg.to_dict())  # re-validate a config mutated after construction
+    return train_many(
+        [(config, out)], resume=resume, progress=progress, callback=callback, device=device,
+        threads=threads, command=command, engine=engine,
+    )[0]  # fmt: skip
+
+
+def train_many(
+    jobs: Sequence[tuple[TrainConfig | dict, str | Path]],
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callback | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    command: list[str] | None = None,
+    engine: str = "builtin",
+    execute_for: Callable[[str], Execute] | None = None,
+) -> list[RunDir]:
+    """:func:`train` for several (config, out) pairs one after the other; with
+    ``engine="flower"`` all of them run in one Flower simulation (one start-up), each its
+    own run directory. Every config and directory is checked and locked before any work.
+
+    ``execute_for`` (with ``engine="flower"``): the runs are already inside a Flower
+    ServerApp (deployment, :mod:`hessrank.fl.flower_app`); ``execute_for(config_json)`` is
+    the ``execute`` of the run with that config (:func:`hessrank.fl.flower.make_execute`)."""
+    configs = []
+    for config, out in jobs:
+        cfg = TrainConfig.from_dict(copy.deepcopy(config)) if isinstance(config, dict) else (
+            copy.deepcopy(config)
+        )
+        TrainConfig.from_dict(cfg.to_dict())  # re-validate a config mutated after construction
+        configs.append((cfg, Path(out)))
     dev = _resolve_device(device)
+    for cfg, _ in configs:
+        _check_engine(engine, cfg, dev)
     if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
         raise ValueError(f"threads must be >= 1, got {threads}")
-    out = Path(out)
-    _check_out(out)
-    _open_out(out)
-    lock = FileLock(str(out / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ValueError(
-            f"another process is training into {out} (lock {out / LOCK_FILE}); wait for it to "
-            "finish or choose another --out"
-        ) from None
+    if len({out.resolve() for _, out in configs}) != len(configs):
+        raise ValueError("two runs write the same --out directory")
     previous_threads = torch.get_num_threads()
-    try:
+    with contextlib.ExitStack() as stack:
+        for _, out in configs:
+            _check_out(out)
+            _open_out(out)
+            lock = FileLock(str(out / LOCK_FILE))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ValueError(
+                    f"another process is training into {out} (lock {out / LOCK_FILE}); wait "
+                    "for it to finish or choose another --out"
+                ) from None
+            stack.callback(lock.release)
+        stack.callback(torch.set_num_threads, previous_threads)
         if threads is not None:
             torch.set_num_threads(int(threads))
-        return _train_locked(cfg, out, resume, progress, callback, dev, command)
-    finally:
-        torch.set_num_threads(previous_threads)
-        lock.release()
+
+        def loop(execute_for: Callable[[str], Execute] | None = None) -> list[RunDir]:
+            return [
+                _train_locked(cfg, out, resume, progress, callback, dev, command,
+                              None if execute_for is None else
+                              execute_for(json.dumps(cfg.to_dict())))
+                for cfg, out in configs
+            ]  # fmt: skip
+
+        if execute_for is not None:
+            if engine != "flower":
+                raise ValueError("execute_for needs engine='flower'")
+            return loop(execute_for)
+        if engine == "flower":
+            from hessrank.fl.flower import run_flower
+
+            return run_flower(max(cfg.clients for cfg, _ in configs), loop)
+        return loop()
+
+
+def _check_engine(engine: str, cfg: TrainConfig, device: torch.device) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
+    if engine == "builtin":
+        return
+    if not algorithm_class(cfg.algo).stateless_clients:
+        raise ValueError(
+            f"--engine flower cannot run {cfg.algo}: its clients keep state between rounds; "
+            "use --engine builtin"
+        )
+    if device.type != "cpu":
+        raise ValueError("--engine flower runs on the CPU only; use --device cpu")
+    if importlib.util.find_spec("flwr") is None:
+        raise ValueError(
+            "--engine flower needs Flower: pip install 'flwr[simulation]==1.41.0' (in "
+            "hessrank's dev extra)"
+        )
 
 
 def _train_locked(
@@ -511,6 +603,7 @@ def _train_locked(
     callback: Callback | None,
     device: torch.device,
     command: list[str] | None,
+    execute: Execute | None = None,
 ) -> RunDir:
     saved_rounds: list[int] = []
     partition_json = None
@@ -570,10 +663,9 @@ def _train_locked(
 
     last_saved = start
     previous = (algo.state_tensors(), _rng_state(gen), dict(cum))  # state after round t - 1
-    bar = tqdm(
-        range(start + 1, cfg.rounds + 1), initial=start, total=cfg.rounds,
-        disable=not progress, desc=f"{cfg.algo} rounds", unit="round",
-    )  # fmt: skip
+    desc = f"{cfg.algo} rounds" + (f" {start + 1}-{cfg.rounds}" if start else "")
+    bar = progress_bar(range(start + 1, cfg.rounds + 1), desc=desc, unit="round",
+                       disable=not progress)  # a bar on a terminal, plain lines in a log
     for t in bar:
         t0 = time.perf_counter()
         lr = learning_rate(cfg, t)
@@ -582,7 +674,7 @@ def _train_locked(
             broadcast = algo.effective_model().state_dict()
             algo.record = {}
         try:
-            stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen)
+            stats = algo.run_round(t, [setup.clients[i] for i in sampled], lr, gen, execute)
             state = algo.state_tensors()
             bad = first_non_finite(state)
             if bad is not None:

@@ -31,6 +31,10 @@ subjects = "server,clients,subset:10x3,subset:100x2"
 matvecs = 10
 [controls]
 matched_draws = 1
+[diagnostics]
+subjects = "server,subset:10x2"
+matvecs = 10
+density_probes = 3
 [inference]
 resamples = 200
 [[hypotheses]]
@@ -72,6 +76,12 @@ def test_study_command_end_to_end(tmp_path, capsys):
     sub = table[table["subject_kind"] == "subset"].groupby("replicate")["data_seed"].apply(set)
     assert not (sub[0] & sub[1])
     assert (out / "regression.csv").is_file()
+    diag = pd.read_csv(out / "diagnostics.csv")
+    assert sorted(diag["replicate"].unique()) == [0, 1]
+    assert set(diag["round"]) == {0, 1, 2} and set(diag["part"]) == {"hessian", "ggn",
+                                                                     "residual"}
+    diag_file = out / "replicate_0" / "diagnostics.csv"
+    diag_mtime = diag_file.stat().st_mtime_ns
     reg = pd.read_csv(out / "regression.csv")
     assert set(reg["phase"]) == {"all", "early", "middle", "late"}
     ckpt = out / "replicate_0" / "run" / "checkpoints"
@@ -81,6 +91,7 @@ def test_study_command_end_to_end(tmp_path, capsys):
     assert main(["study", str(spec), "--out", str(out), "--quiet"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     assert (out / "replicate_1" / "controls" / "controls.parquet").stat().st_mtime_ns == ctrl
+    assert diag_file.stat().st_mtime_ns == diag_mtime  # diagnostics reused, not recomputed
     assert len(json.loads((out / "study.json").read_text())["runs"]) == 2
     pd.testing.assert_frame_equal(pd.read_csv(out / "hypotheses.csv"), hyp)
     # another spec into the same directory is refused with one line
@@ -96,6 +107,12 @@ def test_study_command_end_to_end(tmp_path, capsys):
     (lambda s: s.replace("[analyze]", "[analyse]"), "unknown sections"),
     (lambda s: s.replace("rounds = 2", "rounds = 2\nbogus_key = 1"), "unknown config keys"),
     (lambda s: s + "\n[[", "not valid TOML"),
+    (lambda s: s.replace("density_probes = 3", "density_probes = 3\nbogus = 1"),
+     "unknown [diagnostics] keys"),
+    (lambda s: s + '[[hypotheses]]\nname = "al"\nkind = "alignment"\nmin_effect = 0.1\n',
+     "needs rank"),
+    (lambda s: s + '[[hypotheses]]\nname = "al"\nkind = "alignment"\nrank = 1\n'
+     'source = "updates"\nmin_effect = 0.1\n', "record_updates = true"),
 ])
 def test_bad_specs_fail_with_one_line(tmp_path, capsys, edit, message):
     spec = tmp_path / "bad.toml"
@@ -132,3 +149,138 @@ def test_committed_verdicts_follow_from_the_committed_table():
     v = dict(zip(zip(want["hypothesis"], want["phase"]), want["verdict"]))
     assert v[("n50_minus_n500", "init")] == "supported"
     assert v[("n50_minus_n500", "late")] == "reversed"
+
+
+def _fake_run(path, seed, rounds=(1, 2, 3, 4), clients=4, shared=True):
+    """A run directory holding only recorded updates in the trainer's format
+    (``updates/round_{r:04d}.safetensors``, keys "{client_id}/{param_name}")."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    (path / "updates").mkdir(parents=True)
+    for r in rounds:
+        u = torch.randn(8, 1, generator=g, dtype=torch.float64)
+        v = torch.randn(1, 6, generator=g, dtype=torch.float64)
+        ups = {}
+        for c in range(clients):
+            base = 3 * u @ v if shared else 0
+            ups[f"{c}/net.0.weight"] = base + torch.randn(8, 6, generator=g,
+                                                          dtype=torch.float64)
+            ups[f"{c}/net.0.bias"] = torch.randn(8, generator=g, dtype=torch.float64)
+        save_file(ups, str(path / "updates" / f"round_{r:04d}.safetensors"))
+    return path
+
+
+def test_alignment_of_recorded_updates_feeds_inference(tmp_path):
+    from hessrank.analysis.update_alignment import load_client_updates, pair_differences
+
+    runs = [_fake_run(tmp_path / f"run{i}", seed=i) for i in range(3)]
+    pairs = pd.concat([study.update_pairs(r, [1, 2]).assign(replicate=i)
+                       for i, r in enumerate(runs)], ignore_index=True)
+    assert set(pairs["round"]) == {1, 2, 3, 4} and set(pairs["rank"]) == {1, 2}
+    assert set(pairs["layer"]) == {"net.0.weight"}  # vectors are skipped
+    assert len(pairs) == 3 * 4 * 2 * 6  # replicates × rounds × ranks × C(4, 2) pairs
+    # unit = client: its value is the mean of D_r over its partners
+    units = inf.update_alignment_units(pairs, rank=1)
+    one = pair_differences(load_client_updates(runs[0], 2), [1])
+    mine = one[(one["client_a"] == 0) | (one["client_b"] == 0)]["value"].mean()
+    got = units[(units["replicate"] == 0) & (units["round"] == 2) & (units["unit"] == "client0")]
+    assert got["value"].iloc[0] == pytest.approx(mine)
+    # per (replicate, round) the mean over clients is the mean over pairs: A_r − A_full
+    assert units.groupby(["replicate", "round"])["value"].mean().to_numpy() == pytest.approx(
+        pairs[pairs["rank"] == 1].groupby(["replicate", "round"])["value"].mean().to_numpy())
+    raw = {"train": {"record_updates": True, "rounds": 4}}
+    spec = study.StudySpec(
+        name="fake", replicates=3, seed=0, train=raw["train"], analyze={}, controls={},
+        inference={"resamples": 400, "phases": [{"name": "all", "lo": 0.0, "hi": 1.0}]},
+        hypotheses=[{"name": "a1_minus_full", "kind": "alignment", "rank": 1,
+                     "min_effect": 0.05}], raw=raw)
+    assert spec.update_ranks() == [1]
+    hyp = study.infer(pd.DataFrame(columns=["round"]), spec, 4, pairs)
+    row = hyp.iloc[0]
+    assert row["verdict"] == "supported" and row["ci_low"] > 0.05
+    assert row["n_replicates"] == 3 and row["n_units"] == 3 * 4  # clients, not pairs
+    with pytest.raises(ValueError, match="pair table"):
+        study.infer(pd.DataFrame(columns=["round"]), spec, 4)
+    # no shared direction: truncation does not align the updates more
+    null = [_fake_run(tmp_path / f"null{i}", seed=10 + i, shared=False) for i in range(3)]
+    npairs = pd.concat([study.update_pairs(r, [1]).assign(replicate=i)
+                        for i, r in enumerate(null)], ignore_index=True)
+    assert study.infer(pd.DataFrame(columns=["round"]), spec, 4, npairs).iloc[0][
+        "verdict"] != "supported"
+    with pytest.raises(ValueError, match="no recorded client updates"):
+        study.update_pairs(tmp_path, [1])
+
+
+def test_committed_findings_are_rendered_from_the_committed_tables():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "results" / "render_findings.py"
+    mod_spec = importlib.util.spec_from_file_location("render_findings", script)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    text = mod.render()
+    assert (script.parent / "FINDINGS.md").read_text() == text, (
+        "experiments/results/FINDINGS.md is stale: run python "
+        "experiments/results/render_findings.py")
+    assert "| `n50_minus_n500` | late |" in text and "**reversed**" in text
+    readme = mod.README.read_text()
+    assert readme == mod.with_readme_block(readme, mod.readme_block()), (
+        "README.md's findings block is stale: run python experiments/results/render_findings.py")
+
+
+def test_committed_diagnostic_tests_follow_from_the_committed_diagnostics():
+    from pathlib import Path
+
+    from hessrank.analysis import diagnostics as dg
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    spec = study.load_spec(root / "configs" / "centralized_digits.toml")
+    res = root / "results" / "centralized_digits"
+    got = dg.reversal_tests(pd.read_csv(res / "diagnostics.csv"), phases=study.phases_of(spec),
+                            last_round=int(spec.train["rounds"]), seed=spec.seed)
+    want = pd.read_csv(res / "diagnostics_tests.csv")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+    v = dict(zip(zip(want["hypothesis"], want["phase"]), want["verdict"]))
+    assert v[("ggn_srank", "late")] == "reversed" and v[("residual_share", "late")] == "supported"
+
+
+def test_study_with_recorded_updates_tests_alignment(tmp_path):
+    spec = tmp_path / "updates.toml"
+    spec.write_text("""
+[study]
+replicates = 2
+[train]
+algo = "fedavg"
+dataset = "digits"
+model = "mlp"
+model_kwargs = { hidden = [6] }
+clients = 3
+partition = "iid"
+rounds = 2
+local_steps = 2
+save_every = 2
+record_updates = true
+[analyze]
+subjects = "server"
+matvecs = 10
+[inference]
+resamples = 200
+phases = [{ name = "all", lo = 0.0, hi = 1.0 }]
+[[hypotheses]]
+name = "a1_minus_full"
+kind = "alignment"
+rank = 1
+min_effect = 0.05
+""")
+    out = tmp_path / "study"
+    with pytest.warns(UserWarning, match="few clusters"):
+        hyp = study.run_study(spec, out, progress=False)
+    pairs = pd.read_csv(out / "update_pairs.csv")
+    assert set(pairs["round"]) == {1, 2} and set(pairs["replicate"]) == {0, 1}
+    per = pairs.groupby(["replicate", "round", "layer"]).size()
+    assert (per == 3).all()  # C(3, 2) client pairs per weight matrix
+    assert len(hyp) == 1 and hyp["n_replicates"].iloc[0] == 2
+    assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients

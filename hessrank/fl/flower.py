@@ -1,0 +1,188 @@
+"""Run hessrank's federated training inside Flower (``hessrank train --engine flower``).
+
+The round protocol of :mod:`hessrank.fl.base` separates server and client: a round issues
+:class:`~hessrank.fl.base.ClientTask` s (phase, client, message) and gets each one's
+:class:`~hessrank.fl.base.ClientReply` through an ``execute`` function. This module supplies
+an ``execute`` that ships every task to a Flower ``ClientApp`` and waits for its reply:
+
+    ServerApp (runs hessrank's loop: sampling, aggregation, server update, evaluation,
+               checkpoints -- the same code as the built-in engine, see runner.train)
+        ── Message(TRAIN): ArrayRecord "message", "held", "rng"; ConfigRecord "task" ──►
+    ClientApp (builds the run's data and algorithm from the config in the message, once per
+               process; calls algorithm.client_work(task, its ClientData, generator))
+        ◄── Message: ArrayRecord "reply", "rng"; MetricRecord "metrics"; ConfigRecord "status" ──
+
+Same bits as the built-in engine: client work draws only from the round generator, whose
+state travels with the task and comes back with the reply, and tasks are sent one at a time
+in the order the round issues them; tensors travel as numpy arrays of the same dtype
+(float64 stays float64). So a Flower run's checkpoints equal the built-in run's (tested to
+1e-12; they agree bit for bit here). The price is that clients work in turn, not in
+parallel. Not supported: algorithms whose clients keep state between rounds
+(``stateless_clients = False``: pFedLoRU, mFedLoRU) and devices other than the CPU.
+
+Client c's task goes to the (c mod N)-th of the N SuperNodes in ascending node-id order; in
+the simulation every ClientApp can build every client's data from the config, so the mapping
+only spreads the work. docs/flower.md describes deployment across machines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hessrank.fl.base import ClientData, ClientReply, ClientTask, Execute, NonFiniteError
+
+__all__ = ["make_client_app", "make_execute", "run_flower", "tensors_from_record",
+           "tensors_to_record"]  # fmt: skip
+
+_NODE_WAIT_S = 120.0
+
+
+def _require_flwr() -> None:
+    try:
+        import flwr  # noqa: F401
+    except ModuleNotFoundError:
+        raise ValueError(
+            "--engine flower needs Flower: pip install 'flwr[simulation]==1.41.0' (the dev "
+            "extra of hessrank includes it)"
+        ) from None
+
+
+def tensors_to_record(tensors: dict[str, Tensor]) -> Any:
+    """A Flower ``ArrayRecord`` holding each tensor as a numpy array of the same dtype."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                        for k, v in tensors.items()})  # fmt: skip
+
+
+def tensors_from_record(record: Any) -> dict[str, Tensor]:
+    """Inverse of :func:`tensors_to_record` (CPU tensors, writable copies)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def make_execute(grid: Any, num_nodes: int) -> Callable[[str], Execute]:
+    """Waits for ``num_nodes`` SuperNodes; returns ``for_config(config_json)``, an ``execute``
+    for :meth:`~hessrank.fl.base.FederatedAlgorithm.run_round` of the run with that config
+    that sends each task to a ClientApp through Flower's ``grid``."""
+
+    deadline = time.monotonic() + _NODE_WAIT_S
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < num_nodes:
+        if time.monotonic() > deadline:
+            raise ValueError(f"only {len(nodes)} of {num_nodes} Flower SuperNodes connected")
+        time.sleep(0.1)
+        nodes = sorted(grid.get_node_ids())
+
+    def for_config(config_json: str) -> Execute:
+        return lambda task, data, gen: _send(grid, nodes, config_json, task, data, gen)
+
+    return for_config
+
+
+def _send(
+    grid: Any,
+    nodes: list[int],
+    config_json: str,
+    task: ClientTask,
+    data: ClientData,
+    generator: torch.Generator,
+) -> ClientReply:
+    """Send one task to its SuperNode, wait for the reply, advance ``generator`` as the
+    client did."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    content = RecordDict({
+        "message": tensors_to_record(task.message),
+        "held": tensors_to_record(task.held),
+        "rng": tensors_to_record({"round": generator.get_state()}),
+        "task": ConfigRecord({"phase": task.phase, "client_id": task.client_id,
+                              "lr": float(task.lr), "config": config_json}),
+    })  # fmt: skip
+    node = nodes[task.client_id % len(nodes)]
+    msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+    (reply,) = list(grid.send_and_receive([msg]))
+    if reply.has_error():
+        raise RuntimeError(
+            f"Flower ClientApp failed on client {task.client_id} ({task.phase}): "
+            f"{reply.error.reason}"
+        )
+    status = reply.content["status"]
+    if status["error"]:
+        raise NonFiniteError(str(status["error"]), client_id=task.client_id)
+    generator.set_state(tensors_from_record(reply.content["rng"])["round"])
+    metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+    tensors = tensors_from_record(reply.content["reply"])
+    return ClientReply({k: v.to(data.inputs.device) for k, v in tensors.items()}, metrics)
+
+
+def make_client_app() -> Any:
+    """The ClientApp: rebuilds the run's setup from the config in a task (once per config and
+    process) and runs ``algorithm.client_work`` on the task's client."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from hessrank.fl.config import TrainConfig
+    from hessrank.fl.runner import build_setup
+
+    app = ClientApp()
+    setups: dict[str, Any] = {}  # per-process cache: the data and algorithm of a config
+
+    @app.train()
+    def train(msg: Message, context: Any) -> Message:  # noqa: ARG001 (Flower's signature)
+        task_rec = msg.content["task"]
+        config_json = str(task_rec["config"])
+        if config_json not in setups:
+            setups.clear()
+            setups[config_json] = build_setup(TrainConfig.from_dict(json.loads(config_json)))
+        setup = setups[config_json]
+        cid = int(task_rec["client_id"])
+        task = ClientTask(
+            str(task_rec["phase"]), cid, tensors_from_record(msg.content["message"]),
+            tensors_from_record(msg.content["held"]), float(task_rec["lr"]),
+        )  # fmt: skip
+        gen = torch.Generator()
+        gen.set_state(tensors_from_record(msg.content["rng"])["round"])
+        error, reply = "", ClientReply({}, {})
+        try:
+            reply = setup.algorithm.client_work(task, setup.clients[cid], gen)
+        except NonFiniteError as err:
+            error = str(err.args[0])
+        content = RecordDict({
+            "reply": tensors_to_record(reply.tensors),
+            "rng": tensors_to_record({"round": gen.get_state()}),
+            "metrics": MetricRecord({k: float(v) for k, v in reply.metrics.items()}),
+            "status": ConfigRecord({"error": error}),
+        })  # fmt: skip
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]) -> Any:
+    """Run ``server_loop(for_config)`` as a Flower ServerApp against ``num_nodes`` simulated
+    SuperNodes running :func:`make_client_app` (Flower's simulation engine, Ray backend with
+    one CPU; ``for_config`` from :func:`make_execute`); returns what ``server_loop`` returned."""
+    _require_flwr()
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    server = ServerApp()
+    result: dict[str, Any] = {}
+
+    @server.main()
+    def main(grid: Any, context: Any) -> None:  # noqa: ARG001 (Flower's signature)
+        result["value"] = server_loop(make_execute(grid, num_nodes))
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": 1, "num_gpus": 0}}  # fmt: skip
+    run_simulation(server, make_client_app(), num_supernodes=num_nodes, backend_config=backend)
+    if "value" not in result:
+        raise RuntimeError("the Flower ServerApp ended without finishing the run")
+    return result["value"]
