@@ -40,6 +40,8 @@ def _analyze(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     table = run_analysis(args.run_dir, settings, out=args.out, command=sys.argv)
+    if table.attrs.get("rank", 0) != 0:
+        return 0  # under torchrun rank 0 reports (and writes); the others only computed
     out = Path(table.attrs["out"])
     errors = table.attrs["errors"]
     print(f"{len(table)} rows selected by this call; table -> {out / 'results.parquet'} and "

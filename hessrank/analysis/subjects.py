@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hessrank.analysis.distributed import shard_pair
 from hessrank.curvature import CurvatureOperator, FederatedOperator, LossFn, curvature_class
 from hessrank.linalg.stack import OperatorStack
 
@@ -277,18 +278,25 @@ def realize(
 
 def build_operator(
     group: SubjectGroup, model: nn.Module, loss_fn: LossFn, *, curvature: str = "hessian",
-    **operator_kwargs,
+    shard: tuple[int, int] | None = None, **operator_kwargs,
 ) -> FederatedOperator | CurvatureOperator | OperatorStack:
     """The stacked operator of a group; ``group.index`` says where each subject sits in it.
 
     ``curvature`` ("hessian", "ggn" or "fisher") picks the matrix; ``operator_kwargs`` go to
-    every curvature operator (params, mode, batch_size, ...).
+    every curvature operator (params, mode, batch_size, process_group, ...). ``shard`` =
+    (rank, world): build on this rank's slice of every subject's data
+    (:func:`hessrank.analysis.distributed.shard_pair`; the server's slice is the union of the
+    clients' slices); pass ``process_group`` with it so products are summed over the ranks.
     """
+    def part(pair: Pair, what: str) -> Pair:
+        return pair if shard is None else shard_pair(pair, *shard, what=what)
+
+    clients = [part(d, f"client {c}") for c, d in enumerate(group.client_data)]
     if group.federated:
-        return FederatedOperator(model, loss_fn, list(group.client_data), curvature,
-                                 **operator_kwargs)
+        return FederatedOperator(model, loss_fn, clients, curvature, **operator_kwargs)
     cls = curvature_class(curvature)
     if group.pooled:
-        return cls(model, loss_fn, _pool(group.client_data), **operator_kwargs)
-    ops = [cls(model, loss_fn, s.data, **operator_kwargs) for s in group.subjects]
+        return cls(model, loss_fn, _pool(clients), **operator_kwargs)
+    data = [part(s.data, f"subject {s.name}") for s in group.subjects]
+    ops = [cls(model, loss_fn, d, **operator_kwargs) for d in data]
     return ops[0] if len(ops) == 1 else OperatorStack(ops)

@@ -17,6 +17,10 @@ command gives a bit-identical table (``seconds`` aside). Every random draw is se
 reported in the ``route`` column). Versions, revision, threads, device, dtype, routes, the
 command and the start/end times of every call are in ``out/analysis.json``.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs the same units on its shard of each
+subject's data and the products are all-reduced (:mod:`~hessrank.analysis.distributed`); only
+rank 0 writes. ``--shard I/N`` and ``--workers N`` split the units instead.
+
 Modules: :mod:`~hessrank.analysis.settings` (what to compute, validated in one place),
 :mod:`~hessrank.analysis.sources` (what is analyzed), :mod:`~hessrank.analysis.quantities`
 (quantity → estimator → rows), :mod:`~hessrank.analysis.store` (units, table, provenance).
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 
 from hessrank.analysis.alignment import gradient_alignment
+from hessrank.analysis.distributed import Ranks, from_environment, launched_world
 from hessrank.analysis.progress import CountingOperator, Progress
 from hessrank.analysis.quantities import (
     QUANTITIES,
@@ -122,8 +127,23 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     """:func:`analyze` with typed settings."""
     started = _now()
     s = settings.validate()
+    if s.workers > 1 and launched_world() > 1:
+        raise ValueError("--workers starts its own processes: under torchrun leave it out "
+                         "(--shard is fine)")
     if s.workers > 1:
         return _run_pool(run_dir, s, out=out, command=command)
+    ranks = from_environment(s.device)
+    try:
+        return _run(run_dir, s, ranks, out=out, command=command, started=started)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run(run_dir, s: AnalysisSettings, ranks: Ranks | None, *, out, command,
+         started: str) -> pd.DataFrame:
+    """One process's analysis (one rank's, under torchrun: only rank 0 writes)."""
+    writer = ranks is None or ranks.writer
     run_dir = Path(run_dir)
     qs = parse_quantities(s.quantities)
     specs = parse_subjects(s.subjects)
@@ -138,9 +158,10 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     loss_fn = source.loss_fn()
     _check_params(source, chosen, s.params)
     out = Path(out) if out is not None else run_dir / "analysis"
-    check_out_dir(out)  # the first write: everything above is validation
+    if writer:
+        check_out_dir(out)  # the first write: everything above is validation
 
-    store = Store(out, lock_timeout=s.lock_timeout)
+    store = Store(out, lock_timeout=s.lock_timeout) if writer else None
     hashes = _data_hashes(groups, client_data)
     fingerprint = source.fingerprint()
     errors: list[dict[str, Any]] = []
@@ -148,11 +169,13 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     if s.shard is not None:
         units = _shard(units, *s.shard)
     call = {"started": started, "finished": None, "command": list(command or sys.argv),
-            "settings": s.to_json(), "environment": _environment(s, source), "routes": {},
+            "settings": s.to_json(), "environment": _environment(s, source, ranks),
+            "routes": {},
             "settings_hashes": {u.family: u.settings for u in units},
             "units": len(units), "computed": 0, "reused": 0, "errors": []}
-    index = store.open({"fingerprint": fingerprint, "path": str(source.path.resolve()),
-                        "kind": source.kind}, call, force=s.force)
+    index = None if store is None else store.open(
+        {"fingerprint": fingerprint, "path": str(source.path.resolve()), "kind": source.kind},
+        call, force=s.force)
 
     old_threads = torch.get_num_threads()
     if s.threads is not None:
@@ -160,12 +183,13 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     done = {"routes": {}, "computed": 0, "reused": 0, "status": "interrupted"}
     try:
         frames = _execute(store, source, units, qs, s, client_data, loss_fn, hashes, errors,
-                          done)
+                          done, ranks)
         done["status"] = "complete" if not errors else "complete with errors"
     finally:
         torch.set_num_threads(old_threads)
-        store.update_call(index, finished=_now(), **done,
-                          errors=[e["error"] for e in errors])
+        if store is not None:
+            store.update_call(index, finished=_now(), **done,
+                              errors=[e["error"] for e in errors])
     table = (pd.concat(frames, ignore_index=True) if frames
              else pd.DataFrame(columns=COLUMNS))
     order = {u.key: i for i, u in enumerate(units)}
@@ -173,30 +197,41 @@ def run_analysis(run_dir: str | Path, settings: AnalysisSettings, *,
     table = table.drop(columns="_o").reset_index(drop=True)
     table.attrs["errors"] = errors
     table.attrs["out"] = str(out)
+    table.attrs["rank"] = 0 if ranks is None else ranks.rank
     return table
 
 
-def _execute(store: Store, source, units: list[_Unit], qs: list[str], s: AnalysisSettings,
-             client_data, loss_fn, hashes: dict[str, str], errors: list[dict[str, Any]],
-             done: dict[str, Any]) -> list[pd.DataFrame]:
+def _execute(store: Store | None, source, units: list[_Unit], qs: list[str],
+             s: AnalysisSettings, client_data, loss_fn, hashes: dict[str, str],
+             errors: list[dict[str, Any]], done: dict[str, Any],
+             ranks: Ranks | None = None) -> list[pd.DataFrame]:
     """Reuse the units already in the store, compute the others round by round (committing
     each), prune if asked; returns the selected rows of every unit. ``done`` collects the
-    routes and counts for analysis.json."""
+    routes and counts for analysis.json. Under torchrun (``ranks``) rank 0 alone has the
+    store (the others: None) and its choice of units to compute is broadcast to all ranks."""
     wanted = _table_quantities(qs)
     frames: list[pd.DataFrame] = []
     reused: list[pd.DataFrame] = []
     todo: dict[int, list[_Unit]] = {}
+    compute = []
     for u in units:
-        rows = store.unit_rows(u.key)
+        rows = None if store is None else store.unit_rows(u.key)
         if rows is None:
-            todo.setdefault(u.round, []).append(u)
+            compute.append(u.key)
         else:
             reused.append(rows[rows["quantity"].isin(wanted)])
-    store.merge(reused)
+    if ranks is not None:
+        compute = ranks.broadcast(compute)
+    keys = set(compute)
+    for u in units:
+        if u.key in keys:
+            todo.setdefault(u.round, []).append(u)
+    if store is not None:
+        store.merge(reused)
     frames.extend(reused)
     done["reused"] = len(reused)
     progress = Progress(sum(_products(u, s) for us in todo.values() for u in us),
-                        enabled=s.progress)
+                        enabled=s.progress and store is not None)
     try:
         for r in sorted(todo):
             progress.at(f"round {r}")
@@ -210,19 +245,21 @@ def _execute(store: Store, source, units: list[_Unit], qs: list[str], s: Analysi
                 progress.at(f"round {r} {u.label} {u.family}")
                 try:
                     rows, dens, route = _compute(u, model, loss_fn, client_data, s, hashes,
-                                                 progress)
+                                                 progress, ranks)
                 except (ValueError, FloatingPointError, RuntimeError) as err:
                     _fail(store, errors, r, [u], source, err)
                     continue
                 done["routes"][f"{u.label}/{u.family}"] = json.loads(route)
                 frame = pd.DataFrame(rows, columns=COLUMNS)
                 selected = frame[frame["quantity"].isin(wanted)]
-                store.commit(u.key, frame, selected, dens)
+                if store is not None:
+                    store.commit(u.key, frame, selected, dens)
                 frames.append(selected)
                 done["computed"] += 1
-        if s.prune:
-            store.prune({u.key for u in units})
-        store.write_errors(errors)
+        if store is not None:
+            if s.prune:
+                store.prune({u.key for u in units})
+            store.write_errors(errors)
     finally:
         progress.close()
     return frames
@@ -337,6 +374,14 @@ def _operator_kwargs(s: AnalysisSettings) -> dict[str, Any]:
             "batch_size": s.batch_size}
 
 
+def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings, ranks: Ranks | None):
+    """The unit's operator; under torchrun on this rank's shard, all-reduced over the ranks."""
+    kw = _operator_kwargs(s)
+    if ranks is not None:
+        kw.update(shard=(ranks.rank, ranks.world), process_group=True)
+    return build_operator(u.group, model, loss_fn, curvature=s.curvature, **kw)
+
+
 def route_of(op: Any) -> dict[str, Any]:
     """The product route an operator reports (``route``, else ``settings``; stacks: each)."""
     route = getattr(op, "route", None)
@@ -347,12 +392,8 @@ def route_of(op: Any) -> dict[str, Any]:
     return dict(route) if isinstance(route, dict) else {}
 
 
-def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings):
-    return build_operator(u.group, model, loss_fn, curvature=s.curvature, **_operator_kwargs(s))
-
-
 def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
-             progress: Progress):
+             progress: Progress, ranks: Ranks | None = None):
     """Rows (all quantities of the family), densities and the route of one unit."""
     rtol = float("nan") if s.rtol is None else float(s.rtol)
     if u.family == "alignment":
@@ -371,7 +412,7 @@ def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
                  "value": float(t.value), "stderr": float(t.stderr), "matvecs": 0,
                  "seconds": dt} for t in table.itertuples()]
         return rows, None, "{}"
-    op = _build(u, model, loss_fn, s)
+    op = _build(u, model, loss_fn, s, ranks)
     seed = probe_seed(s.seed, u.round, f"{u.family}:{u.label}")
     t0 = time.perf_counter()
     res = estimate(u.family, CountingOperator(op, progress), matvecs=s.matvecs, seed=seed,
@@ -402,12 +443,14 @@ def _base(u: _Unit, subj: Subject, data: str, s: AnalysisSettings, rtol: float,
             "route": route}
 
 
-def _fail(store: Store, errors, r: int, units: list[_Unit], source, err: Exception) -> None:
+def _fail(store: Store | None, errors, r: int, units: list[_Unit], source,
+          err: Exception) -> None:
     path = _safe_path(source, r)
     warnings.warn(f"round {r}, {', '.join(sorted({u.label for u in units}))}: {err}",
                   stacklevel=3)
     errors.extend({"round": r, "unit": u.label, "path": path, "error": str(err)} for u in units)
-    store.write_errors(errors)
+    if store is not None:
+        store.write_errors(errors)
 
 
 def _safe_path(source, r: int) -> str:
@@ -434,11 +477,12 @@ def _git_revision() -> str | None:
     return p.stdout.strip() or None if p.returncode == 0 else None
 
 
-def _environment(s: AnalysisSettings, source) -> dict[str, Any]:
+def _environment(s: AnalysisSettings, source, ranks: Ranks | None = None) -> dict[str, Any]:
     import hessrank
 
     return {"hessrank": hessrank.__version__, "git_revision": _git_revision(),
             "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": s.threads if s.threads is not None else torch.get_num_threads(),
-            "device": s.device, "dtype": (s.dtype or source.native_dtype).replace("torch.", "")}
+            "device": s.device, "dtype": (s.dtype or source.native_dtype).replace("torch.", ""),
+            "world_size": 1 if ranks is None else ranks.world}
