@@ -144,7 +144,8 @@ class Store:
         except OSError as err:
             raise _io_error(err, str(path)) from None
 
-    def _write_meta(self, meta: dict[str, Any]) -> None:
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Write ``analysis.json`` atomically (the caller holds the lock)."""
         self._write(self.meta_path, json.dumps(meta, indent=2, default=str).encode())
 
     def open(self, run: dict[str, Any], call: dict[str, Any], *, force: bool) -> int:
@@ -172,7 +173,7 @@ class Store:
                 meta = {"format": FORMAT, "run": run, "calls": []}
             meta["run"] = {**meta["run"], "path": run["path"]}
             meta["calls"].append(call)
-            self._write_meta(meta)
+            self.write_meta(meta)
             return len(meta["calls"]) - 1
 
     def update_call(self, index: int, **fields: Any) -> None:
@@ -180,7 +181,7 @@ class Store:
         with self.locked():
             meta = self.meta()
             meta["calls"][index].update(fields)
-            self._write_meta(meta)
+            self.write_meta(meta)
 
     def _drop_all(self) -> None:
         for name in ("results.parquet", "results.csv", "errors.csv"):
@@ -222,16 +223,18 @@ class Store:
             buf = io.BytesIO()
             rows.to_parquet(buf, index=False)
             self._write(self.units / f"{key}.parquet", buf.getvalue())
-            self._upsert(selected)
+            self.upsert(selected)
 
     def merge(self, frames: Iterable[pd.DataFrame]) -> None:
         """Upsert already committed rows (units reused by this call) into the table."""
         frames = [f for f in frames if len(f)]
         if frames:
             with self.locked():
-                self._upsert(pd.concat(frames, ignore_index=True))
+                self.upsert(pd.concat(frames, ignore_index=True))
 
-    def _upsert(self, rows: pd.DataFrame) -> None:
+    def upsert(self, rows: pd.DataFrame) -> None:
+        """Insert ``rows`` into the merged table, replacing rows with the same key (the caller
+        holds the lock)."""
         table = self.table()
         merged = pd.concat([table, rows[COLUMNS]], ignore_index=True) if len(table) else \
             rows[COLUMNS].reset_index(drop=True)
@@ -332,6 +335,6 @@ def merge_dirs(sources: list[str | Path], out: str | Path) -> pd.DataFrame:
             frames.append(src.table())
             meta["calls"].extend({**c, "merged_from": str(p)} for c in m.get("calls", []))
         if frames:
-            target._upsert(pd.concat(frames, ignore_index=True))
-        target._write_meta(meta)
+            target.upsert(pd.concat(frames, ignore_index=True))
+        target.write_meta(meta)
         return target.table()
