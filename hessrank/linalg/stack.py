@@ -29,7 +29,21 @@ def _check_shape(V: Tensor, shape: tuple[int, int, int]) -> None:
         raise ValueError(f"expected V of shape ({J}, {p}, k), got {tuple(V.shape)}")
 
 
-class OperatorStack:
+class _Composite:
+    """dtype and device of a composition: those of its first operator (all must agree)."""
+
+    operators: list[Operator]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.operators[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.operators[0].device
+
+
+class OperatorStack(_Composite):
     """J independent (1, p, p) operators of the same dimension as one (J, p, p) operator."""
 
     def __init__(self, operators: Sequence[Operator]) -> None:
@@ -50,14 +64,6 @@ class OperatorStack:
         p = self.operators[0].shape[1]
         return (len(self.operators), p, p)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operators[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.operators[0].device
-
     def matmat(self, V: Tensor) -> Tensor:
         """V (J, p, k) → (J, p, k) with out[j] = A_j V[j]."""
         _check_shape(V, self.shape)
@@ -66,7 +72,7 @@ class OperatorStack:
         return out
 
 
-class LinearCombination:
+class LinearCombination(_Composite):
     """Σ_i c_i A_i for operators A_i of one shape (J, p, p) and real coefficients c_i."""
 
     def __init__(self, operators: Sequence[Operator], coefficients: Sequence[float]) -> None:
@@ -85,14 +91,6 @@ class LinearCombination:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.operators[0].shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operators[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.operators[0].device
 
     def matmat(self, V: Tensor) -> Tensor:
         _check_shape(V, self.shape)
