@@ -36,6 +36,7 @@ def _analyze(args: argparse.Namespace) -> int:
         alignment_ranks=args.alignment_ranks, model_factory=args.model_factory,
         dataset=args.dataset, clients=args.clients, data_root=args.data_root,
         threads=args.threads if args.threads is not None else default_threads(),
+        memory_mb=args.memory_mb,
         progress=not args.quiet, force=args.force, prune=args.prune, shard=args.shard,
         workers=args.workers,
     )
@@ -122,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="truncation ranks for alignment; 'full' = full gradient")
     a.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, at most 4)")
+    a.add_argument("--memory-mb", type=float, default=2048.0,
+                   help="memory for kept linearizations per operator (default 2048); above "
+                        "it products are recomputed, streaming over micro-batches")
     a.add_argument("--force", action="store_true",
                    help="OUT holds another run's analysis: replace it")
     a.add_argument("--prune", action="store_true",

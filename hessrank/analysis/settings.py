@@ -76,7 +76,10 @@ class AnalysisSettings:
         subjects (see :func:`hessrank.analysis.subjects.parse_subjects`).
     For a folder of state_dict files: model_factory ("module:function" or a callable),
         dataset, clients, data_root.
-    How to run: device, threads (None: leave torch's setting), progress, force (analyze a
+    How to run: device, threads (None: leave torch's setting), memory_mb (each operator's
+        ``cache_budget_mb``: linearizations beyond it are not kept and products stream over
+        micro-batches; the route changes, the numbers only by floating-point order), progress,
+        force (analyze a
         different run into a directory that holds another run's analysis, dropping its rows),
         prune (drop the rows this call does not select), lock_timeout (seconds to wait for
         another writer; negative: forever).
@@ -107,6 +110,7 @@ class AnalysisSettings:
     clients: int | None = None
     data_root: str | None = None
     threads: int | None = None
+    memory_mb: float = 2048.0
     progress: bool = True
     force: bool = False
     prune: bool = False
@@ -184,6 +188,9 @@ class AnalysisSettings:
             _int_at_least("--clients", self.clients, 1)
         if self.threads is not None:
             _int_at_least("--threads", self.threads, 1)
+        if not (isinstance(self.memory_mb, (int, float)) and 0 < self.memory_mb < float("inf")):
+            raise ValueError(f"--memory-mb must be a positive number of MiB, got "
+                             f"{self.memory_mb!r}")
         if self.model_factory is not None and (self.dataset is None or self.clients is None):
             raise ValueError("a model factory needs --dataset NAME and --clients K for the data")
         _int_at_least("--workers", self.workers, 1)

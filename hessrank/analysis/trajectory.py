@@ -371,7 +371,7 @@ def _products(u: _Unit, s: AnalysisSettings) -> int:
 # ---- computing one unit -------------------------------------------------------------------------
 def _operator_kwargs(s: AnalysisSettings) -> dict[str, Any]:
     return {"params": list(s.params) if s.params else None, "mode": s.mode,
-            "batch_size": s.batch_size}
+            "batch_size": s.batch_size, "cache_budget_mb": float(s.memory_mb)}
 
 
 def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings, ranks: Ranks | None):

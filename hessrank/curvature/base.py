@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.data import Batches, as_batches
+from hessrank.curvature.data import Batches, as_batches, slice_inputs
 from hessrank.curvature.params import LossFn, ParameterSpace
+from hessrank.curvature.stacked import couples_samples
 
 VMAP_MAX_ENTRIES = 2**17
 """A block of tangents goes through ``vmap`` only when one batch's activations have at most
@@ -60,6 +61,25 @@ class BatchLoss:
 
     def loss(self, params: dict[str, Tensor]) -> Tensor:
         return self.loss_of_outputs(self.outputs(params))
+
+
+def all_reduce_sum(t: Tensor, process_group=None) -> Tensor:
+    """Σ over the ranks of ``process_group`` (True: the default group), in place; ``t`` itself
+    when ``process_group`` is None (one process)."""
+    if process_group is None:
+        return t
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=None if process_group is True else
+                    process_group)
+    return t
+
+
+def check_finite_product(out: Tensor, curvature: str) -> None:
+    """Raise FloatingPointError when a product has NaN/inf entries (one reduction first: a
+    NaN/inf entry always makes the sum non-finite, so the full check runs only then)."""
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        raise FloatingPointError(
+            f"a {curvature} product has NaN/inf entries; the loss is not twice "
+            "differentiable at these weights or overflows in this dtype")
 
 
 def curvature_class(name: str) -> type[CurvatureOperator]:
@@ -93,6 +113,15 @@ class CurvatureOperator:
         check_determinism: on first use, evaluate the first batch's gradient twice and raise if
             they differ (dropout in train mode, random augmentation, ...).
         batch_size: split a single (inputs, targets) pair into batches of this size.
+        micro_batch_size: uncached products stream over micro-batches of at most this many
+            samples (C_b = Σ_c (n_c/n_b) C_c, the same operator), so a product's peak memory
+            is that of a micro-batch (an int turns the cache off; not with cache=True);
+            None: whole batches; "auto" (default): micro-batches
+            only when nothing is kept *because* the linearizations exceed
+            ``cache_budget_mb`` — half the largest batch, halved again until one
+            micro-batch's linearization fits the budget (peak ≈ 2× a gradient of the batch on
+            a ResNet-18, against 3.3× unsplit; ``docs/scaling.md``). Never when samples are
+            coupled (BatchNorm in train mode).
         cache_budget_mb: memory allowed for kept linearizations and vmap activations.
         space: a :class:`ParameterSpace` to share (then ``model``, ``params``, ``mode`` are
             taken from it).
@@ -118,6 +147,7 @@ class CurvatureOperator:
         block: str = "auto",
         check_determinism: bool = True,
         batch_size: int | None = None,
+        micro_batch_size: int | str | None = "auto",
         cache_budget_mb: float = 2048.0,
         space: ParameterSpace | None = None,
         process_group=None,
@@ -126,6 +156,15 @@ class CurvatureOperator:
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         if block not in ("loop", "vmap", "auto"):
             raise ValueError(f"block must be one of ('loop', 'vmap', 'auto'), got {block!r}")
+        if not (micro_batch_size in (None, "auto") or (
+                isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool)
+                and micro_batch_size >= 1)):
+            raise ValueError("micro_batch_size must be None, 'auto' or a positive int, "
+                             f"got {micro_batch_size!r}")
+        if isinstance(micro_batch_size, int) and cache is True:
+            raise ValueError("micro_batch_size streams uncached products; with cache=True use "
+                             "batch_size to keep smaller batches")
+        self._micro_request = micro_batch_size
         self.space = space if space is not None else ParameterSpace(model, params, mode)
         self.loss_fn = loss_fn
         s = self.space
@@ -155,20 +194,47 @@ class CurvatureOperator:
     # ---- route ------------------------------------------------------------------------------
     def _choose_route(self, cache: bool | str, block: str) -> dict:
         """The deterministic rule: cache when the linearizations fit the budget; a vmap block
-        only for conv-free batches of at most VMAP_MAX_ENTRIES activations whose 8 copies fit."""
+        only for conv-free batches of at most VMAP_MAX_ENTRIES activations whose 8 copies fit;
+        uncached products that exceed the budget stream over micro-batches."""
         est = self.estimated_cache_mb()
         use_cache = est <= self.cache_budget_mb if cache == "auto" else bool(cache)
+        if isinstance(self._micro_request, int):  # asking for micro-batches asks for streaming
+            use_cache = False
         if block == "auto":
             batch_act = self._act * max(self.batches.sizes)
             small = batch_act <= VMAP_MAX_ENTRIES and not self.space.has_conv()
             fits = 8 * batch_act * self.space.element_size / 2**20 <= self.cache_budget_mb
             block = "vmap" if small and fits else "loop"
         return {"curvature": self.curvature, "cache": use_cache, "block": block,
-                "mode": self.space.mode}
+                "mode": self.space.mode,
+                "micro_batch": self._micro_batch(use_cache, est > self.cache_budget_mb)}
 
-    def estimated_cache_mb(self) -> float:
-        """Rough memory of all batches' kept linearizations: 4 × activations + 3 × p each."""
-        total = 4 * self._act * self.batches.num_samples + 3 * self.space.dim * len(self.batches)
+    def _micro_batch(self, cached: bool, over_budget: bool) -> int | None:
+        """The micro-batch size of uncached products (None: whole batches); see the class
+        docstring's ``micro_batch_size``."""
+        request, largest = self._micro_request, max(self.batches.sizes)
+        coupled = couples_samples(self.space.model, self.space.mode)
+        if coupled and isinstance(request, int):
+            raise ValueError("micro_batch_size would change the operator: BatchNorm in train "
+                             "mode normalizes with the statistics of the whole batch")
+        if cached or request is None or coupled:
+            return None
+        if request != "auto":
+            return request if request < largest else None
+        if not over_budget or largest < 2:
+            return None
+        m = -(-largest // 2)
+        while m > 1 and self.estimated_cache_mb(m, batches=1) > self.cache_budget_mb:
+            m = -(-m // 2)
+        return m
+
+    def estimated_cache_mb(self, samples: int | None = None, batches: int | None = None
+                           ) -> float:
+        """Rough memory of kept linearizations, 4 × activations + 3 × p per batch: of all
+        batches by default, or of ``batches`` batches holding ``samples`` samples."""
+        n = self.batches.num_samples if samples is None else samples
+        nb = len(self.batches) if batches is None else batches
+        total = 4 * self._act * n + 3 * self.space.dim * nb
         return total * self.space.element_size / 2**20
 
     def activations_per_sample(self) -> float:
@@ -200,12 +266,7 @@ class CurvatureOperator:
         return self.total_samples
 
     def _all_reduce(self, t: Tensor) -> Tensor:
-        """Σ over the ranks of ``process_group`` (``t`` itself in one process)."""
-        if self.process_group is None:
-            return t
-        group = None if self.process_group is True else self.process_group
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        return t
+        return all_reduce_sum(t, self.process_group)
 
     @property
     def param_names(self) -> list[str]:
@@ -234,8 +295,12 @@ class CurvatureOperator:
                              f"got {tuple(V.shape)}")
         return self.apply_rows(self.space.rows(V)).T
 
-    def apply_rows(self, R: Tensor) -> Tensor:
-        """(k, p) rows of tangents → (k, p) rows of C v: every batch, weighted, checked."""
+    def apply_rows(self, R: Tensor, reduce: bool = True) -> Tensor:
+        """(k, p) rows of tangents → (k, p) rows of C v: every batch, weighted, checked.
+
+        ``reduce=False`` (distributed callers that sum several products in one all-reduce):
+        this rank's share Σ_{b local} (n_b/N) C_b v, neither summed over the ranks nor checked
+        for finiteness (the caller checks the sum)."""
         if not self._checked:
             with self.space.mode_context():
                 self.space.check_determinism(self.loss_fn, self.batches.inputs[0],
@@ -250,14 +315,11 @@ class CurvatureOperator:
                     out = cv.mul_(w) if w != 1.0 else cv
                 else:
                     out.add_(cv, alpha=w)
-        out = self._all_reduce(out)
-        # one reduction: a NaN/inf entry always makes the sum non-finite (full check only then)
-        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-            raise FloatingPointError(
-                f"a {self.curvature} product has NaN/inf entries; the loss is not twice "
-                "differentiable at these weights or overflows in this dtype"
-            )
         self.num_matvecs += R.shape[0]
+        if not reduce:
+            return out
+        out = self._all_reduce(out)
+        check_finite_product(out, self.curvature)
         return out
 
     def to_scipy(self) -> LinearOperator:
@@ -287,13 +349,14 @@ class CurvatureOperator:
         """∇ loss_fn(model(x), y) flat (p,), one plain reverse pass."""
         return self.space.gradient(self.loss_fn, x, y)
 
-    def gradient(self) -> Tensor:
-        """∇L(θ) flat (p,), the size-weighted mean over batches."""
+    def gradient(self, reduce: bool = True) -> Tensor:
+        """∇L(θ) flat (p,), the size-weighted mean over batches (``reduce=False``: this rank's
+        share, not summed over the ranks)."""
         g = None
         for b, w in enumerate(self.batch_weights):
             gb = self.gradient_on(self.batches.inputs[b], self.batches.targets[b])
             g = gb.mul_(w) if g is None else g.add_(gb, alpha=w)
-        return self._all_reduce(g)
+        return self._all_reduce(g) if reduce else g
 
     # ---- batch machinery --------------------------------------------------------------------
     def batch_loss(self, x, y: Tensor) -> BatchLoss:
@@ -315,8 +378,28 @@ class CurvatureOperator:
         return fn
 
     def _batch_product(self, b: int, tangents: dict[str, Tensor]) -> Tensor:
-        """C_b v for {name: (k, *shape)} tangents, as fresh (k, p) rows."""
-        fn, s = self._closure(b), self.space
+        """C_b v for {name: (k, *shape)} tangents, as fresh (k, p) rows; uncached products
+        with a micro-batch size stream: C_b v = Σ_c (n_c/n_b) C_c v, one micro-batch's
+        linearization alive at a time."""
+        m, n = self.route.get("micro_batch"), self.batches.sizes[b]
+        if not m or m >= n:
+            return self._closure_product(self._closure(b), tangents)
+        x, y = self.batches.inputs[b], self.batches.targets[b]
+        out = None
+        for a in range(0, n, m):
+            c = min(a + m, n)
+            fn = self._linearize(self.batch_loss(slice_inputs(x, a, c), y[a:c]),
+                                 self.space.params)
+            part = self._closure_product(fn, tangents)
+            del fn  # free this micro-batch's linearization before the next one is built
+            w = (c - a) / n
+            out = part.mul_(w) if out is None else out.add_(part, alpha=w)
+            del part
+        return out
+
+    def _closure_product(self, fn: Closure, tangents: dict[str, Tensor]) -> Tensor:
+        """fn applied to {name: (k, *shape)} tangents (a loop or a vmap block), (k, p) rows."""
+        s = self.space
         k = tangents[s.names[0]].shape[0]
         if k == 1:
             o = fn({n: t[0] for n, t in tangents.items()})
@@ -390,7 +473,7 @@ class CurvatureOperator:
         """The same curvature (shared parameter space, same options and route unless
         overridden) on other data."""
         kw = {**self._init_kwargs(), "cache": self.route["cache"], "block": self.route["block"],
-              **route}
+              "micro_batch_size": self._micro_request, **route}
         return type(self)(self.space.model, self.loss_fn, data, space=self.space,
                           check_determinism=False, cache_budget_mb=self.cache_budget_mb,
                           process_group=self.process_group, **kw)

@@ -18,6 +18,12 @@ parameter space). Two strategies, chosen by a deterministic rule and recorded in
 - "per-client": client c's operator pushes its own tangents and the server's as one block of
   2k (one pass over its data per product, data never pooled).
 
+With ``process_group=`` (each rank holds a shard of every client's data) both strategies
+compute this rank's share of every product — unit scales and batch weights use the clients'
+sample counts over all ranks — and the whole (J, p, k) stack is summed by **one all-reduce per
+block product** (J·p·k floats); every rank takes the same strategy (stacked only if it applies
+on all of them).
+
 "auto" takes "stacked" whenever it applies (measured 0.71 / 0.55 of K + 1 separate analyses
 at K = 10 / 20 against 1.10 / 1.33 for per-client, ``docs/performance.md``), else
 "per-client"; ``strategy_reason`` says why.
@@ -30,7 +36,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.base import CurvatureOperator, curvature_class
+from hessrank.curvature.base import (
+    CurvatureOperator,
+    all_reduce_sum,
+    check_finite_product,
+    curvature_class,
+)
 from hessrank.curvature.data import Batches, cat_inputs, slice_inputs
 from hessrank.curvature.params import LossFn
 from hessrank.curvature.stacked import Units, couples_samples, make_units, plan_unit_size
@@ -92,6 +103,7 @@ class FederatedOperator:
         if min(w) < 0 or abs(sum(w) - 1.0) > 1e-9:
             raise ValueError(f"weights must be >= 0 and sum to 1, got sum {sum(w):.6g}")
         self.weights = w
+        self.process_group = operator_kwargs.get("process_group")
         self.num_matvecs = 0
         self._checked = not operator_kwargs.get("check_determinism", True)
         self._units: Units | None = None
@@ -103,7 +115,9 @@ class FederatedOperator:
         if strategy == "per-client":
             reason = "requested"
         else:
-            why = self._plan_stacked(operator_kwargs)
+            why = self._agreed(self._plan_stacked(operator_kwargs))
+            if not why:
+                self._build_server(operator_kwargs)
             if why and strategy == "stacked":
                 raise ValueError(f"strategy='stacked' cannot be used: {why}")
             reason = ("requested" if strategy == "stacked" else
@@ -120,8 +134,6 @@ class FederatedOperator:
     def _plan_stacked(self, kw: dict) -> str:
         """Lay out the units; return "" when the stacked strategy applies, else why not."""
         first, s = self.clients[0], self.space
-        if kw.get("process_group") is not None:
-            return "the data is sharded over processes (each client operator all-reduces)"
         if not first.route["cache"] or first.route.get("hvp") == "fwd-rev":
             return "uncached products were requested (cache=False or hvp='fwd-rev')"
         if couples_samples(s.model, s.mode):
@@ -133,7 +145,7 @@ class FederatedOperator:
         budget = first.cache_budget_mb
         if kw.get("cache", "auto") == "auto" and unit_mb > budget:
             return f"one unit's linearization (~{unit_mb:.0f} MB) exceeds cache_budget_mb"
-        units = make_units([op.batches for op in self.clients], m)
+        units = make_units([op.batches for op in self.clients], m, totals=self.client_sizes)
         U = units.num_units
         step = U if kw.get("cache") is True else max(1, min(U, int(budget // unit_mb)))
         groups = [(a, min(a + step, U)) for a in range(0, U, step)]
@@ -145,6 +157,23 @@ class FederatedOperator:
             return why
         self._units, self._groups, self._unit_mb = units, groups, unit_mb
         self._closures = [None] * len(groups)
+        return ""
+
+    def _agreed(self, why: str) -> str:
+        """Under a process group every rank must take the same strategy (the server's
+        operator is built collectively): the stacked one only if it applies on every rank."""
+        if self.process_group is None:
+            return why
+        flag = all_reduce_sum(torch.tensor([1.0 if why else 0.0], dtype=torch.float64),
+                              self.process_group)
+        if why or float(flag) == 0.0:
+            return why
+        self._units, self._groups, self._closures = None, [], []
+        return "it does not apply on every rank (the ranks' data differ)"
+
+    def _build_server(self, kw: dict) -> None:
+        """The server's operator on the pooled data when w_c = n_c/N (else its products come
+        from a second pass over the units)."""
         total = sum(self.client_sizes)
         if all(abs(w - n / total) <= 1e-12 for w, n in zip(self.weights, self.client_sizes)):
             pooled = Batches(
@@ -152,8 +181,7 @@ class FederatedOperator:
                 (torch.cat([y for op in self.clients for y in op.batches.targets]),))
             bs = kw.get("batch_size")
             data = pooled if bs is None else pooled_pairs(pooled, bs)
-            self._server = first.with_data(data)
-        return ""
+            self._server = self.clients[0].with_data(data)
 
     def _check_per_sample_mean(self, units: Units) -> str:
         """Where a client is cut or padded, its gradient from the units must equal its plain
@@ -167,7 +195,7 @@ class FederatedOperator:
         rows = (units.owner == c).nonzero()[:, 0]
         part = units.slice(int(rows[0]), int(rows[-1]) + 1)
         g_units = self.clients[0].units_gradient(*part.args()).sum(0)
-        g = self.clients[c].gradient()
+        g = self.clients[c].gradient(reduce=False)  # this rank's share, like the units
         tol = 1e-10 if self.dtype == torch.float64 else 1e-4
         diff = float((g_units - g).norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
         if diff > tol:
@@ -195,7 +223,7 @@ class FederatedOperator:
                     hv = self._unit_products(i, V[-1, :, j].expand(b - a, -1).contiguous())
                     out[-1, :, j] += w.index_select(0, idx) @ hv
         if self._server is not None:
-            out[-1] = self._server.apply_block(V[-1])
+            out[-1] = self._server.apply_rows(self.space.rows(V[-1]), reduce=False).T
         return out
 
     def _matmat_clients(self, V: Tensor) -> Tensor:
@@ -203,7 +231,8 @@ class FederatedOperator:
         out = torch.empty(J, p, k, dtype=self.dtype, device=self.device)
         server = None
         for c, op in enumerate(self.clients):
-            hv = op.apply_rows(torch.cat([V[c].T, V[-1].T], dim=0))  # own and server tangents
+            # own and server tangents; this rank's share (one all-reduce of the stack follows)
+            hv = op.apply_rows(torch.cat([V[c].T, V[-1].T], dim=0), reduce=False)
             out[c] = hv[:k].T
             server = hv[k:].mul_(self.weights[c]) if server is None else server.add_(
                 hv[k:], alpha=self.weights[c])
@@ -267,10 +296,8 @@ class FederatedOperator:
                     self.space.check_determinism(self.loss_fn, first.batches.inputs[0],
                                                  first.batches.targets[0])
             out = self._matmat_stacked(V)
-            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-                raise FloatingPointError(
-                    f"a {self.curvature} product has NaN/inf entries; the loss is not twice "
-                    "differentiable at these weights or overflows in this dtype")
+        # distributed: one all-reduce of the whole (J, p, k) stack per block product
+        check_finite_product(all_reduce_sum(out, self.process_group), self.curvature)
         self._checked = True
         self.num_matvecs += V.shape[2]
         return out

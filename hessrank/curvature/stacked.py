@@ -88,15 +88,19 @@ def _pad(t: Tensor, m: int) -> Tensor:
     return t if r == m else torch.cat([t, t[:1].expand(m - r, *t.shape[1:])])
 
 
-def make_units(clients: Sequence[Batches], m: int) -> Units:
+def make_units(clients: Sequence[Batches], m: int, totals: Sequence[int] | None = None
+               ) -> Units:
     """Concatenate each client's batches, cut them into chunks of m, pad the last chunk with
-    copies of its first row (masked out by ``keep``)."""
+    copies of its first row (masked out by ``keep``). ``totals``: each client's sample count
+    over all ranks when ``clients`` hold this rank's shards (scale m / total; default: the
+    local count)."""
     xs, ys, keeps, scales, owners = [], [], [], [], []
     for c, b in enumerate(clients):
         x, y = cat_inputs(list(b.inputs)), torch.cat(b.targets)
-        n = int(y.shape[0])
-        for s in range(0, n, m):
-            r = min(m, n - s)
+        local = int(y.shape[0])
+        n = local if totals is None else int(totals[c])
+        for s in range(0, local, m):
+            r = min(m, local - s)
             xs.append(map_inputs(lambda t, s=s: _pad(t[s:s + m], m), x))
             ys.append(_pad(y[s:s + m], m))
             keep = torch.zeros(m, dtype=torch.bool, device=y.device)

@@ -42,6 +42,8 @@ def _one_line(capsys, *needles: str) -> str:
     (["--density-steps", "0", "--quantities", "density"], "--density-steps must be >= 1"),
     (["--matvecs", "3"], "--matvecs must be >= 10"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--memory-mb", "0"], "--memory-mb must be a positive"),
+    (["--memory-mb", "inf"], "--memory-mb must be a positive"),
     (["--device", "cuda"], "CUDA"),
     (["--device", "tpu9"], "--device"),
     (["--dtype", "float16"], "--dtype"),

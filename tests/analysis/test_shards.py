@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -65,3 +67,21 @@ def test_bad_shard_flags(trained_run, tmp_path, capsys):
         assert main(["analyze", str(trained_run), "--quiet", "--out", str(tmp_path / "x"),
                      *flags]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_memory_limit_streams_products_and_keeps_the_numbers(trained_run, tmp_path):
+    """--memory-mb below the linearizations' size: products are not kept and stream over
+    micro-batches (the route says so); the values agree with the default route to 1e-9
+    (float64); the unit keys are equal (the budget is not a key: rows of one are reused by
+    the other)."""
+    kw = {"rounds": "1", "subjects": "server", "quantities": "stable-rank,top-eig",
+          "matvecs": 10, "dtype": "float64", "threads": 1, "progress": False}
+    a = analyze(trained_run, out=tmp_path / "a", **kw)
+    b = analyze(trained_run, out=tmp_path / "b", memory_mb=0.05, **kw)
+    assert '"micro_batch": null' in a["route"].iloc[0]
+    route = json.loads(b["route"].iloc[0])
+    assert route["cache"] is False and route["micro_batch"] >= 1
+    key = ["round", "subject", "quantity", "k"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert a["unit"].equals(b["unit"])
+    assert ((a["value"] - b["value"]).abs() <= 1e-9 * a["value"].abs()).all()

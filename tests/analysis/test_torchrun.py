@@ -67,8 +67,10 @@ def test_two_gloo_ranks_equal_one_process(trained_run, tmp_path):
     for col in ("value", "stderr"):
         diff = (a[col] - b[col]).abs().max()
         assert diff <= 1e-10 * max(1.0, float(a[col].abs().max())), (col, diff)
-    # the distributed products route through per-client operators that all-reduce
-    assert b["route"].str.contains("per-client").any()
+    # the clients' products take the stacked strategy on the shards too (one all-reduce of
+    # the whole stack per block product), as in one process
+    assert b["route"].str.contains('"strategy": "stacked"').any()
+    assert a["route"].str.contains('"strategy": "stacked"').any()
 
 
 def test_workers_under_torchrun_is_refused(trained_run, tmp_path, monkeypatch):

@@ -71,3 +71,91 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for r in ranks:
         assert abs(float(r["loss"]) - op.loss_value) < 1e-12
         torch.testing.assert_close(r["grad"], op.gradient(), rtol=0, atol=1e-12)
+
+
+# ---- the federated stack: one all-reduce of (J, p, k) per block product -------------------------
+SIZES = (11, 17, 12)  # three clients; rank 0 holds the first 4 samples of each, rank 1 the rest
+
+
+def _clients():
+    model, x, y = _setting()
+    out, a = [], 0
+    for n in SIZES:
+        out.append((x[a:a + n], y[a:a + n]))
+        a += n
+    return model, out
+
+
+def _stack_probes(model, k=2):
+    p = sum(q.numel() for q in model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(len(SIZES) + 1, p, k, generator=gen, dtype=torch.float64)
+
+
+def _federated_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, clients = _clients()
+        shards = [(x[:4], y[:4]) if rank == 0 else (x[4:], y[4:]) for x, y in clients]
+        V = _stack_probes(model)
+        results, calls = {}, []
+        real = dist.all_reduce
+
+        def counting(t, *args, **kwargs):
+            calls.append(t.numel())
+            return real(t, *args, **kwargs)
+
+        for strategy in ("stacked", "per-client"):
+            for curvature in ("hessian", "ggn"):
+                op = hr.FederatedOperator(model, nn.functional.cross_entropy, shards, curvature,
+                                          strategy=strategy, process_group=True)
+                dist.all_reduce = counting
+                try:
+                    calls.clear()
+                    results[f"{strategy}/{curvature}"] = op.matmat(V)
+                    results[f"{strategy}/{curvature}/calls"] = torch.tensor(calls)
+                finally:
+                    dist.all_reduce = real
+                results[f"{strategy}/{curvature}/route"] = op.strategy
+        # a budget that rank 0's shards fit and rank 1's do not: both ranks go per-client
+        fits = hr.HessianOperator(model, nn.functional.cross_entropy, shards[0] if rank == 0
+                                  else (clients[0][0][:4], clients[0][1][:4]))
+        op = hr.FederatedOperator(model, nn.functional.cross_entropy, shards,
+                                  process_group=True,
+                                  cache_budget_mb=1.01 * fits.estimated_cache_mb())
+        results["mixed"] = op.matmat(V)
+        results["mixed/route"] = op.strategy
+        results["mixed/cache"] = op.clients[1].route["cache"]
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_federated_stack_sharded_over_two_ranks_is_one_all_reduce(tmp_path):
+    """Both strategies under process_group= give the single-process stack (1e-10, float64,
+    uneven shards) with exactly one all-reduce of J·p·k floats per block product."""
+    init = f"file://{tmp_path / 'init'}"
+    out = str(tmp_path / "fed")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_federated_worker, args=(2, init, out), nprocs=2, join=True,
+                       start_method="fork")
+    model, clients = _clients()
+    V = _stack_probes(model)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for curvature in ("hessian", "ggn"):
+        ref = hr.FederatedOperator(model, nn.functional.cross_entropy, clients,
+                                   curvature).matmat(V)
+        for strategy in ("stacked", "per-client"):
+            key = f"{strategy}/{curvature}"
+            for r in ranks:
+                assert r[key + "/route"] == strategy
+                torch.testing.assert_close(r[key], ref, rtol=0, atol=1e-10)
+                assert r[key + "/calls"].tolist() == [V.numel()]
+    hessian = hr.FederatedOperator(model, nn.functional.cross_entropy, clients).matmat(V)
+    assert [r["mixed/cache"] for r in ranks] == [True, False]
+    for r in ranks:
+        assert r["mixed/route"] == "per-client"
+        torch.testing.assert_close(r["mixed"], hessian, rtol=0, atol=1e-10)

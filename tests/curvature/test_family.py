@@ -312,3 +312,59 @@ def test_dict_inputs_federated_equals_separate():
     for c, d in enumerate(data):
         torch.testing.assert_close(out[c], hr.HessianOperator(model, _logit_ce, d).matmat(V[c]),
                                    rtol=0, atol=TOL)
+
+
+# ---- streaming uncached products over micro-batches ---------------------------------------------
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher"])
+def test_micro_batches_give_the_dense_operator(small, curvature):
+    """Uneven micro-batches (40 samples in 3 batches of ≤ 16, streamed 7 at a time) are the
+    same operator: C_b = Σ_c (n_c/n_b) C_c."""
+    _, model, x, y = small
+    dense = {"hessian": lambda: hr.dense_hessian(model, cross_entropy, (x, y)),
+             "ggn": lambda: dense_ggn(model, cross_entropy, x, y),
+             "fisher": lambda: dense_fisher(model, cross_entropy, x, y)}[curvature]()
+    cls = {"hessian": hr.HessianOperator, "ggn": hr.GGNOperator,
+           "fisher": hr.FisherOperator}[curvature]
+    op = cls(model, cross_entropy, (x, y), batch_size=16, micro_batch_size=7)
+    assert op.route["cache"] is False and op.route["micro_batch"] == 7
+    V = _probes(op.shape[1])
+    torch.testing.assert_close(op.matmat(V), dense @ V, rtol=RTOL, atol=TOL)
+
+
+def test_micro_batches_follow_the_memory_rule():
+    """"auto" streams only when the linearizations exceed the budget: half the largest batch,
+    halved until one micro-batch's linearization fits; never with BatchNorm in train mode."""
+    model, x, y = build_case("cnn", n=40)
+    fits = hr.HessianOperator(model, cross_entropy, (x, y))
+    assert fits.route["cache"] is True and fits.route["micro_batch"] is None
+    scratch = hr.HessianOperator(model, cross_entropy, (x, y), cache=False)
+    assert scratch.route["micro_batch"] is None  # uncached by request, within the budget
+    est = fits.estimated_cache_mb()
+    half = hr.HessianOperator(model, cross_entropy, (x, y), cache_budget_mb=0.9 * est)
+    assert half.route["cache"] is False and half.route["micro_batch"] == 20
+    tight = hr.HessianOperator(model, cross_entropy, (x, y),
+                               cache_budget_mb=fits.estimated_cache_mb(10, batches=1))
+    assert tight.route["micro_batch"] == 10
+    V = _probes(fits.shape[1])
+    torch.testing.assert_close(tight.matmat(V), fits.matmat(V), rtol=1e-10, atol=1e-12)
+    # derived operators apply the rule to their own data
+    assert half.with_data((torch.cat([x, x]), torch.cat([y, y]))).route["micro_batch"] == 20
+    assert half.with_data((x[:8], y[:8])).route["micro_batch"] is None
+    bn, xb, yb = build_case("bn-eval", n=40)
+    train = hr.HessianOperator(bn, cross_entropy, (xb, yb), mode="train", cache_budget_mb=1e-6)
+    assert train.route["cache"] is False and train.route["micro_batch"] is None
+    with pytest.raises(ValueError, match="BatchNorm"):
+        hr.HessianOperator(bn, cross_entropy, (xb, yb), mode="train", micro_batch_size=8)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "half"])
+def test_micro_batch_size_is_validated(bad):
+    model, x, y = build_case("mlp-tanh", n=12)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        hr.HessianOperator(model, cross_entropy, (x, y), micro_batch_size=bad)
+
+
+def test_micro_batches_with_cache_true_are_refused():
+    model, x, y = build_case("mlp-tanh", n=12)
+    with pytest.raises(ValueError, match="cache=True"):
+        hr.HessianOperator(model, cross_entropy, (x, y), cache=True, micro_batch_size=4)
