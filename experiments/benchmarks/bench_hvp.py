@@ -335,7 +335,12 @@ def memory_probe(variant: str, fast: bool, threads: int) -> dict:
           "default-half": {"batch_size": len(y) // 2},
           "rev-rev-loop-half": {"hvp": "rev-rev", "cache": False, "block": "loop",
                                 "batch_size": len(y) // 2},
+          "micro-half": {"micro_batch_size": len(y) // 2},
+          "micro-quarter": {"micro_batch_size": len(y) // 4},
           }.get(variant)
+    if variant == "streamed":  # the auto rule when the linearizations exceed the budget
+        est = HessianOperator(model, CE, (x, y)).estimated_cache_mb()
+        kw = {"cache_budget_mb": 0.9 * est}
     torch.autograd.grad(CE(model(x), y), params)  # warm-up: lazy initialisation
     resident = 0.0
     if variant == "gradient":
@@ -356,9 +361,14 @@ def memory_probe(variant: str, fast: bool, threads: int) -> dict:
             "settings": "" if variant == "gradient" else str(op.settings)}
 
 
-def memory(args) -> list[dict]:
-    variants = ["gradient", "default-first", "default", "rev-rev-loop", "fwd-rev-loop",
-                "fwd-rev-vmap", "cached-vmap", "default-half", "rev-rev-loop-half"]
+MEMORY_VARIANTS = ("gradient", "default-first", "default", "rev-rev-loop", "fwd-rev-loop",
+                   "fwd-rev-vmap", "cached-vmap", "default-half", "rev-rev-loop-half")
+STREAMING_VARIANTS = ("gradient", "default", "rev-rev-loop", "streamed", "micro-half",
+                      "micro-quarter")
+"""``--memory-only`` rows: see :func:`memory_only`."""
+
+
+def memory(args, variants=MEMORY_VARIANTS) -> list[dict]:
     out = []
     for v in variants:
         cmd = [sys.executable, __file__, "--memory-probe", v, "--threads", str(args.threads)]
@@ -370,6 +380,45 @@ def memory(args) -> list[dict]:
             continue
         out.append({"variant": v, **json.loads(r.stdout.strip().splitlines()[-1])})
     return out
+
+
+def memory_only(args) -> None:
+    """Peak memory of uncached products streamed over micro-batches vs a gradient (issue 14's
+    target: ≤ 3× a gradient's, ResNet-18, batch 128); writes results/memory.md."""
+    started = time.perf_counter()
+    mem = memory(args, STREAMING_VARIANTS)
+    g = next(m for m in mem if m["variant"] == "gradient")
+    rows = []
+    for m in mem:
+        if "error" in m:
+            rows.append([m["variant"], "error", " ".join(m["error"]), "", "", "", ""])
+            continue
+        total = m["peak_mb"] + m["resident_mb"]
+        rows.append([m["variant"], m["settings"] or "—", f"{m['peak_mb']:.0f}",
+                     f"{m['resident_mb']:.0f}", f"{total:.0f}", f"{total / g['peak_mb']:.2f}",
+                     f"{m['seconds']:.2f}"])
+    cmd = " ".join(["python", "experiments/benchmarks/bench_hvp.py", "--memory-only"]
+                   + (["--fast"] if args.fast else []) + ["--threads", str(args.threads)])
+    text = "\n".join([
+        "# Memory of a streamed product vs a gradient (ResNet-18, batch 128)", "",
+        f"Machine: {_timing.machine_line(args.threads)}. Run: `{cmd}` on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"({time.perf_counter() - started:.0f} s; memory does not depend on the load, "
+        "seconds do).", "",
+        f"A block of k = {K} Hessian-vector products on the CIFAR-shaped ResNet-18 of "
+        "`hessrank.models` (float32, eval mode, one batch of inputs), each row a fresh "
+        "process. *peak*: most tensor memory (torch.profiler memory events) allocated during "
+        "the measured call above its start; *resident*: what a first call leaves allocated "
+        "(kept linearizations); ratio = (peak + resident) / the gradient's peak. "
+        "`rev-rev-loop`: nothing kept, whole batch; `streamed`: the default operator with "
+        "`cache_budget_mb` below its linearizations' estimate (the rule then streams over "
+        "micro-batches of half the batch); `micro-half` / `micro-quarter`: "
+        "`micro_batch_size=n/2`, `n/4`.", "",
+        _timing.markdown_table(["variant", "route", "peak MiB", "resident MiB", "total MiB",
+                                "÷ gradient", "call s"], rows), ""])
+    out = args.out if args.out != RESULTS else RESULTS.with_name("memory.md")
+    out.write_text(text)
+    print(text)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -385,6 +434,8 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default="7383cb0",
                     help="git commit of the 'before' operator ('' to skip)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the streaming memory rows (results/memory.md)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--paired-routes", action="store_true",
@@ -392,6 +443,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.fast, args.threads)))
+        return
+    if args.memory_only:
+        memory_only(args)
         return
     if args.paired_routes:
         torch.set_num_threads(args.threads)

@@ -47,18 +47,23 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _launch(worker, tmp_path, world: int = 2) -> list[dict]:
+    """Run ``worker(rank, world, init, out)`` on ``world`` gloo ranks; each rank's results."""
+    init, out = f"file://{tmp_path / 'init'}", str(tmp_path / "res")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # fork: the children inherit the imported modules (spawn re-imports torch: ~10× slower)
+    mp.start_processes(worker, args=(world, init, out), nprocs=world, join=True,
+                       start_method="fork")
+    return [torch.load(f"{out}.{r}") for r in range(world)]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    init = f"file://{tmp_path / 'init'}"
-    out = str(tmp_path / "res")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: the children inherit the imported modules (spawn re-imports torch: ~10× slower)
-    mp.start_processes(_worker, args=(2, init, out), nprocs=2, join=True, start_method="fork")
+    ranks = _launch(_worker, tmp_path)
     model, x, y = _setting()
     V = torch.randn(sum(p.numel() for p in model.parameters()), 3,
                     generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for name, cls in (("hessian", hr.HessianOperator), ("ggn", hr.GGNOperator)):
         op = cls(model, nn.functional.cross_entropy, (x, y))
         ref = op.matmat(V)
@@ -137,14 +142,9 @@ def _federated_worker(rank: int, world: int, init: str, out: str) -> None:
 def test_federated_stack_sharded_over_two_ranks_is_one_all_reduce(tmp_path):
     """Both strategies under process_group= give the single-process stack (1e-10, float64,
     uneven shards) with exactly one all-reduce of J·p·k floats per block product."""
-    init = f"file://{tmp_path / 'init'}"
-    out = str(tmp_path / "fed")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_federated_worker, args=(2, init, out), nprocs=2, join=True,
-                       start_method="fork")
+    ranks = _launch(_federated_worker, tmp_path)
     model, clients = _clients()
     V = _stack_probes(model)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for curvature in ("hessian", "ggn"):
         ref = hr.FederatedOperator(model, nn.functional.cross_entropy, clients,
                                    curvature).matmat(V)
