@@ -24,11 +24,11 @@ demo: $(STAMP)
 	$(PY) -m hessrank.demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check hessrank tests experiments
+	$(VENV)/bin/ruff check hessrank tests experiments notebooks
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hessrank tests experiments
+	$(VENV)/bin/ruff check hessrank tests experiments notebooks
 
 # Peers (pyhessian) go into the same venv only for benchmarks; hessrank/ never imports them.
 $(VENV)/.installed-bench: $(STAMP)

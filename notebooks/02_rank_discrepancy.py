@@ -33,7 +33,6 @@ SEED = 0
 import warnings
 
 import numpy as np
-import pandas as pd
 import torch
 from IPython.display import Image, display
 
