@@ -8,7 +8,8 @@ weights, C v = Σ_r (N_r/N) C_r v. Rank r of R holds samples [⌊r·n/R⌋, ⌊(
 subject with n samples (contiguous, possibly uneven slices). Only rank 0 reads and writes the
 analysis directory; which units are computed is rank 0's decision, broadcast to the others.
 
-The backend is gloo on CPU and NCCL when ``device`` is CUDA (each rank on ``cuda:LOCAL_RANK``).
+The backend is gloo on CPU; with a CUDA ``device``, NCCL for CUDA tensors and gloo for the
+CPU scalars (each rank on ``cuda:LOCAL_RANK``; :func:`backend_for`).
 """
 
 from __future__ import annotations
@@ -73,11 +74,17 @@ def from_environment(device: str) -> Ranks | None:
                          "torch.distributed; run in one process")
     owned = not dist.is_initialized()
     if owned:
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
+        if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend_for(device))
     return Ranks(dist.get_rank(), dist.get_world_size(), owned)
+
+
+def backend_for(device: str) -> str:
+    """The process group's backend: gloo on CPU; with CUDA, NCCL for CUDA tensors (the
+    products) *and* gloo for CPU tensors (the operators all-reduce sample counts, losses and
+    strategy decisions as CPU scalars; an NCCL-only group refuses CPU tensors)."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

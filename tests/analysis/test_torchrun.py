@@ -78,3 +78,14 @@ def test_workers_under_torchrun_is_refused(trained_run, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="under torchrun"):
         analyze(trained_run, out=tmp_path / "x", workers=2, rounds="1", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_cuda_backend_keeps_gloo_for_the_cpu_scalars():
+    """Operators all-reduce sample counts, losses and strategy decisions as CPU tensors, which
+    an NCCL-only group refuses: with CUDA the group must also have gloo for CPU tensors."""
+    from hessrank.analysis.distributed import backend_for
+
+    assert backend_for("cpu") == "gloo"
+    for device in ("cuda", "cuda:1"):
+        parts = dict(p.split(":") for p in backend_for(device).split(","))
+        assert parts == {"cpu": "gloo", "cuda": "nccl"}
