@@ -382,11 +382,19 @@ def _build(u: _Unit, model: nn.Module, loss_fn, s: AnalysisSettings, ranks: Rank
     return build_operator(u.group, model, loss_fn, curvature=s.curvature, **kw)
 
 
-def route_of(op: Any) -> dict[str, Any]:
-    """The product route an operator reports (``route``, else ``settings``; stacks: each)."""
+def route_of(op: Any, j: int | None = None) -> dict[str, Any]:
+    """The product route an operator reports (``route``, else ``settings``). A stack of
+    operators: operator ``j``'s route with ``"stack": J``; without ``j`` the shared route with
+    ``"stack": J`` when all J agree, else ``{"stack": [each route]}``."""
     route = getattr(op, "route", None)
     if route is None and hasattr(op, "operators"):
-        return {"stack": [route_of(o) for o in op.operators]}
+        ops = op.operators
+        if j is not None:
+            return {**route_of(ops[j]), "stack": len(ops)}
+        routes = [route_of(o) for o in ops]
+        if all(r == routes[0] for r in routes):
+            return {**routes[0], "stack": len(ops)}
+        return {"stack": routes}
     if route is None:
         route = getattr(op, "settings", None)
     return dict(route) if isinstance(route, dict) else {}
@@ -424,7 +432,8 @@ def _compute(u: _Unit, model, loss_fn, client_data, s: AnalysisSettings, hashes,
     per_op = quantity_rows(names, res)
     rows, dens = [], None
     for subj, j in zip(u.group.subjects, u.group.index):
-        base = {**_base(u, subj, hashes[subj.name], s, rtol, route), "seed": seed}
+        own = json.dumps(route_of(op, j), sort_keys=True, default=str)  # this subject's
+        base = {**_base(u, subj, hashes[subj.name], s, rtol, own), "seed": seed}
         rows.extend({**base, **r, "layer": "", "seconds": dt} for r in per_op[j])
     if u.family == "density":
         d = res.density

@@ -193,3 +193,18 @@ def test_run_without_checkpoints_is_an_error(run_copy):
         p.unlink()
     with pytest.raises(ValueError, match="no saved checkpoints"):
         analyze(run_copy, progress=False)
+
+
+def test_row_route_is_its_own_operators(trained_run, tmp_path):
+    """A stack of subset operators: each row carries its own operator's route and the stack
+    size (not every operator's route of the stack, which grew with the number of draws)."""
+    import json
+
+    table = analyze(trained_run, out=tmp_path / "a", rounds="1", subjects="subset:11x3",
+                    quantities="stable-rank", matvecs=10, threads=1, progress=False)
+    routes = [json.loads(r) for r in table["route"]]
+    assert all(r["stack"] == 3 and r["curvature"] == "hessian" and "cache" in r
+               for r in routes)
+    meta = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    (unit_route,) = meta["calls"][-1]["routes"].values()
+    assert unit_route["stack"] == 3  # the three operators share one route
