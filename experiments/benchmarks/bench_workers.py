@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Fixed cost of one process (the `workers1` command again on its finished OUT: "
         f"imports, reading the run, realizing the subjects, planning; nothing computed): "
         f"median {_timing.median(startup):.1f} s of 3 "
-        f"({' / '.join(f'{t:.1f}' for t in startup)}). `--workers 2` pays it in the parent "
-        "and again in each spawned worker; each torchrun rank pays it too.",
+        f"({' / '.join(f'{t:.1f}' for t in startup)}). `--workers 2` pays it in the calling "
+        "process (worker 1) and, in parallel, in the one spawned worker; each torchrun rank "
+        "pays it too.",
         "",
         checked,
         "",

@@ -336,7 +336,9 @@ def _shard(units: list[_Unit], i: int, n: int) -> list[_Unit]:
 
 def _run_pool(run_dir, s: AnalysisSettings, *, out, command) -> pd.DataFrame:
     """``workers`` processes, worker k running shard k/workers with its share of threads,
-    all writing into the one locked store; the rows of every shard, in plan order."""
+    all writing into the one locked store; the rows of every shard, in plan order. This
+    process is worker 1 (its imports are paid already: a spawned worker's start-up costs
+    seconds), the others are spawned."""
     import concurrent.futures
     import dataclasses
     import multiprocessing
@@ -346,10 +348,11 @@ def _run_pool(run_dir, s: AnalysisSettings, *, out, command) -> pd.DataFrame:
     jobs = [dataclasses.replace(s, workers=1, shard=(k, n), threads=threads, progress=False)
             for k in range(1, n + 1)]
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(n - 1, mp_context=ctx) as pool:
         futures = [pool.submit(run_analysis, run_dir, job, out=out, command=command)
-                   for job in jobs]
-        tables = [f.result() for f in futures]
+                   for job in jobs[1:]]
+        tables = [run_analysis(run_dir, jobs[0], out=out, command=command)]
+        tables += [f.result() for f in futures]
     errors = [e for t in tables for e in t.attrs.get("errors", [])]
     table = pd.concat(tables, ignore_index=True)
     table = table.sort_values(["round"], kind="stable").reset_index(drop=True)
