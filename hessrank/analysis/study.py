@@ -52,7 +52,9 @@ Layout of ``out``: ``spec.toml`` (the spec as run), ``replicate_{i}/run`` (train
 ``replicate_{i}/analysis`` (``analyze``'s resumable store), ``replicate_{i}/controls``,
 ``results.{parquet,csv}`` (all replicates, with a ``replicate`` column), ``hypotheses.csv``,
 ``regression.csv`` (with controls), ``diagnostics.csv`` (with [diagnostics]; per replicate in
-``replicate_{i}/diagnostics.csv``), ``update_pairs.csv`` (alignment of recorded updates; per
+``replicate_{i}/diagnostics.csv``) and, with two or more subset sizes among its subjects,
+``diagnostics_tests.csv`` (smallest − largest size of each diagnostic per phase,
+:func:`hessrank.analysis.diagnostics.reversal_tests`), ``update_pairs.csv`` (alignment of recorded updates; per
 replicate in ``replicate_{i}/update_pairs.csv``) and ``study.json`` (provenance). Rerunning
 resumes; an ``out`` holding a different spec is refused.
 """
@@ -476,8 +478,16 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     table = pd.concat(frames + controls, ignore_index=True)
     _write_table(out, "results", table)
     if diagnostics:
-        atomic_write_text(out / "diagnostics.csv",
-                          pd.concat(diagnostics, ignore_index=True).to_csv(index=False))
+        diag = pd.concat(diagnostics, ignore_index=True)
+        atomic_write_text(out / "diagnostics.csv", diag.to_csv(index=False))
+        sizes = sorted(set(diag.loc[diag["subject_kind"] == "subset", "subject_size"]))
+        if len(sizes) >= 2:  # smallest − largest subset size of each diagnostic
+            from hessrank.analysis.diagnostics import reversal_tests
+
+            tests = reversal_tests(diag, phases=phases_of(spec), last_round=last_round,
+                                   small=int(sizes[0]), large=int(sizes[-1]),
+                                   seed=int(spec.inference.get("seed", spec.seed)))
+            atomic_write_text(out / "diagnostics_tests.csv", tests.to_csv(index=False))
     updates = pd.concat(pairs, ignore_index=True) if pairs else None
     if updates is not None:
         atomic_write_text(out / "update_pairs.csv", updates.to_csv(index=False))

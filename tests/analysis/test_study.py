@@ -32,7 +32,7 @@ matvecs = 10
 [controls]
 matched_draws = 1
 [diagnostics]
-subjects = "server,subset:10x2"
+subjects = "server,subset:10x2,subset:100x2"
 matvecs = 10
 density_probes = 3
 [inference]
@@ -82,6 +82,8 @@ def test_study_command_end_to_end(tmp_path, capsys):
     assert sorted(diag["replicate"].unique()) == [0, 1]
     assert set(diag["round"]) == {0, 1, 2} and set(diag["part"]) == {"hessian", "ggn",
                                                                      "residual"}
+    tests = pd.read_csv(out / "diagnostics_tests.csv")  # n_small − n_large per phase
+    assert {"ggn_srank", "residual_share"} <= set(tests["hypothesis"])
     diag_file = out / "replicate_0" / "diagnostics.csv"
     diag_mtime = diag_file.stat().st_mtime_ns
     reg = pd.read_csv(out / "regression.csv")
