@@ -54,9 +54,9 @@ Layout of ``out``: ``spec.toml`` (the spec as run), ``replicate_{i}/run`` (train
 ``regression.csv`` (with controls), ``diagnostics.csv`` (with [diagnostics]; per replicate in
 ``replicate_{i}/diagnostics.csv``) and, with two or more subset sizes among its subjects,
 ``diagnostics_tests.csv`` (smallest − largest size of each diagnostic per phase,
-:func:`hessrank.analysis.diagnostics.reversal_tests`), ``update_pairs.csv`` (alignment of recorded updates; per
-replicate in ``replicate_{i}/update_pairs.csv``) and ``study.json`` (provenance). Rerunning
-resumes; an ``out`` holding a different spec is refused.
+:func:`hessrank.analysis.diagnostics.reversal_tests`), ``update_pairs.csv`` (alignment of
+recorded updates; per replicate in ``replicate_{i}/update_pairs.csv``) and ``study.json``
+(provenance). Rerunning resumes; an ``out`` holding a different spec is refused.
 """
 
 from __future__ import annotations
