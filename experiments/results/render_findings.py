@@ -45,7 +45,8 @@ def _rounds(lo, hi) -> str:
 def _verdict_table(hyp: pd.DataFrame, settled: bool = True) -> list[str]:
     level = round(100 * (1 - float(hyp["alpha"].iloc[0])))
     cols = ["hypothesis", "phase", "rounds", "estimate", f"{level} % CI", "p (adjusted)",
-            "replicates", "min effect", "verdict"] + (["settled"] if settled else [])
+            "replicates", "min effect", "verdict"] + (
+                ["settled (even / odd grid)"] if settled else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in hyp.itertuples(index=False):
         cells = [f"`{r.hypothesis}`", r.phase, _rounds(r.round_lo, r.round_hi),
@@ -53,7 +54,9 @@ def _verdict_table(hyp: pd.DataFrame, settled: bool = True) -> list[str]:
                  f"{r.p_adjusted:.2g}", f"{int(r.n_replicates)}", f"{r.min_effect:g}",
                  f"**{r.verdict}**"]
         if settled:
-            cells.append("yes" if bool(r.settled) else "no")
+            grids = " / ".join(v if isinstance(v, str) and v else "–"
+                               for v in (r.verdict_even_grid, r.verdict_odd_grid))
+            cells.append(("yes" if bool(r.settled) else "no") + f" ({grids})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -97,7 +100,8 @@ def render(root: Path = ROOT) -> str:
                 f" over the {len(hyp)} tests; transform "
                 f"{', '.join(sorted(set(hyp['transform'])))} (differences of logs are log "
                 "ratios). A verdict is *settled* when the even- and the odd-indexed checkpoints "
-                "alone give the same verdict.", ""]
+                "alone give the same verdict (their verdicts in parentheses; – : that grid has "
+                "no checkpoint in the phase).", ""]
         out += _verdict_table(hyp) + [""]
         tests = study / "diagnostics_tests.csv"
         if tests.is_file():

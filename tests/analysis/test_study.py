@@ -288,3 +288,17 @@ min_effect = 0.05
     assert (per == 3).all()  # C(3, 2) client pairs per weight matrix
     assert len(hyp) == 1 and hyp["n_replicates"].iloc[0] == 2
     assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients
+
+
+def test_committed_federated_verdicts_follow_from_the_committed_tables():
+    """experiments/results/federated_digits: hypotheses.csv is what study.infer gives on the
+    committed table and recorded-update pairs (nothing edited by hand)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    spec = study.load_spec(root / "configs" / "federated_digits.toml")
+    res = root / "results" / "federated_digits"
+    got = study.infer(pd.read_parquet(res / "results.parquet"), spec,
+                      int(spec.train["rounds"]), pd.read_parquet(res / "update_pairs.parquet"))
+    want = pd.read_csv(res / "hypotheses.csv")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
