@@ -98,8 +98,8 @@ def check_tables(tables: dict[str, pd.DataFrame]) -> str:
         within = int((rel <= 1e-4).sum())
         in_err = float(((a - b).abs() / err.clip(lower=1e-30)).max())
         parts.append(f"`{name}`: {within} of {len(a)} values within 1e-4 relative of "
-                     f"`workers1`'s, max {rel.max():.1e} relative = {in_err:.2f} of that row's "
-                     "stderr")
+                     f"`workers1`'s (max {rel.max():.1e} relative; the largest difference "
+                     f"is {in_err:.2f} of its row's stderr)")
     return (f"Checked: same rows in every table ({len(a)}). " + "; ".join(parts) + ". Not bit "
             "for bit here: float32 with 2 torch threads vs 1, or with each subject's data "
             "split over two ranks, sums in another order, and the estimator's discrete choices "
