@@ -10,6 +10,10 @@ import pandas as pd
 
 from experiments.figures.common import CSV_COLUMNS, Context, Made, digits_config, spectra
 
+ONE_RUN = ("A description of one training run: its rounds are not independent evidence; the "
+           "replicated verdicts per training phase are in experiments/results/FINDINGS.md.")
+"""Appended to the readings of the per-round figures."""
+
 
 # ---- figure 1: client vs server -------------------------------------------------------------
 def client_vs_server(ctx: Context) -> Made:
@@ -54,7 +58,7 @@ def client_vs_server(ctx: Context) -> Made:
         f"{last['ratio']:.2f} ± {last['ratio_stderr']:.2f} at round {int(last['round'])} "
         f"(range {df['ratio'].min():.2f}–{df['ratio'].max():.2f}); fraction of clients above "
         f"the server per round {df['frac_clients_above'].min():.2f}–"
-        f"{df['frac_clients_above'].max():.2f}."
+        f"{df['frac_clients_above'].max():.2f}. {ONE_RUN}"
     )
     configs = {"train": digits_config("fedloru", ctx.scale, ctx.seed), "analyze": settings}
     return Made(df, fig, configs, reading)
@@ -122,7 +126,7 @@ def dataset_size(ctx: Context) -> Made:
         f"stable rank strictly decreases with n (n = {', '.join(map(str, sizes))}) at "
         f"{mono}/{len(rounds)} saved rounds; Spearman ρ(n, stable rank) per round "
         f"{min(spearman):.2f}…{max(spearman):.2f} (mean {np.mean(spearman):.2f}); "
-        f"srank(n={sizes[0]})/srank(server) {ratio.min():.2f}–{ratio.max():.2f}."
+        f"srank(n={sizes[0]})/srank(server) {ratio.min():.2f}–{ratio.max():.2f}. {ONE_RUN}"
     )
     configs = {"train": digits_config("fedloru", ctx.scale, ctx.seed), "analyze": settings}
     return Made(df, fig, configs, reading)
