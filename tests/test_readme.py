@@ -201,3 +201,22 @@ if __name__ == "__main__":
         sys.exit(_write(README))
     else:
         sys.exit(__doc__)
+
+
+def test_timings_paragraph_is_rendered_from_the_results():
+    """The README's walk-through timings come from experiments/benchmarks/results/readme.md
+    (bench_readme.py renders them), never typed by hand."""
+    import importlib.util
+
+    path = ROOT / "experiments" / "benchmarks" / "bench_readme.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_readme", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    readme = mod.README.read_text()
+    assert readme == mod.with_timings(readme, mod.timing_paragraph(mod.RESULTS.read_text())), (
+        "README.md's timings paragraph is stale: run python "
+        "experiments/benchmarks/bench_readme.py --render")

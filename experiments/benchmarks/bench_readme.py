@@ -15,6 +15,11 @@ the machine line and the cores other work kept busy before and after.
     python experiments/benchmarks/bench_readme.py --demo     # also times the full make demo
     python experiments/benchmarks/bench_readme.py --workdir /tmp/r   # keep runs and N.log
     python experiments/benchmarks/bench_readme.py --fast     # each command's --help: seconds
+    python experiments/benchmarks/bench_readme.py --render   # only re-render the README block
+
+A full run also renders the README's timings paragraph (between ``<!-- readme-timings:start
+-->`` and ``<!-- readme-timings:end -->``) from the results it wrote; tests/test_readme.py
+fails when that paragraph is stale.
 
 ``hessrank figures`` is not run (its own timing is in the figures' JSON files).
 """
@@ -37,7 +42,50 @@ from _timing import busy_cores, machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+RESULTS = Path(__file__).parent / "results" / "readme.md"
 RUN_ORDER = ("train", "analyze", "plot")
+START, END = "<!-- readme-timings:start -->", "<!-- readme-timings:end -->"
+
+
+def timed_rows(results: str) -> tuple[str, dict[str, tuple[float, str]]]:
+    """(the machine line, {"train" | "analyze" | "plot" | "demo": (seconds, result)}) of a
+    results/readme.md text."""
+    lines = results.splitlines()
+    machine = next(ln for ln in lines if " — " in ln and "cores busy" in ln)
+    rows = {}
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        words = cells[0].strip("`").split()
+        key = next((w for w in words if w in RUN_ORDER), None)
+        if "hessrank.demo" in words and "--fast" not in words:
+            key = "demo"
+        if key is not None:
+            rows[key] = (float(cells[1]), cells[3])
+    return machine.split(" — ", 1)[1], rows
+
+
+def timing_paragraph(results: str) -> str:
+    """The README's walk-through timings, rendered from results/readme.md (nothing typed)."""
+    machine, rows = timed_rows(results)
+    (t_train, r_train), (t_an, r_an), (t_plot, r_plot) = (rows[k] for k in RUN_ORDER)
+    demo = (f" The full demo (`python -m hessrank.demo`, what `make demo` runs) took "
+            f"{rows['demo'][0]:.0f} s." if "demo" in rows else "")
+    return (
+        f"Run verbatim here ({machine} `python experiments/benchmarks/bench_readme.py --demo` "
+        "reruns them, writes `experiments/benchmarks/results/readme.md` and renders this "
+        f"paragraph from it): `train` took {t_train:.0f} s ({r_train}); `analyze` took "
+        f"{t_an:.0f} s for 5 checkpoints × (the server, 20 clients and 5 random 50-sample "
+        f"subsets), {r_an}, reporting its products as they finish (a bar on a terminal, a line "
+        f"every 10 s in a log); `plot` took {t_plot:.0f} s ({r_plot}).{demo} Single runs; on a "
+        "busier machine expect more.")
+
+
+def with_timings(readme: str, paragraph: str) -> str:
+    """``readme`` with its timings block replaced."""
+    head, rest = readme.split(START, 1)
+    return head + START + "\n" + paragraph + "\n" + END + rest.split(END, 1)[1]
 
 
 def readme_commands(text: str) -> list[tuple[dict[str, str], list[str]]]:
@@ -93,11 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true",
                     help="smoke test: run each command's --help only (checks that it parses) "
                          "and write nothing")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "readme.md")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: render the README's timings paragraph from --out")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="run there and keep it, with each command's output in N.log "
                          "(default: a temporary directory, removed)")
     args = ap.parse_args(argv)
+    if args.render:
+        README.write_text(with_timings(README.read_text(), timing_paragraph(
+            args.out.read_text())))
+        print(f"rendered the timings paragraph of {README} from {args.out}")
+        return 0
     busy_before = busy_cores()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_readme_") as tmp:
@@ -139,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.write_text(text)
     print(text)
-    return 0 if all(r[2] == 0 for r in rows) else 1
+    ok = all(r[2] == 0 for r in rows)
+    if ok and args.out == RESULTS:
+        README.write_text(with_timings(README.read_text(), timing_paragraph(text)))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
