@@ -217,6 +217,6 @@ def test_timings_paragraph_is_rendered_from_the_results():
     finally:
         sys.path.remove(str(path.parent))
     readme = mod.README.read_text()
-    assert readme == mod.with_timings(readme, mod.timing_paragraph(mod.RESULTS.read_text())), (
+    assert readme == mod.with_timings(readme, mod.RESULTS.read_text()), (
         "README.md's timings paragraph is stale: run python "
         "experiments/benchmarks/bench_readme.py --render")

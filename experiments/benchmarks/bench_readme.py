@@ -17,8 +17,10 @@ the machine line and the cores other work kept busy before and after.
     python experiments/benchmarks/bench_readme.py --fast     # each command's --help: seconds
     python experiments/benchmarks/bench_readme.py --render   # only re-render the README block
 
-A full run also renders the README's timings paragraph (between ``<!-- readme-timings:start
--->`` and ``<!-- readme-timings:end -->``) from the results it wrote; tests/test_readme.py
+A full run also renders the README's timings (the walk-through paragraph between
+``<!-- readme-timings:start -->`` and ``<!-- readme-timings:end -->``, the demo sentence
+between ``<!-- readme-demo:start -->`` and ``<!-- readme-demo:end -->``) from the results it
+wrote; tests/test_readme.py
 fails when that paragraph is stale.
 
 ``hessrank figures`` is not run (its own timing is in the figures' JSON files).
@@ -45,6 +47,7 @@ README = ROOT / "README.md"
 RESULTS = Path(__file__).parent / "results" / "readme.md"
 RUN_ORDER = ("train", "analyze", "plot")
 START, END = "<!-- readme-timings:start -->", "<!-- readme-timings:end -->"
+DEMO_MARKS = ("<!-- readme-demo:start -->", "<!-- readme-demo:end -->")
 
 
 def timed_rows(results: str) -> tuple[str, dict[str, tuple[float, str]]]:
@@ -59,8 +62,8 @@ def timed_rows(results: str) -> tuple[str, dict[str, tuple[float, str]]]:
             continue
         words = cells[0].strip("`").split()
         key = next((w for w in words if w in RUN_ORDER), None)
-        if "hessrank.demo" in words and "--fast" not in words:
-            key = "demo"
+        if "hessrank.demo" in words:
+            key = "demo_fast" if "--fast" in words else "demo"
         if key is not None:
             rows[key] = (float(cells[1]), cells[3])
     return machine.split(" — ", 1)[1], rows
@@ -82,10 +85,24 @@ def timing_paragraph(results: str) -> str:
         "busier machine expect more.")
 
 
-def with_timings(readme: str, paragraph: str) -> str:
-    """``readme`` with its timings block replaced."""
-    head, rest = readme.split(START, 1)
-    return head + START + "\n" + paragraph + "\n" + END + rest.split(END, 1)[1]
+def demo_sentence(results: str) -> str:
+    """The README's set-up section: what the demo took (rendered like the paragraph)."""
+    _, rows = timed_rows(results)
+    full = (f"the demo took {rows['demo'][0]:.0f} s here and prints"
+            if "demo" in rows else "the demo prints")
+    return (f"Once installed, {full} a per-round client-vs-server table and what it shows; "
+            "`python -m hessrank.demo --fast` is a smaller version (6 clients, 4 rounds) that "
+            f"took {rows['demo_fast'][0]:.0f} s (`experiments/benchmarks/results/readme.md`, "
+            "one run each on the machine it names).")
+
+
+def with_timings(readme: str, results: str) -> str:
+    """``readme`` with its timings blocks rendered from a results/readme.md text."""
+    for (start, end), body in ((DEMO_MARKS, demo_sentence(results)),
+                               ((START, END), timing_paragraph(results))):
+        head, rest = readme.split(start, 1)
+        readme = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+    return readme
 
 
 def readme_commands(text: str) -> list[tuple[dict[str, str], list[str]]]:
@@ -149,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: a temporary directory, removed)")
     args = ap.parse_args(argv)
     if args.render:
-        README.write_text(with_timings(README.read_text(), timing_paragraph(
-            args.out.read_text())))
+        README.write_text(with_timings(README.read_text(), args.out.read_text()))
         print(f"rendered the timings paragraph of {README} from {args.out}")
         return 0
     busy_before = busy_cores()
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     ok = all(r[2] == 0 for r in rows)
     if ok and args.out == RESULTS:
-        README.write_text(with_timings(README.read_text(), timing_paragraph(text)))
+        README.write_text(with_timings(README.read_text(), text))
     return 0 if ok else 1
 
 
