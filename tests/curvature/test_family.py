@@ -285,6 +285,10 @@ def test_dict_inputs_attention_model():
                                                 params)]
     ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, parts)])
     torch.testing.assert_close(op.matmat(V), ref, rtol=RTOL, atol=TOL)
+    # streamed over micro-batches of dict inputs: the same operator
+    micro = hr.HessianOperator(model, _logit_ce, (x, y), batch_size=4, micro_batch_size=3)
+    assert micro.route["micro_batch"] == 3
+    torch.testing.assert_close(micro.matmat(V), ref, rtol=RTOL, atol=TOL)
     # GGN on the logits: Jᵀ H_out J from the Jacobian of the logits
     ggn = hr.GGNOperator(model, _logit_ce, (x, y))
     named = dict(model.named_parameters())
