@@ -290,14 +290,15 @@ min_effect = 0.05
     assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients
 
 
-def test_committed_federated_verdicts_follow_from_the_committed_tables():
-    """experiments/results/federated_digits: hypotheses.csv is what study.infer gives on the
-    committed table and recorded-update pairs (nothing edited by hand)."""
+@pytest.mark.parametrize("name", ["federated_digits", "federated_digits_fedloru"])
+def test_committed_federated_verdicts_follow_from_the_committed_tables(name):
+    """experiments/results/NAME: hypotheses.csv is what study.infer gives on the committed
+    table and recorded-update pairs (nothing edited by hand)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "experiments"
-    spec = study.load_spec(root / "configs" / "federated_digits.toml")
-    res = root / "results" / "federated_digits"
+    spec = study.load_spec(root / "configs" / f"{name}.toml")
+    res = root / "results" / name
     got = study.infer(pd.read_parquet(res / "results.parquet"), spec,
                       int(spec.train["rounds"]), pd.read_parquet(res / "update_pairs.parquet"))
     want = pd.read_csv(res / "hypotheses.csv")
