@@ -28,8 +28,12 @@ only spreads the work. docs/flower.md describes deployment across machines.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,10 +42,19 @@ from torch import Tensor
 
 from hessrank.fl.base import ClientData, ClientReply, ClientTask, Execute, NonFiniteError
 
-__all__ = ["make_client_app", "make_execute", "run_flower", "tensors_from_record",
-           "tensors_to_record"]  # fmt: skip
+__all__ = ["FlowerEngineError", "make_client_app", "make_execute", "reaped_children",
+           "run_flower", "tensors_from_record", "tensors_to_record"]  # fmt: skip
 
 _NODE_WAIT_S = 120.0
+"""How long the ServerApp waits for the simulated SuperNodes to connect."""
+_PULL_INTERVAL_S = 0.05
+_REAP_WAIT_S = 10.0
+"""How long Ray's processes get to exit after ``ray.shutdown()`` before they are killed."""
+
+
+class FlowerEngineError(RuntimeError):
+    """Flower's simulation engine failed (Ray did not start, a node never connected, the
+    simulation ended before a client replied); the message is one line."""
 
 
 def _require_flwr() -> None:
@@ -67,23 +80,45 @@ def tensors_from_record(record: Any) -> dict[str, Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
 
 
-def make_execute(grid: Any, num_nodes: int) -> Callable[[str], Execute]:
+def make_execute(
+    grid: Any, num_nodes: int, stop: threading.Event | None = None
+) -> Callable[[str], Execute]:
     """Waits for ``num_nodes`` SuperNodes; returns ``for_config(config_json)``, an ``execute``
     for :meth:`~hessrank.fl.base.FederatedAlgorithm.run_round` of the run with that config
-    that sends each task to a ClientApp through Flower's ``grid``."""
+    that sends each task to a ClientApp through Flower's ``grid``.
 
+    ``stop``: set when the simulation engine has ended (:func:`run_flower` sets it); every
+    wait here checks it, so a ServerApp thread never outlives its engine (Flower's thread is
+    not a daemon: a wait without end would keep the process alive)."""
+    stop = stop if stop is not None else threading.Event()
     deadline = time.monotonic() + _NODE_WAIT_S
     nodes = sorted(grid.get_node_ids())
     while len(nodes) < num_nodes:
+        if stop.is_set():
+            raise FlowerEngineError("Flower's simulation engine ended before its nodes connected")
         if time.monotonic() > deadline:
-            raise ValueError(f"only {len(nodes)} of {num_nodes} Flower SuperNodes connected")
+            raise FlowerEngineError(
+                f"only {len(nodes)} of {num_nodes} Flower SuperNodes connected within "
+                f"{_NODE_WAIT_S:.0f} s"
+            )
         time.sleep(0.1)
         nodes = sorted(grid.get_node_ids())
 
     def for_config(config_json: str) -> Execute:
-        return lambda task, data, gen: _send(grid, nodes, config_json, task, data, gen)
+        return lambda task, data, gen: _send(grid, nodes, config_json, task, data, gen, stop)
 
     return for_config
+
+
+def _exchange(grid: Any, msg: Any, stop: threading.Event) -> Any:
+    """Push one message and pull its reply, giving up when ``stop`` is set."""
+    (msg_id,) = list(grid.push_messages([msg]))
+    while not stop.is_set():
+        replies = list(grid.pull_messages({msg_id}))
+        if replies:
+            return replies[0]
+        time.sleep(_PULL_INTERVAL_S)
+    raise FlowerEngineError("Flower's simulation engine ended before the client replied")
 
 
 def _send(
@@ -93,6 +128,7 @@ def _send(
     task: ClientTask,
     data: ClientData,
     generator: torch.Generator,
+    stop: threading.Event,
 ) -> ClientReply:
     """Send one task to its SuperNode, wait for the reply, advance ``generator`` as the
     client did."""
@@ -107,7 +143,7 @@ def _send(
     })  # fmt: skip
     node = nodes[task.client_id % len(nodes)]
     msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
-    (reply,) = list(grid.send_and_receive([msg]))
+    reply = _exchange(grid, msg, stop)
     if reply.has_error():
         raise RuntimeError(
             f"Flower ClientApp failed on client {task.client_id} ({task.phase}): "
@@ -168,21 +204,93 @@ def make_client_app() -> Any:
 def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]) -> Any:
     """Run ``server_loop(for_config)`` as a Flower ServerApp against ``num_nodes`` simulated
     SuperNodes running :func:`make_client_app` (Flower's simulation engine, Ray backend with
-    one CPU; ``for_config`` from :func:`make_execute`); returns what ``server_loop`` returned."""
+    one CPU; ``for_config`` from :func:`make_execute`); returns what ``server_loop`` returned.
+
+    Whatever happens (a finished run, an error, Ray failing to start, Ctrl-C), the engine is
+    left behind completely: the ServerApp's waits end, Ray is shut down and every process it
+    started in this call is reaped (:func:`reaped_children`).
+
+    Raises:
+        FlowerEngineError: the engine failed (one line naming the cause).
+    """
     _require_flwr()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     server = ServerApp()
     result: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
 
     @server.main()
     def main(grid: Any, context: Any) -> None:  # noqa: ARG001 (Flower's signature)
-        result["value"] = server_loop(make_execute(grid, num_nodes))
+        try:
+            result["value"] = server_loop(make_execute(grid, num_nodes, stop))
+        except BaseException as err:  # re-raised in the calling thread below
+            errors.append(err)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 1, "num_gpus": 0}}  # fmt: skip
-    run_simulation(server, make_client_app(), num_supernodes=num_nodes, backend_config=backend)
+    with reaped_children():
+        try:
+            run_simulation(server, make_client_app(), num_supernodes=num_nodes,
+                           backend_config=backend)  # fmt: skip
+        except RuntimeError as err:
+            cause = _root_cause(err)
+            if errors:  # the server loop's own error explains more than Flower's wrapper
+                raise errors[0] from None
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise FlowerEngineError(
+                f"Flower's simulation engine failed ({type(cause).__name__}: {first}); "
+                "rerun, or use --engine builtin"
+            ) from None
+        finally:
+            stop.set()
+            _shutdown_ray()
+    if errors:
+        raise errors[0]
     if "value" not in result:
-        raise RuntimeError("the Flower ServerApp ended without finishing the run")
+        raise FlowerEngineError("the Flower ServerApp ended without finishing the run")
     return result["value"]
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception Flower's wrappers ("Simulation Runtime crashed.") chain to."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+def _shutdown_ray() -> None:
+    ray = sys.modules.get("ray")  # only if Flower imported it; never import it here
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def reaped_children() -> Iterator[None]:
+    """On exit, terminate (then kill) every descendant process of this one that was not there
+    on entry: what Ray started and ``ray.shutdown()`` left behind (a raylet or GCS server
+    whose start timed out keeps running otherwise, and holds the terminal's pipes open)."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    before = {p.pid for p in me.children(recursive=True)}
+    try:
+        yield
+    finally:
+        new = [p for p in me.children(recursive=True) if p.pid not in before]
+        for p in new:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(new, timeout=_REAP_WAIT_S)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=_REAP_WAIT_S)

@@ -5,6 +5,8 @@ The equivalence test starts one Flower simulation (Ray backend, one CPU) for thr
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,34 @@ def test_deployed_serverapp_names_missing_run_config():
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"out": "x"})
     with pytest.raises(ValueError, match=r"\['config'\]"):
         serverapp(grid=None, context=ctx)
+
+
+def test_engine_that_fails_to_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Ray's start timing out (forced here after its processes are up, the worst case) ends
+    the run with one line, and no thread or process of the engine survives the call."""
+    import threading
+
+    import psutil
+    import ray
+
+    from hessrank.fl.flower import FlowerEngineError
+
+    real_init = ray.init
+
+    def init_then_time_out(*args, **kwargs):
+        real_init(*args, **kwargs)
+        raise TimeoutError("forced: Ray's start timed out")
+
+    monkeypatch.setattr(ray, "init", init_then_time_out)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    threads = set(threading.enumerate())
+    with pytest.raises(FlowerEngineError, match="TimeoutError: forced") as err:
+        train(_cfg("fedavg"), tmp_path / "run", progress=False, engine="flower")
+    assert "\n" not in str(err.value)
+    assert not ray.is_initialized()
+    assert [p for p in me.children(recursive=True) if p.pid not in before] == []
+    deadline = time.monotonic() + 10
+    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
+        time.sleep(0.1)  # the ServerApp thread sees the stop within one pull interval
+    assert not [t for t in set(threading.enumerate()) - threads if not t.daemon]
