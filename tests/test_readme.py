@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 _FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
@@ -141,6 +143,7 @@ def _check_papermill(args: list[str]) -> str | None:
     return f"{args[0]} has no parameter {unknown}" if unknown else None
 
 
+@pytest.mark.slow
 def test_python_examples_print_what_the_readme_shows(tmp_path):
     text = README.read_text()
     pairs = examples(text)

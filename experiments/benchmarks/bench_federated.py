@@ -32,8 +32,8 @@ import torch
 from hessrank.curvature import FederatedHessian, HessianOperator
 from hessrank.curvature.base import CurvatureOperator
 from hessrank.curvature.federated import FederatedOperator
-from hessrank.datasets import load_dataset
-from hessrank.fl.partition import make_partition
+from hessrank.data.datasets import load_dataset
+from hessrank.data.partition import make_partition
 from hessrank.linalg import stable_rank
 from hessrank.models import build_model
 
@@ -53,7 +53,7 @@ def setting(model_name: str, K: int, seed: int = 0, partition: str = "iid"):
                for i in part.indices]
     torch.manual_seed(seed)
     model = build_model(model_name, ds.input_shape, ds.num_classes).eval()
-    return model, ds.loss_fn(), clients
+    return model, ds.task, clients
 
 
 def joint(model, loss, clients, **kw) -> Callable[[], np.ndarray]:

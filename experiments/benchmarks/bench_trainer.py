@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from hessrank.datasets import Dataset, load_dataset
+from hessrank.data.datasets import Dataset, load_dataset
+from hessrank.data.partition import make_partition
 from hessrank.fl.base import ClientData
 from hessrank.fl.config import TrainConfig
-from hessrank.fl.partition import make_partition
 from hessrank.fl.runner import (
     algorithm_class,
-    evaluate,
     label_weighted_accuracy,
     sample_clients,
 )
@@ -87,7 +86,7 @@ def run_setting(label: str, ds: Dataset, model_name: str, cfg: TrainConfig, algo
         torch.manual_seed(c.seed)
         model = build_model(model_name, ds.input_shape, ds.output_dim)
         algo = algorithm_class(name)(model, c)
-        algo.loss_fn = ds.loss_fn()
+        algo.loss_fn = ds.task
         runs[name] = {"algo": algo, "gen": torch.Generator().manual_seed(c.seed + 1),
                       "floats": 0, "client": [], "wall": []}  # fmt: skip
     for t in range(1, cfg.rounds + 1):
@@ -112,7 +111,7 @@ def run_setting(label: str, ds: Dataset, model_name: str, cfg: TrainConfig, algo
             ratios = [a / b for a, b in zip(r["wall"], base["wall"])]
             mark = " †"
         algo = r["algo"]
-        acc = evaluate(algo.effective_model(), ds.test_x, ds.test_y, algo.loss_fn, ds.task)
+        acc = ds.task.evaluate(algo.effective_model(), ds.test_x, ds.test_y)
         acc_text = f"{acc['accuracy']:.3f}"
         if name == "pfedloru":
             personal = [

@@ -47,8 +47,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from hessrank.checkpoints import RunDir
 from hessrank.fl.config import TrainConfig
+from hessrank.fl.rundir import RunDir
 from hessrank.fl.runner import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -92,7 +92,7 @@ def _paired_alignment(run, rounds: Sequence[int], ranks: Sequence[int]) -> dict:
     from hessrank.analysis.alignment import client_gradients, low_rank, pairwise_cosines
     from hessrank.analysis.inference import offdiag_mean_jackknife
 
-    data, loss_fn = run.client_data(), run.loss_fn()
+    data, loss_fn = run.client_data(), run.task()
     out: dict[tuple[int, str, int], dict[str, float]] = {}
     for r in rounds:
         grads = client_gradients(run.load_model(r), loss_fn, data)

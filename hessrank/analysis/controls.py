@@ -172,7 +172,8 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     from hessrank.analysis.settings import probe_seed
     from hessrank.analysis.subjects import build_operator
     from hessrank.analysis.trajectory import COLUMNS
-    from hessrank.checkpoints import RunDir, atomic_write_bytes, atomic_write_text
+    from hessrank.fl.rundir import RunDir
+    from hessrank.io import atomic_write_bytes, atomic_write_text
     from hessrank.linalg import stable_rank
 
     run = RunDir(run_dir)
@@ -189,7 +190,7 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     groups, info = control_groups(client_data, matched_draws=matched_draws,
                                   nested_sizes=nested_sizes, nested_draws=nested_draws,
                                   seed=seed)
-    loss_fn = run.loss_fn()
+    loss_fn = run.task()
     rows = []
     for r in rounds:
         model = run.load_model(int(r))

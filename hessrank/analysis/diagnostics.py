@@ -258,7 +258,7 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
     from tqdm.auto import tqdm
 
     from hessrank.analysis.subjects import build_operator, parse_subjects, realize
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
 
     run = RunDir(run_dir)
     saved = run.rounds()
@@ -272,7 +272,7 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
         raise ValueError(f"diagnostics subjects are server and subset:NxD, got {bad}")
     client_data = run.client_data()
     groups = realize(specs, client_data=client_data, seed=seed)
-    loss_fn = run.loss_fn()
+    loss_fn = run.task()
     num_classes = int(torch.cat([y for _, y in client_data]).max()) + 1
     frames = []
     for r in tqdm(chosen, desc="diagnostics", disable=not progress):

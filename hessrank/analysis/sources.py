@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.analysis.settings import AnalysisSettings, digest
-from hessrank.checkpoints import RunDir
-from hessrank.curvature.operator import LossFn
+from hessrank.data.task import Task
+from hessrank.fl.rundir import RunDir
 
 __all__ = [
     "RunSource",
@@ -65,7 +65,7 @@ class Source(Protocol):
     def load_model(self, round: int) -> nn.Module: ...
     def client_data(self) -> list[Pair]: ...
     def test(self) -> Pair: ...
-    def loss_fn(self) -> LossFn: ...
+    def task(self) -> Task: ...
 
 
 def file_hash(path: Path) -> str:
@@ -183,7 +183,7 @@ class StateDictDir:
 
     Files ``*.pt``/``*.pth`` (read with ``torch.load(weights_only=True)``) or ``*.safetensors``;
     the round is the last integer in the file name (``epoch_12.pt`` → 12). The model comes from
-    ``factory()`` and the data from :func:`hessrank.datasets.load_dataset` with a seeded iid
+    ``factory()`` and the data from :func:`hessrank.data.datasets.load_dataset` with a seeded iid
     split among ``clients`` clients. The factory is checked up front: it must return an
     ``nn.Module`` whose forward pass accepts the data.
     """
@@ -194,8 +194,8 @@ class StateDictDir:
     def __init__(self, path: str | Path, factory: str | Callable[[], nn.Module], dataset: str,
                  clients: int, *, seed: int = 0, dtype: torch.dtype | None = None,
                  data_root: str | None = None) -> None:
-        from hessrank.datasets import load_dataset
-        from hessrank.fl.partition import make_partition
+        from hessrank.data.datasets import load_dataset
+        from hessrank.data.partition import make_partition
 
         self.path = Path(path)
         if not self.path.is_dir():
@@ -291,12 +291,12 @@ class StateDictDir:
     def test(self) -> Pair:
         return self.data.test_x, self.data.test_y
 
-    def loss_fn(self) -> LossFn:
-        return self.data.loss_fn()
+    def task(self) -> Task:
+        return self.data.task
 
 
 class RunSource:
-    """A hessrank run directory (:class:`hessrank.checkpoints.RunDir`) as a source."""
+    """A hessrank run directory (:class:`hessrank.fl.rundir.RunDir`) as a source."""
 
     kind = "run"
 
@@ -331,8 +331,8 @@ class RunSource:
         ds = self.run.dataset()
         return ds.test_x, ds.test_y
 
-    def loss_fn(self) -> LossFn:
-        return self.run.loss_fn()
+    def task(self) -> Task:
+        return self.run.task()
 
 
 def open_source(run_dir: str | Path, settings: AnalysisSettings) -> RunSource | StateDictDir:

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from hessrank.checkpoints import atomic_write_bytes
+from hessrank.io import atomic_write_bytes
 from hessrank.linalg import DensityResult
 
 __all__ = [

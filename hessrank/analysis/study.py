@@ -77,7 +77,7 @@ import numpy as np
 import pandas as pd
 
 from hessrank.analysis import inference as inf
-from hessrank.checkpoints import atomic_write_bytes, atomic_write_text
+from hessrank.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "HYPOTHESIS_KINDS",
@@ -257,7 +257,7 @@ def _diagnostics_replicate(run_path: Path, out: Path, seed: int, rounds, conf: d
 
 def _entropy(table: pd.DataFrame, run_path: Path) -> pd.Series:
     from hessrank.analysis.controls import subject_label_entropy
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
 
     return subject_label_entropy(table, RunDir(run_path).client_data())
 

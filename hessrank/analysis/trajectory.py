@@ -155,7 +155,7 @@ def _run(run_dir, s: AnalysisSettings, ranks: Ranks | None, *, out, command,
     client_data = source.client_data()
     test = source.test() if any(sp.kind == "test" for sp in specs) else None
     groups = realize(specs, client_data=client_data, test=test, seed=s.seed)
-    loss_fn = source.loss_fn()
+    loss_fn = source.task()
     _check_params(source, chosen, s.params)
     out = Path(out) if out is not None else run_dir / "analysis"
     if writer:

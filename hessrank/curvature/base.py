@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.data import Batches, as_batches, slice_inputs
+from hessrank.curvature.data import Batches, as_batches
 from hessrank.curvature.params import LossFn, ParameterSpace
 from hessrank.curvature.stacked import couples_samples
+from hessrank.data.inputs import slice_inputs
 
 VMAP_MAX_ENTRIES = 2**17
 """A block of tangents goes through ``vmap`` only when one batch's activations have at most

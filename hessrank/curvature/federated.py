@@ -42,9 +42,10 @@ from hessrank.curvature.base import (
     check_finite_product,
     curvature_class,
 )
-from hessrank.curvature.data import Batches, cat_inputs, slice_inputs
+from hessrank.curvature.data import Batches
 from hessrank.curvature.params import LossFn
 from hessrank.curvature.stacked import Units, couples_samples, make_units, plan_unit_size
+from hessrank.data.inputs import cat_inputs, slice_inputs
 
 STRATEGIES = ("auto", "stacked", "per-client")
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessrank.curvature.data import Inputs, call_model
+from hessrank.data.inputs import Inputs, call_model
 
 LossFn = Callable[..., Tensor]
 MODES = ("eval", "train")

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.data import Batches, cat_inputs, first_tensor, map_inputs
+from hessrank.curvature.data import Batches
+from hessrank.data.inputs import cat_inputs, first_tensor, map_inputs
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from hessrank.fl.config import TrainConfig
 
 if TYPE_CHECKING:
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
     from hessrank.fl.runner import train
 
 __all__ = ["RunDir", "TrainConfig", "train"]
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "RunDir":
-        from hessrank.checkpoints import RunDir
+        from hessrank.fl.rundir import RunDir
 
         return RunDir
     raise AttributeError(f"module 'hessrank.fl' has no attribute {name!r}")

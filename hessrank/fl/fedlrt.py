@@ -126,7 +126,7 @@ _CHUNK = 4096  # samples per forward pass when a full local batch is evaluated
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean per-sample loss: 0.5 ‖ŷ − y‖² for floating targets (regression), else cross-entropy.
 
-    The regression form is the one of ``load_dataset("lowrank-lsq").loss_fn()``:
+    The regression form is the one of ``load_dataset("lowrank-lsq").task``:
     0.5 · (1/n) Σ_i ‖ŷ_i − y_i‖².
     """
     if targets.is_floating_point():

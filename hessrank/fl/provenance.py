@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessrank.checkpoints import atomic_write_text
 from hessrank.fl.config import TrainConfig
+from hessrank.io import atomic_write_text
 
 __all__ = ["PROVENANCE_FILE", "dataset_fingerprint", "git_revision", "start_record"]
 

@@ -37,20 +37,7 @@ import torch
 from filelock import FileLock, Timeout
 from torch import Tensor, nn
 
-from hessrank.checkpoints import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    METRICS_FILE,
-    PARTITION_FILE,
-    UPDATES_DIR,
-    RunDir,
-    atomic_write_text,
-    read_checkpoint,
-    read_metrics,
-    save_checkpoint,
-    save_client_updates,
-    split_prefix,
-)
+from hessrank.data.task import ClassificationTask
 from hessrank.fl.base import (
     ClientData,
     Execute,
@@ -60,6 +47,19 @@ from hessrank.fl.base import (
 )
 from hessrank.fl.config import ALGORITHM_REGISTRY, TrainConfig
 from hessrank.fl.provenance import finish_record, start_record, write_provenance
+from hessrank.fl.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PARTITION_FILE,
+    UPDATES_DIR,
+    RunDir,
+    read_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    save_client_updates,
+)
+from hessrank.io import atomic_write_text, split_prefix
 from hessrank.progress import progress as progress_bar
 
 __all__ = [
@@ -67,7 +67,6 @@ __all__ = [
     "ENGINES",
     "algorithm_class",
     "build_setup",
-    "evaluate",
     "label_weighted_accuracy",
     "learning_rate",
     "sample_clients",
@@ -127,27 +126,6 @@ def learning_rate(config: TrainConfig, round_idx: int) -> float:
     )
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], task: str
-) -> dict[str, float]:
-    """Mean loss (size-weighted over chunks, i.e. the full-batch mean) and, for classification,
-    accuracy of ``model`` in eval mode on (x, y)."""
-    model.eval()
-    n = x.shape[0]
-    loss_sum, correct = 0.0, 0
-    for i in range(0, n, _EVAL_BATCH):
-        xb, yb = x[i : i + _EVAL_BATCH], y[i : i + _EVAL_BATCH]
-        out = model(xb)
-        loss_sum += float(loss_fn(out, yb)) * xb.shape[0]
-        if task == "classification":
-            correct += int((out.argmax(dim=1) == yb).sum())
-    result = {"loss": loss_sum / n}
-    if task == "classification":
-        result["accuracy"] = correct / n
-    return result
-
-
 # ---- setup -----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Setup:
@@ -167,7 +145,7 @@ class _Setup:
 def _split_data(config: TrainConfig, labels: Any) -> tuple[Any, np.ndarray]:
     """The partition over the samples left after the validation split, in dataset indices,
     with per-client holdouts (see :func:`held_out_partition`); and the validation indices."""
-    from hessrank.fl.partition import Partition, make_partition
+    from hessrank.data.partition import Partition, make_partition
 
     n = int(labels.shape[0])
     pool, val = np.arange(n), np.zeros(0, dtype=np.int64)
@@ -202,8 +180,8 @@ def _cast(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
 def _build(
     config: TrainConfig, partition_json: dict | None, device: torch.device | None = None
 ) -> _Setup:
-    from hessrank.datasets import load_dataset
-    from hessrank.fl.partition import Partition
+    from hessrank.data.datasets import load_dataset
+    from hessrank.data.partition import Partition
     from hessrank.models import build_model
 
     dtype = getattr(torch, str(config.dtype), None)
@@ -239,7 +217,7 @@ def _build(
             f"outputs): {first}"
         ) from None
     algorithm = algorithm_class(config.algo)(model, config)
-    algorithm.loss_fn = ds.loss_fn()
+    algorithm.loss_fn = ds.task
     clients = []
     for cid, idx in enumerate(part.indices):
         index = torch.as_tensor(idx, dtype=torch.long)
@@ -305,9 +283,11 @@ def label_weighted_accuracy(
     histogram of the client's training data — the client's own test distribution under label
     skew, estimated from the shared test set."""
     model.eval()
-    out = torch.cat([model(x[i : i + _EVAL_BATCH]) for i in range(0, len(x), _EVAL_BATCH)])
+    task = ClassificationTask()
+    out = torch.cat([task.forward(model, x[i : i + _EVAL_BATCH])
+                     for i in range(0, len(x), _EVAL_BATCH)])  # fmt: skip
     hits = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(
-        0, y, (out.argmax(1) == y).to(torch.float64)
+        0, y, task.correct(out, y)
     )
     per_class = hits / torch.bincount(y, minlength=num_classes).clamp(min=1).to(torch.float64)
     hist = torch.bincount(client_targets, minlength=num_classes).to(torch.float64)
@@ -322,26 +302,27 @@ def _personal_eval(setup: _Setup) -> dict[str, float]:
     scores = []
     for client in setup.clients:
         model = algo.client_model(client.client_id)
-        if ds.task == "classification":
+        if isinstance(ds.task, ClassificationTask):
             scores.append(label_weighted_accuracy(model, x, y, client.targets, ds.num_classes))
         else:
-            scores.append(evaluate(model, x, y, algo.loss_fn, ds.task)["loss"])
-    key = "personal_test_accuracy" if ds.task == "classification" else "personal_test_loss"
+            scores.append(ds.task.evaluate(model, x, y)["loss"])
+    key = ("personal_test_accuracy" if isinstance(ds.task, ClassificationTask)
+           else "personal_test_loss")  # fmt: skip
     return {key: float(np.mean(scores))}
 
 
 def _eval_row(setup: _Setup) -> dict[str, Any]:
     model = setup.algorithm.effective_model()
-    loss_fn, task = setup.algorithm.loss_fn, setup.dataset.task
-    tr = evaluate(model, *setup.train, loss_fn, task)
-    te = evaluate(model, *setup.test, loss_fn, task)
+    task = setup.dataset.task
+    tr = task.evaluate(model, *setup.train)
+    te = task.evaluate(model, *setup.test)
     row: dict[str, Any] = {
         "train_loss": tr["loss"],
         "test_loss": te["loss"],
         "test_accuracy": te.get("accuracy"),
     }
     if setup.validation is not None:
-        va = evaluate(model, *setup.validation, loss_fn, task)
+        va = task.evaluate(model, *setup.validation)
         row.update({"val_loss": va["loss"], "val_accuracy": va.get("accuracy")})
     if setup.holdout is not None:
         row.update(_holdout_eval(setup, model))
@@ -355,13 +336,13 @@ def _holdout_eval(setup: _Setup, global_model: nn.Module) -> dict[str, Any]:
     client's own model for personalized algorithms, the global model otherwise. Logs the
     per-client values and their unweighted mean over clients."""
     algo, task = setup.algorithm, setup.dataset.task
-    key = "accuracy" if task == "classification" else "loss"
+    key = task.metric
     per_client = {}
     for client, (x, y) in zip(setup.clients, setup.holdout or []):
         if x.shape[0] == 0:
             continue
         model = algo.client_model(client.client_id) if _personalized(algo) else global_model
-        per_client[str(client.client_id)] = evaluate(model, x, y, algo.loss_fn, task)[key]
+        per_client[str(client.client_id)] = task.evaluate(model, x, y)[key]
     mean = float(np.mean(list(per_client.values()))) if per_client else None
     return {f"client_holdout_{key}": per_client, f"holdout_{key}_mean": mean}
 
@@ -491,7 +472,7 @@ def train(
             the client work in ClientApps, same run directory and weights; needs the
             ``flwr[simulation]`` package, CPU and an algorithm with stateless clients).
     Returns:
-        :class:`~hessrank.checkpoints.RunDir` of ``out``.
+        :class:`~hessrank.fl.rundir.RunDir` of ``out``.
     Raises:
         OSError: ``out`` cannot be written (PermissionError, NotADirectoryError when a file is
             in the way, ENOSPC/EFBIG when the disk or ``ulimit -f`` is full).
@@ -724,7 +705,7 @@ def _train_locked(
 def _updates(
     broadcast: dict[str, Tensor], clients: dict[int, dict[str, Tensor]]
 ) -> dict[int, dict[str, Tensor]]:
-    """Δ_c = θ_c − θ per client and floating key (the format of hessrank.checkpoints)."""
+    """Δ_c = θ_c − θ per client and floating key (the format of hessrank.fl.rundir)."""
     return {
         cid: {k: state[k] - v for k, v in broadcast.items() if v.is_floating_point()}
         for cid, state in clients.items()

@@ -110,6 +110,7 @@ def test_disk_full_is_one_line(trained_run, tmp_path, capsys, monkeypatch):
     _one_line(capsys, "No space left on device")
 
 
+@pytest.mark.slow
 def test_file_size_limit_in_a_subprocess(trained_run, tmp_path):
     """`ulimit -f`: writes fail with EFBIG (Python ignores SIGXFSZ)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -61,6 +61,7 @@ def analysis_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_plot_all_writes_png_and_pdf(analysis_dir, tmp_path):
     paths = plot_all(analysis_dir, out=tmp_path / "figs", rounds="0:10:10")
     names = {p.name for p in paths}

@@ -91,6 +91,7 @@ def test_table_grows_and_failed_calls_change_nothing(trained_run, tmp_path):
     assert len(table) == len(pruned) == 3 and set(table["round"]) == {2}
 
 
+@pytest.mark.slow
 def test_concurrent_analyses_keep_every_row(trained_run, tmp_path):
     out = tmp_path / "an"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

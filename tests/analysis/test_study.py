@@ -55,6 +55,7 @@ min_effect = 0.1
 """
 
 
+@pytest.mark.slow
 def test_study_command_end_to_end(tmp_path, capsys):
     spec = tmp_path / "smoke.toml"
     spec.write_text(SPEC)
@@ -138,6 +139,7 @@ def test_committed_specs_parse():
         assert spec.hypotheses and spec.replicates >= 1
 
 
+@pytest.mark.slow
 def test_committed_verdicts_follow_from_the_committed_table():
     # experiments/results/centralized_digits: hypotheses.csv is what infer() gives on the
     # committed tidy table with the committed spec (numbers come from running code).
@@ -176,6 +178,7 @@ def _fake_run(path, seed, rounds=(1, 2, 3, 4), clients=4, shared=True):
     return path
 
 
+@pytest.mark.slow
 def test_alignment_of_recorded_updates_feeds_inference(tmp_path):
     from hessrank.analysis.update_alignment import load_client_updates, pair_differences
 
@@ -290,6 +293,7 @@ min_effect = 0.05
     assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["federated_digits", "federated_digits_fedloru"])
 def test_committed_federated_verdicts_follow_from_the_committed_tables(name):
     """experiments/results/NAME: hypotheses.csv is what study.infer gives on the committed

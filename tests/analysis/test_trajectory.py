@@ -59,6 +59,7 @@ def test_parse_quantities_and_factory():
         load_factory("hessrank.models:nope")
 
 
+@pytest.mark.slow
 def test_table_of_every_quantity_and_subject(trained_run, tmp_path):
     out = tmp_path / "an"
     t = analyze(trained_run, rounds="0:2:2", subjects="server,clients,subset:20x2,test",
@@ -105,6 +106,7 @@ def reference(trained_run, tmp_path_factory):
                    **FAST)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [1, 5])
 def test_killed_run_resumes_to_the_same_table(trained_run, tmp_path, monkeypatch, reference,
                                               kill_after):

@@ -70,6 +70,7 @@ def small(request):
     return request.param, model, x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{}, {"hvp": "rev-rev", "block": "vmap"},
                                 {"hvp": "graph", "cache": False},
                                 {"hvp": "graph", "block": "vmap"}])

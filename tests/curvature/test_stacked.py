@@ -39,6 +39,7 @@ def _check_against_dense(F, model, loss, data, k, mode="eval"):
     torch.testing.assert_close(out[-1], Hserver @ V[-1], rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [None, 5])
 @pytest.mark.parametrize("k", [1, 3])
 def test_stacked_equals_dense_on_every_model(case, batch_size, k):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.datasets import load_dataset
+from hessrank.data.datasets import load_dataset
 from hessrank.fl.base import ClientData
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear
@@ -265,6 +265,7 @@ def test_lowrank_lsq_loss_to_zero_and_true_rank_recovered() -> None:
     torch.testing.assert_close(w, ds.meta["W_star"].double(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_correction_beats_none_on_heterogeneous_clients() -> None:
     """Clients with different input scales and different W*_c: without correction, 5 local GD
     steps at λ = 0.3 drift towards each client's own minimizer and the average stalls above the

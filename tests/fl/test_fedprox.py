@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.fl import train
 from hessrank.fl.config import ALGORITHMS
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import algorithm_class
 
 from .test_runner import tiny

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.fl import RunDir, train
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import train_many
 
 pytest.importorskip("flwr", reason="the flwr[simulation] extra is not installed")
 
 from hessrank.fl.flower import tensors_from_record, tensors_to_record  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here takes seconds (make check skips them)
 
 
 def _cfg(algo: str) -> dict:

@@ -10,10 +10,10 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save as st_save
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.cli import main
 from hessrank.fl import RunDir, TrainConfig, train
 from hessrank.fl.base import NonFiniteError
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import LOCK_FILE
 
 from .test_runner import tiny

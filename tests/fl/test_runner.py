@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.fl import RunDir, TrainConfig, train
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import algorithm_class, learning_rate, sample_clients
 
 

@@ -1,4 +1,4 @@
-"""Tests of hessrank.fl.partition: cover, determinism, skew, errors, JSON."""
+"""Tests of hessrank.data.partition: cover, determinism, skew, errors, JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessrank.fl.partition import SCHEMES, Partition, make_partition
+from hessrank.data.partition import SCHEMES, Partition, make_partition
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes
 

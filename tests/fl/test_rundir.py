@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 
-from hessrank.checkpoints import RunDir, atomic_write_text, checkpoint_path
 from hessrank.fl import TrainConfig, train
+from hessrank.fl.rundir import RunDir, checkpoint_path
+from hessrank.io import atomic_write_text
 
 
 def _tiny(**kw) -> dict:
@@ -49,7 +50,7 @@ def test_reader_gives_data_partition_metrics(run_and_outputs):
     data = run.client_data()
     assert [len(y) for _, y in data] == run.partition().sizes()
     assert sum(len(y) for _, y in data) == len(run.dataset().train_y)
-    loss = run.loss_fn()(torch.zeros(2, 10), torch.tensor([0, 1]))
+    loss = run.task()(torch.zeros(2, 10), torch.tensor([0, 1]))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
     df = run.metrics()
     assert df["round"].tolist() == [0, 1, 2]

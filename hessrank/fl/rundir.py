@@ -1,6 +1,7 @@
-"""Run directories of the federated trainer: atomic writes, checkpoints, and a reader.
+"""Run directories of the federated trainer: the format, its writer helpers and its reader.
 
-Layout (DESIGN.md §5)::
+Written by :mod:`hessrank.fl.runner`, read by the analysis (:mod:`hessrank.analysis.sources`);
+imports no algorithm, so reading a run never imports the trainer. Layout (docs/design.md)::
 
     RUN/config.json                      TrainConfig (with the algorithm's notes)
     RUN/partition.json                   Partition.to_json() of the client split
@@ -34,35 +35,35 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from hessrank.data.datasets import Dataset, load_dataset
+from hessrank.data.partition import Partition
+from hessrank.data.task import Task
 from hessrank.fl.config import TrainConfig
+from hessrank.io import read_tensors, split_prefix, write_tensors
+from hessrank.models import build_model
 
 if TYPE_CHECKING:
     import pandas
 
-    from hessrank.datasets import Dataset
-    from hessrank.fl.partition import Partition
-
 __all__ = [
     "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "PARTITION_FILE",
+    "UPDATES_DIR",
     "RunDir",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "checkpoint_path",
     "read_checkpoint",
     "read_client_updates",
+    "read_metrics",
     "save_checkpoint",
     "save_client_updates",
 ]
@@ -74,27 +75,6 @@ CHECKPOINT_DIR = "checkpoints"
 UPDATES_DIR = "updates"
 _CKPT_RE = re.compile(r"^round_(\d+)\.safetensors$")
 _UPDATE_FILE = "round_{:04d}.safetensors"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def checkpoint_path(run: str | Path, round_idx: int) -> Path:
@@ -129,7 +109,7 @@ def save_checkpoint(
     for key, value in (metadata or {}).items():
         meta[key] = json.dumps(value)
     path = checkpoint_path(run, round_idx)
-    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    write_tensors(path, tensors, meta)
     return path
 
 
@@ -141,16 +121,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
         ValueError: the file is not a readable safetensors checkpoint (names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file {path}")
     try:
-        tensors = st_load(path.read_bytes())
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for corrupt files
+        tensors, meta = read_tensors(path, "checkpoint")
+    except ValueError as err:
         raise ValueError(
-            f"checkpoint {path} is corrupt or not a safetensors file ({err}); delete it to "
-            "resume from the previous checkpoint"
+            f"{err.args[0]}; delete it to resume from the previous checkpoint"
         ) from None
     if "round" not in meta:
         raise ValueError(f"checkpoint {path} has no 'round' metadata; not written by hessrank")
@@ -173,7 +148,7 @@ def save_client_updates(
     }
     meta = {"round": str(int(round_idx)), "clients": json.dumps(sorted(int(c) for c in updates))}
     path = updates_path(run, round_idx)
-    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    write_tensors(path, tensors, meta)
     return path
 
 
@@ -192,20 +167,14 @@ def read_client_updates(run_dir: str | Path, round_idx: int) -> dict[int, dict[s
             f"{have}); train with --record-updates to record them"
         )
     try:
-        tensors = st_load(path.read_bytes())
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"update file {path} is corrupt ({err}); delete it") from None
+        tensors, _ = read_tensors(path, "update file")
+    except ValueError as err:
+        raise ValueError(f"{err.args[0]}; delete it") from None
     out: dict[int, dict[str, Tensor]] = {}
     for name, t in tensors.items():
         cid, _, key = name.partition("/")
         out.setdefault(int(cid), {})[key] = t
     return dict(sorted(out.items()))
-
-
-def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries ``prefix.<key>`` of a checkpoint, keyed by ``<key>``."""
-    p = prefix + "."
-    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 class RunDir:
@@ -281,8 +250,6 @@ class RunDir:
             ValueError: no such round, corrupt file, or keys that do not match the model the
                 config builds (the message names the file).
         """
-        from hessrank.models import build_model
-
         path = self.checkpoint_path(round)
         tensors, meta = read_checkpoint(path)
         state = split_prefix(tensors, "model")
@@ -312,8 +279,6 @@ class RunDir:
     # ---- data -----------------------------------------------------------------------------
     @cached_property
     def _dataset(self) -> Dataset:
-        from hessrank.datasets import load_dataset
-
         cfg = self.config
         return load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, **cfg.dataset_kwargs)
 
@@ -323,8 +288,6 @@ class RunDir:
 
     def partition(self) -> Partition:
         """The client split saved at the start of the run."""
-        from hessrank.fl.partition import Partition
-
         path = self.path / PARTITION_FILE
         if not path.is_file():
             raise FileNotFoundError(f"run {self.path} has no {PARTITION_FILE}")
@@ -342,9 +305,10 @@ class RunDir:
             out.append((x.to(dtype), y.to(dtype) if y.is_floating_point() else y))
         return out
 
-    def loss_fn(self):
-        """The batch-mean loss ℓ(outputs, targets) of the run's dataset."""
-        return self.dataset().loss_fn()
+    def task(self) -> Task:
+        """The run's task (loss, metrics, feeding; callable as the batch-mean loss
+        ``task(outputs, targets)``)."""
+        return self.dataset().task
 
     def metrics(self) -> pandas.DataFrame:
         """metrics.jsonl as a DataFrame, one row per logged round (empty if none)."""

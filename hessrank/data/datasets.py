@@ -23,47 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from hessrank.data.task import Task, task_by_name
 
 __all__ = [
     "DATASETS",
     "Dataset",
-    "cross_entropy_loss",
-    "half_squared_error_loss",
     "load_dataset",
     "read_idx",
 ]
-
-TASKS = ("classification", "regression")
-
-
-def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Batch-mean cross-entropy, (1/n) Σ_i −log softmax(z_i)[y_i].
-
-    Args:
-        logits: shape (n, C).
-        targets: int64 class indices, shape (n,).
-    Returns:
-        A scalar tensor.
-    """
-    return F.cross_entropy(logits, targets)
-
-
-def half_squared_error_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Batch-mean half squared error, (1/n) Σ_i ½‖f(x_i) − y_i‖².
-
-    The squared error is summed over the outputs and averaged over the samples, so for a linear
-    model f(x) = W x with E[x xᵀ] = I the Hessian in W is exactly the identity.
-
-    Args:
-        outputs: shape (n, d_out).
-        targets: shape (n, d_out).
-    Returns:
-        A scalar tensor.
-    """
-    return 0.5 * (outputs - targets).pow(2).sum(dim=-1).mean()
-
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -76,7 +45,8 @@ class Dataset:
             regression.
         num_classes: number of classes; 0 for regression.
         input_shape: per-sample input shape, e.g. (1, 8, 8).
-        task: "classification" or "regression".
+        task: the :class:`~hessrank.data.task.Task` (loss, metrics, feeding); a name such as
+            "classification" or "regression" is looked up in :data:`~hessrank.data.task.TASKS`.
         meta: extra facts about the data (e.g. ``W_star`` and ``true_rank`` for lowrank-lsq).
 
     Equality is identity (``eq=False``): tensors have no single truth value to compare by.
@@ -89,12 +59,12 @@ class Dataset:
     test_y: Tensor
     num_classes: int
     input_shape: tuple[int, ...]
-    task: str
+    task: Task
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if isinstance(self.task, str):
+            object.__setattr__(self, "task", task_by_name(self.task))
         splits = (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y))
         for split, x, y in splits:
             if x.shape[0] != y.shape[0]:
@@ -111,18 +81,9 @@ class Dataset:
     @property
     def output_dim(self) -> int:
         """Number of model outputs: ``num_classes``, or d_out for regression."""
-        if self.task == "classification":
+        if self.num_classes:
             return self.num_classes
         return int(self.train_y.shape[1])
-
-    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """The batch-mean loss ℓ(outputs, targets) for this task.
-
-        Cross-entropy for classification, :func:`half_squared_error_loss` for regression.
-        """
-        if self.task == "classification":
-            return cross_entropy_loss
-        return half_squared_error_loss
 
 
 # --------------------------------------------------------------------------------------------

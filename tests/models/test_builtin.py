@@ -1,4 +1,4 @@
-"""Tests of hessrank.models: shapes, parameter counts, determinism, float64, names."""
+"""Tests of hessrank.models.builtin: shapes, parameter counts, determinism, float64, names."""
 
 from __future__ import annotations
 
