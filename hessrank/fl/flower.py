@@ -81,7 +81,10 @@ def tensors_from_record(record: Any) -> dict[str, Tensor]:
 
 
 def make_execute(
-    grid: Any, num_nodes: int, stop: threading.Event | None = None
+    grid: Any,
+    num_nodes: int,
+    stop: threading.Event | None = None,
+    replied: threading.Event | None = None,
 ) -> Callable[[str], Execute]:
     """Waits for ``num_nodes`` SuperNodes; returns ``for_config(config_json)``, an ``execute``
     for :meth:`~hessrank.fl.base.FederatedAlgorithm.run_round` of the run with that config
@@ -89,8 +92,10 @@ def make_execute(
 
     ``stop``: set when the simulation engine has ended (:func:`run_flower` sets it); every
     wait here checks it, so a ServerApp thread never outlives its engine (Flower's thread is
-    not a daemon: a wait without end would keep the process alive)."""
+    not a daemon: a wait without end would keep the process alive). ``replied``: set when the
+    first reply arrives."""
     stop = stop if stop is not None else threading.Event()
+    replied = replied if replied is not None else threading.Event()
     deadline = time.monotonic() + _NODE_WAIT_S
     nodes = sorted(grid.get_node_ids())
     while len(nodes) < num_nodes:
@@ -105,7 +110,12 @@ def make_execute(
         nodes = sorted(grid.get_node_ids())
 
     def for_config(config_json: str) -> Execute:
-        return lambda task, data, gen: _send(grid, nodes, config_json, task, data, gen, stop)
+        def execute(task: ClientTask, data: ClientData, gen: torch.Generator) -> ClientReply:
+            reply = _send(grid, nodes, config_json, task, data, gen, stop)
+            replied.set()
+            return reply
+
+        return execute
 
     return for_config
 
@@ -206,26 +216,57 @@ def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]],
     SuperNodes running :func:`make_client_app` (Flower's simulation engine, Ray backend with
     one CPU; ``for_config`` from :func:`make_execute`); returns what ``server_loop`` returned.
 
-    Whatever happens (a finished run, an error, Ray failing to start, Ctrl-C), the engine is
-    left behind completely: the ServerApp's waits end, Ray is shut down and every process it
-    started in this call is reaped (:func:`reaped_children`).
+    Ray gives its node 30 s to start (hard-coded in Ray); on a loaded machine that can fail.
+    An engine that fails before the first client replied did no client work (the server loop
+    may have written the run's round 0, which the next attempt resumes from, bit for bit),
+    so it is started again, up to :data:`START_ATTEMPTS` times in all. Whatever
+    happens (a finished run, an error, a failed start, Ctrl-C), the engine is left behind
+    completely: the ServerApp's waits end, Ray is shut down and every process it started in
+    this call is reaped (:func:`reaped_children`).
 
     Raises:
         FlowerEngineError: the engine failed (one line naming the cause).
     """
     _require_flwr()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _run_once(num_nodes, server_loop)
+        except _StartFailed as failed:
+            if attempt == START_ATTEMPTS:
+                raise FlowerEngineError(
+                    f"Flower's simulation engine failed to start ({failed.args[0]}), "
+                    f"{attempt} attempt(s); rerun when the machine is less loaded, or use "
+                    "--engine builtin"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+START_ATTEMPTS = 3
+"""How many times :func:`run_flower` starts the engine when it fails before the first client
+replied."""
+_JOIN_S = 120.0
+"""How long a failed attempt's ServerApp thread gets to finish before the next attempt."""
+
+
+class _StartFailed(Exception):
+    """The engine failed before the first client replied (no client work was used)."""
+
+
+def _run_once(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]) -> Any:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     server = ServerApp()
     result: dict[str, Any] = {}
     errors: list[BaseException] = []
-    stop = threading.Event()
+    stop, replied = threading.Event(), threading.Event()
+    server_threads: list[threading.Thread] = []
 
     @server.main()
     def main(grid: Any, context: Any) -> None:  # noqa: ARG001 (Flower's signature)
+        server_threads.append(threading.current_thread())
         try:
-            result["value"] = server_loop(make_execute(grid, num_nodes, stop))
+            result["value"] = server_loop(make_execute(grid, num_nodes, stop, replied))
         except BaseException as err:  # re-raised in the calling thread below
             errors.append(err)
 
@@ -237,9 +278,14 @@ def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]],
                            backend_config=backend)  # fmt: skip
         except RuntimeError as err:
             cause = _root_cause(err)
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            if not replied.is_set():
+                stop.set()
+                for thread in server_threads:  # nothing may still write when we retry
+                    thread.join(_JOIN_S)
+                raise _StartFailed(f"{type(cause).__name__}: {first}") from None
             if errors:  # the server loop's own error explains more than Flower's wrapper
                 raise errors[0] from None
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise FlowerEngineError(
                 f"Flower's simulation engine failed ({type(cause).__name__}: {first}); "
                 "rerun, or use --engine builtin"
