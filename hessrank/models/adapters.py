@@ -36,6 +36,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def add_lora(
         target_modules=wanted, bias="none", task_type="CAUSAL_LM",
         fan_in_fan_out=model.family == "hf-gpt2",  # GPT-2's Conv1D stores W transposed
     )  # fmt: skip
-    model.lm = peft.get_peft_model(model.lm, config, adapter_name=_ADAPTER)
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 name deprecated in v6
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        model.lm = peft.get_peft_model(model.lm, config, adapter_name=_ADAPTER)
     adapted = {name.removeprefix("base_model.model.") for name, m in model.lm.named_modules()
                if hasattr(m, "lora_A") and _ADAPTER in m.lora_A}  # fmt: skip
     skipped = [n for n in wanted if n not in adapted]
