@@ -255,10 +255,12 @@ def tiny_bert():
     try:
         import transformers
 
+        # pad_token_id=None: BERT's default 0 builds Embedding(padding_idx=0), whose
+        # reverse-mode gradient drops row 0 while forward mode (the GGN's jvp) keeps it
         config = transformers.BertConfig(
             vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=12, max_position_embeddings=12, num_labels=3,
-            attn_implementation="eager")
+            attn_implementation="eager", pad_token_id=None)
         model = transformers.BertForSequenceClassification(config)
     except Exception:  # noqa: BLE001 - e.g. a torchvision that does not match the CPU torch
         model = TinyAttention()
