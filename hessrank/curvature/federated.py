@@ -167,7 +167,8 @@ class FederatedOperator:
         budget = first.cache_budget_mb
         if kw.get("cache", "auto") == "auto" and unit_mb > budget:
             return f"one unit's linearization (~{unit_mb:.0f} MB) exceeds cache_budget_mb"
-        units = make_units([op.batches for op in self.clients], m, totals=self.client_sizes)
+        units = make_units([op.batches for op in self.clients], m, totals=self.client_sizes,
+                           dtype=s.dtype)
         U = units.num_units
         step = U if kw.get("cache") is True else max(1, min(U, int(budget // unit_mb)))
         groups = [(a, min(a + step, U)) for a in range(0, U, step)]
