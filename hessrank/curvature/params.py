@@ -141,6 +141,10 @@ class ParameterSpace:
                  mode: str = "eval") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise ValueError(f"the model is wrapped in {type(model).__name__}; pass the module "
+                             "it wraps (model.module): curvature products are functional and "
+                             "parallelize by process_group, not by the wrapper")
         self.names = select_params(model, params)
         check_finite_params(model)
         twin = private_twin(model, mode)
