@@ -216,7 +216,7 @@ def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, bu
         f"N = {sum(sizes)}), {config.rounds} rounds of {config.local_epochs} local epoch(s), "
         f"lr {config.lr}, batch {config.batch_size}, a checkpoint every round; final test "
         f"accuracy {n['accuracy']:.3f}. Analysis: default operator settings, eval mode, "
-        "one FederatedHessian (K + 1 stacked Hessians) per checkpoint; no density, alignment "
+        "one FederatedOperator (K + 1 stacked Hessians) per checkpoint; no density, alignment "
         "or subsets. Single run, not repeated.",
         "",
         _timing.markdown_table(["quantity", "value"], table_rows(n, threads)),

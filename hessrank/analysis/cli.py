@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hessrank.curvature.registry import curvature_help  # imports no torch
+
 # Spelled out so that building the parser (and --help) imports no torch; tests check them
 # against hessrank.analysis.subjects.VALID_FORMS and the quantity registry.
 VALID_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
@@ -94,8 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--subjects", default="server,clients", help=f"comma list of: {VALID_FORMS}")
     a.add_argument("--quantities", default="stable-rank",
                    help=f"comma list of: {', '.join(QUANTITIES)}")
-    a.add_argument("--curvature", default="hessian",
-                   help="curvature matrix: hessian, ggn or fisher")
+    a.add_argument("--curvature", default="hessian", help=curvature_help())
     a.add_argument("--matvecs", type=int, default=40,
                    help="products per operator for the Lanczos family")
     a.add_argument("--rtol", type=float, default=None,

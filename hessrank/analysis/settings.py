@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hessrank.curvature.registry import CURVATURES as CURVATURE_REGISTRY  # imports no torch
+
 __all__ = ["CURVATURES", "MAX_SEED", "AnalysisSettings", "default_threads", "digest"]
 
-CURVATURES = ("hessian", "ggn", "fisher")
-"""Curvature matrices ``--curvature`` names (which ones a build supports is checked when the
-operator is built: see :func:`hessrank.analysis.subjects.build_operator`)."""
+CURVATURES = tuple(CURVATURE_REGISTRY)
+"""Curvature matrices ``--curvature`` names (:mod:`hessrank.curvature.registry`)."""
 
 MAX_SEED = 2**63 - 1
 """Largest accepted seed (torch generators take 64-bit seeds)."""
@@ -204,7 +205,6 @@ class AnalysisSettings:
             if self.workers > 1:
                 raise ValueError("--workers runs its own shards; leave out --shard")
         _check_device(self.device)
-        _check_curvature(self.curvature)
         return self
 
     # ---- keys -------------------------------------------------------------------------------
@@ -287,21 +287,6 @@ def probe_seed(seed: int, round_idx: int, label: str) -> int:
 def _int_at_least(flag: str, value: Any, low: int, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{flag} must be >= {low}{' ' + why if why else ''}, got {value!r}")
-
-
-def _check_curvature(name: str) -> None:
-    """The build must have the curvature (this is checked before any work, not per unit)."""
-    try:
-        from hessrank.curvature import curvature_class
-    except ImportError:  # a build with the Hessian only
-        if name != "hessian":
-            raise ValueError(f"--curvature {name} is not available in this build; use "
-                             "--curvature hessian") from None
-        return
-    try:
-        curvature_class(name)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"--curvature {name}: {err}") from None
 
 
 def _check_device(device: str) -> None:

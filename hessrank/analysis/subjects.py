@@ -10,7 +10,7 @@ samples, or the test set. Specs are strings:
     test              the test set
 
 Subjects that can share products are grouped, and each group becomes ONE stacked operator:
-server and clients together are a :class:`~hessrank.curvature.FederatedHessian` (all clients'
+server and clients together are a :class:`~hessrank.curvature.FederatedOperator` (all clients'
 products in one batched call, or one pass per client serving H_c and H — whichever times
 faster), the D draws of a subset size are a stack of D operators.
 
@@ -162,7 +162,7 @@ class SubjectGroup:
     label: file-name-safe name of the group ("server+clients", "subset50x5", "test").
     subjects: the subjects reported, in the order of ``index``.
     index: position of each reported subject in the stacked operator.
-    federated: build a FederatedHessian over ``client_data`` (server at index K).
+    federated: build a FederatedOperator over ``client_data`` (server at index K).
     pooled: build one HessianOperator over all client data (server alone).
     """
 

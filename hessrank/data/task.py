@@ -246,7 +246,9 @@ class NextTokenTask(Task):
     def sample_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         losses, mask = self._token_losses(outputs, targets)
         counts = mask.sum(-1)
-        if bool((counts == 0).any()):
+        # checked outside vmap only (the curvature operators vmap this loss over units of
+        # rows already checked, and vmap refuses data-dependent control flow)
+        if not torch._C._functorch.is_batchedtensor(counts) and bool((counts == 0).any()):
             raise ValueError("a sequence has no target token (all ignore_index); drop it")
         return (losses * mask).sum(-1) / counts.to(losses.dtype)
 

@@ -59,7 +59,7 @@ def test_realize_groups_and_sizes():
     fed, sub, test = groups
     assert fed.label == "server+clients-0,2" and fed.federated
     assert [s.name for s in fed.subjects] == ["client0", "client2", "server"]
-    assert fed.index == (0, 2, 3)  # server sits at K = 3 of the FederatedHessian
+    assert fed.index == (0, 2, 3)  # server sits at K = 3 of the FederatedOperator
     assert [s.size for s in fed.subjects] == [6, 5, 20]
     assert sub.label == "subset4x3" and [s.size for s in sub.subjects] == [4, 4, 4]
     assert len({s.data_seed for s in sub.subjects}) == 3

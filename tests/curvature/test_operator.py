@@ -256,6 +256,6 @@ def test_auto_calibration_skips_a_block_strategy_that_cannot_run():
     op.batches = raw
     V = torch.randn(op.shape[1], 3, dtype=torch.float64)
     out = op.matmat(V)
-    assert op.settings["block"] == "loop"
+    assert op.route["block"] == "loop"
     H = hr.dense_hessian(model, nn.functional.cross_entropy, (x, y))
     torch.testing.assert_close(out, H @ V, rtol=0, atol=1e-10)
