@@ -57,7 +57,9 @@ def test_bad_flags_exit_2(argv, capsys):
 
 def test_invalid_value_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--clients", "0"]) == 2
-    assert "clients must be >= 1" in capsys.readouterr().err
+    assert "config key 'clients': input should be greater than or equal to 1" in (
+        capsys.readouterr().err
+    )
 
 
 def test_end_to_end_train(tmp_path, capsys):
