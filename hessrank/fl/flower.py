@@ -235,26 +235,64 @@ def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]],
 
     Whatever happens (a finished run, an error, Ray failing to start, Ctrl-C), the engine is
     left behind completely: the ServerApp's waits end, Ray is shut down and every process it
-    started in this call is reaped (:func:`reaped_children`).
+    started in this call is reaped (:func:`reaped_children`). When Ray's own start-up times
+    out (its raylet must register within 30 s, which a loaded machine can miss), no client
+    has replied yet, so at most the runs' round-0 files are written: the engine is started
+    once more (:data:`_START_ATTEMPTS` in all) and the runs resume from round 0, which gives
+    the same bits as a first start.
 
     Raises:
         FlowerEngineError: the engine failed (one line naming the cause).
     """
     _require_flwr()
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        try:
+            return _simulate(num_nodes, server_loop)
+        except _NotStarted as err:
+            if attempt == _START_ATTEMPTS:
+                raise FlowerEngineError(str(err.args[0])) from None
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+_START_ATTEMPTS = 2
+_RAY_START_TIMEOUT = "timed out during startup"
+"""Ray's message when its node does not come up in time (ray/_private/node.py)."""
+
+
+class _NotStarted(FlowerEngineError):
+    """Ray's start-up timed out before any client replied: safe to start again."""
+
+
+def _simulate(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]) -> Any:
+    """One start of the simulation engine (:func:`run_flower`)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     server = ServerApp()
     result: dict[str, Any] = {}
     errors: list[BaseException] = []
-    stop = threading.Event()
+    stop, replied, done = threading.Event(), threading.Event(), threading.Event()
 
     @server.main()
     def main(grid: Any, context: Any) -> None:  # noqa: ARG001 (Flower's signature)
         try:
-            result["value"] = server_loop(make_execute(grid, num_nodes, stop))
+            for_config = make_execute(grid, num_nodes, stop)
+
+            def noting_replies(config_json: str) -> Execute:
+                execute = for_config(config_json)
+
+                def run(*args: Any) -> tuple[ClientReply, ClientState]:
+                    out = execute(*args)
+                    replied.set()
+                    return out
+
+                return run
+
+            result["value"] = server_loop(noting_replies)
         except BaseException as err:  # re-raised in the calling thread below
             errors.append(err)
+        finally:
+            done.set()
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 1, "num_gpus": 0}}  # fmt: skip
@@ -264,13 +302,16 @@ def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]],
                            backend_config=backend)  # fmt: skip
         except RuntimeError as err:
             cause = _root_cause(err)
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            message = (f"Flower's simulation engine failed ({type(cause).__name__}: {first}); "
+                       "rerun, or use --engine builtin")  # fmt: skip
+            if _RAY_START_TIMEOUT in first and not replied.is_set():
+                stop.set()  # the ServerApp thread ends its wait within one pull interval
+                done.wait(_REAP_WAIT_S)
+                raise _NotStarted(message) from None
             if errors:  # the server loop's own error explains more than Flower's wrapper
                 raise errors[0] from None
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            raise FlowerEngineError(
-                f"Flower's simulation engine failed ({type(cause).__name__}: {first}); "
-                "rerun, or use --engine builtin"
-            ) from None
+            raise FlowerEngineError(message) from None
         finally:
             stop.set()
             _shutdown_ray()
