@@ -189,3 +189,12 @@ def test_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "r"), "--model", "cnn",
                  "--dataset", "lowrank-lsq", "--partition", "iid", "--quiet"])  # fmt: skip
     assert code != 0 and "image inputs" in capsys.readouterr().err
+
+
+def test_provenance_never_records_a_session_token():
+    """A Flower deployment starts its ServerApp as ``flwr-serverapp --token SECRET``."""
+    from hessrank.fl.provenance import redacted
+
+    argv = ["flwr-serverapp", "--token", "abc123", "--insecure", "--auth-secret=xyz", "--lr", "1"]
+    assert redacted(argv) == ["flwr-serverapp", "--token", "<redacted>", "--insecure",
+                              "--auth-secret=<redacted>", "--lr", "1"]  # fmt: skip
