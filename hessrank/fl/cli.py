@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from hessrank.clikit import RawDescriptionHelpFormatter, format_fields
 from hessrank.data.catalog import DATASET_CATALOG, LIMIT_HELP
-from hessrank.fl.config import TrainConfig, config_groups
+from hessrank.fl.config import TrainConfig, config_groups, field_types
 from hessrank.fl.registry import ALGORITHM_NAMES, ALGORITHMS, option_groups, users
 from hessrank.models.catalog import MODEL_CATALOG
 
@@ -101,8 +101,7 @@ def _choices(tp: Any) -> tuple[str, ...] | None:
     return typing.get_args(base) if typing.get_origin(base) is Literal else None
 
 
-def _add_field_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
+def _add_field_flags(parser: argparse.ArgumentParser, hints: dict[str, Any]) -> None:
     for group in config_groups():
         section = parser.add_argument_group(_section_title(group))
         for f in dataclasses.fields(group):
@@ -219,7 +218,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``train`` and ``sweep`` subcommands to the top-level CLI."""
-    epilog = _choices_text()
+    epilog, hints = _choices_text(), field_types(constraints=False)
     sweep = subparsers.add_parser(
         "sweep",
         help="pick each algorithm's learning rate on a validation split",
@@ -235,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
-    _add_field_flags(sweep)
+    _add_field_flags(sweep, hints)
     sweep.set_defaults(func=_sweep)
     parser = subparsers.add_parser(
         "train",
@@ -267,6 +266,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Flower ClientApp under Flower's simulation engine (needs flwr[simulation]; same "
         "run directory and weights; see docs/flower.md)",
     )  # fmt: skip
-    _add_field_flags(parser)
+    _add_field_flags(parser, hints)
     parser.set_defaults(func=_run)
     return parser

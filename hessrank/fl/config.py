@@ -25,19 +25,21 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from annotated_types import Ge, Gt, Interval
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from hessrank.data.catalog import DATASET_CATALOG
 from hessrank.fl.registry import (
     ALGORITHM_NAMES,
     ALGORITHMS,
+    CONSTRAINT_NAMES,
     LoRAOptions,
     option,
     option_groups,
 )
 from hessrank.models.catalog import MODEL_CATALOG
+
+if TYPE_CHECKING:
+    from annotated_types import Ge, Gt, Interval
 
 __all__ = [
     "LEGACY_DEFAULTS",
@@ -48,6 +50,7 @@ __all__ = [
     "OptimizationOptions",
     "TrainConfig",
     "config_groups",
+    "field_types",
     "run_fingerprint",
 ]
 
@@ -199,9 +202,9 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         unknown = sorted(set(d) - set(known))
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = f" (did you mean {close[0]!r} for {unknown[0]!r}?)" if close else ""
             raise ValueError(
-                f"unknown config key {unknown[0]!r}{hint}; valid keys: {', '.join(sorted(known))}"
+                f"unknown config keys {unknown}{hint}; valid keys: {', '.join(sorted(known))}"
             )
         return cls(**d)
 
@@ -291,13 +294,26 @@ def run_fingerprint(config: TrainConfig | Mapping[str, Any]) -> str:
 
 
 # ---- validation (pydantic, imported here on first use) -------------------------------------------
+def field_types(constraints: bool = True) -> dict[str, Any]:
+    """TrainConfig's field types, evaluated: with their ``annotated_types`` constraints
+    (``constraints=True``, what pydantic validates), or with inert stand-ins for them (what
+    the CLI needs: the base types, without importing ``annotated_types``)."""
+    if constraints:
+        import annotated_types  # here: keeps `hessrank --help` fast (module docstring)
+
+        names = {n: getattr(annotated_types, n) for n in CONSTRAINT_NAMES}
+    else:
+        names = dict.fromkeys(CONSTRAINT_NAMES, lambda *args, **kwargs: None)
+    return typing.get_type_hints(TrainConfig, localns=names, include_extras=constraints)
+
+
 @functools.cache
 def _validator() -> Any:
     """A pydantic model with TrainConfig's fields (types with their constraints), strict:
     no str → number, no bool → int, no inf/nan."""
     import pydantic  # here, not at the top: keeps `hessrank --help` fast (module docstring)
 
-    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    hints = field_types()
     fields = {f.name: (hints[f.name], ...) for f in dataclasses.fields(TrainConfig)}
     config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
     return pydantic.create_model("TrainConfig", __config__=config, **fields)

@@ -9,9 +9,11 @@ implement is :mod:`hessrank.fl.protocol`.
 
 An option group is a dataclass whose fields are config keys: a type (with its constraints as
 ``annotated_types`` metadata, which pydantic enforces) and a default with its help line
-(:func:`option`), the one text both the CLI and the docs show. Cross-field rules go in the
-group's ``check(self, used)`` method, called on the whole config with ``used`` telling
-whether its algorithm reads the group.
+(:func:`option`), the one text both the CLI and the docs show. The constraint names
+(:data:`CONSTRAINT_NAMES`) are resolved when the annotations are read, not imported here:
+reading the registry for ``--help`` stays free of them. Cross-field rules go in the group's
+``check(self, used)`` method, called on the whole config with ``used`` telling whether its
+algorithm reads the group.
 
 Adding an algorithm: a module with its strategy and client (``hessrank/fl/scaffold.py`` is
 the worked example, about 170 lines), plus its option group and one entry here: two library
@@ -23,12 +25,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Interval
+if TYPE_CHECKING:
+    from annotated_types import Ge, Gt, Interval
 
 __all__ = [
     "ALGORITHMS",
+    "CONSTRAINT_NAMES",
     "ALGORITHM_NAMES",
     "AlgorithmEntry",
     "FeDLRTOptions",
@@ -42,6 +46,11 @@ __all__ = [
     "algorithm_entry",
     "option",
 ]
+
+
+CONSTRAINT_NAMES = ("Ge", "Gt", "Interval")
+"""The ``annotated_types`` constraints the option annotations use; whoever evaluates the
+annotations passes them (or stand-ins) as ``localns`` (:func:`hessrank.fl.config.field_types`)."""
 
 
 def option(default: Any, help: str) -> Any:
