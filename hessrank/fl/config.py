@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import json
 import typing
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from hessrank.fl.registry import (
     CONSTRAINT_NAMES,
     LoRAOptions,
     option,
+    option_group,
     option_groups,
 )
 from hessrank.models.catalog import MODEL_CATALOG
@@ -71,7 +71,7 @@ _DATASETS = tuple(DATASET_CATALOG)
 _MODELS = tuple(MODEL_CATALOG)
 
 
-@dataclass
+@option_group
 class DataOptions:
     """What is trained: algorithm, data and model."""
 
@@ -87,7 +87,7 @@ class DataOptions:
     dtype: Literal["float32", "float64"] = option("float32", "model and data dtype")
 
 
-@dataclass
+@option_group
 class FederationOptions:
     """Clients and their data."""
 
@@ -107,7 +107,7 @@ class FederationOptions:
         "metric of the client's model (personalized) or the global one")  # fmt: skip
 
 
-@dataclass
+@option_group
 class OptimizationOptions:
     """Rounds, local training and the learning rate."""
 
@@ -129,7 +129,7 @@ class OptimizationOptions:
         0, "seeds model init, split, sampling and batches (same seed, same weights)")
 
 
-@dataclass
+@option_group
 class BookkeepingOptions:
     """What is written (not part of the trajectory)."""
 
@@ -272,6 +272,8 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
 
     def fingerprint(self) -> str:
         """:func:`run_fingerprint` of this config."""
+        import hashlib  # here, not at the top: keeps `hessrank --help` fast (module docstring)
+
         text = json.dumps([FINGERPRINT_VERSION, self.trajectory()], sort_keys=True,
                           separators=(",", ":"), allow_nan=False)  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()

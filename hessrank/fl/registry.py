@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALGORITHMS",
+    "option_group",
     "CONSTRAINT_NAMES",
     "ALGORITHM_NAMES",
     "AlgorithmEntry",
@@ -53,6 +54,12 @@ CONSTRAINT_NAMES = ("Ge", "Gt", "Interval")
 annotations passes them (or stand-ins) as ``localns`` (:func:`hessrank.fl.config.field_types`)."""
 
 
+option_group = dataclass(init=False, repr=False, eq=False)
+"""The decorator of an option group: a dataclass for its fields only. A group is never
+instantiated alone (its fields become TrainConfig's), so no methods are generated: building
+them is what ``--help`` pays for reading the registry."""
+
+
 def option(default: Any, help: str) -> Any:
     """A dataclass field with ``default`` and its help line (``metadata["help"]``); lists and
     dicts get a fresh copy per instance."""
@@ -62,7 +69,7 @@ def option(default: Any, help: str) -> Any:
 
 
 # ---- option groups ---------------------------------------------------------------------------
-@dataclass
+@option_group
 class LowRankOptions:
     """Low-rank layers."""
 
@@ -72,7 +79,7 @@ class LowRankOptions:
         "first and last)")  # fmt: skip
 
 
-@dataclass
+@option_group
 class LoRAOptions:
     """LoRA factors W0 + (alpha/r) B A."""
 
@@ -89,7 +96,7 @@ class LoRAOptions:
             )
 
 
-@dataclass
+@option_group
 class MergeOptions:
     """FedLoRU's merges."""
 
@@ -97,7 +104,7 @@ class MergeOptions:
         5, "tau: merge (alpha/r) B A into W0 every tau rounds (0: never)")
 
 
-@dataclass
+@option_group
 class PersonalOptions:
     """pFedLoRU's personal pair."""
 
@@ -109,7 +116,7 @@ class PersonalOptions:
         0, "steps on the personal pair (0: half the global phase's steps)")
 
 
-@dataclass
+@option_group
 class TierOptions:
     """mFedLoRU's client tiers."""
 
@@ -120,7 +127,7 @@ class TierOptions:
         None, "comma-separated rank per client (default: cycle r, r/2, r/4)")
 
 
-@dataclass
+@option_group
 class ProxOptions:
     """FedProx's proximal term."""
 
@@ -128,7 +135,7 @@ class ProxOptions:
         0.01, "mu: local objective L_c + (mu/2)||theta - theta_global||^2")
 
 
-@dataclass
+@option_group
 class FeDLRTOptions:
     """FeDLRT's dynamical low-rank round."""
 
@@ -151,7 +158,7 @@ class FeDLRTOptions:
             )
 
 
-@dataclass
+@option_group
 class ScaffoldOptions:
     """SCAFFOLD's server step."""
 
