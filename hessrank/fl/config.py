@@ -6,8 +6,9 @@ below (data, federation, optimization, bookkeeping) and every algorithm's groups
 :mod:`hessrank.fl.registry`. That one declaration is validated by pydantic (strict types:
 an int is no bool and a number is no string; constraints; choices), shown by ``hessrank
 train --help`` and written to ``config.json``; the config stays flat, so every saved run
-directory reads back. pydantic is imported on the first validation, never by ``--help``
-(its import costs more than the 0.3 s budget of ``--help`` allows on a loaded machine).
+directory reads back. pydantic (and ``annotated_types``) are imported on the first
+validation, never by ``--help``: pydantic's import alone costs about as much as the whole
+``--help`` budget (experiments/benchmarks/results/trainer_refactor.md has the timings).
 
 Everything needed to rebuild model, data and partition is in here, so a run directory's
 ``config.json`` alone reproduces the run (docs/design.md). :func:`run_fingerprint` hashes the
