@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -32,6 +34,7 @@ __all__ = [
     "file_sha256",
     "read_tensors",
     "split_prefix",
+    "tensor_digest",
     "write_tensors",
 ]
 
@@ -92,6 +95,19 @@ def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries ``prefix.<key>`` of a tensor dict, keyed by ``<key>``."""
     p = prefix + "."
     return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over named tensors: for each key in sorted order, the key, dtype, shape and the
+    raw bytes (row-major). Equal digests: the same names with bit-identical values; any
+    change of a value, a dtype or a name changes it. Independent of how a file stores them.
+    """
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,24 +1,35 @@
 """Run hessrank's federated training inside Flower (``hessrank train --engine flower``).
 
-The round protocol of :mod:`hessrank.fl.base` separates server and client: a round issues
-:class:`~hessrank.fl.base.ClientTask` s (phase, client, message) and gets each one's
-:class:`~hessrank.fl.base.ClientReply` through an ``execute`` function. This module supplies
-an ``execute`` that ships every task to a Flower ``ClientApp`` and waits for its reply:
+The round protocol (:mod:`hessrank.fl.protocol`) separates server and client: in each phase
+the server strategy configures :class:`~hessrank.fl.protocol.ClientTask` s and the client
+procedure answers each one, ``client(task, data, state, rng) -> (reply, state)``, through an
+``execute`` function (:meth:`hessrank.fl.loop.Federation.round`). This module supplies an
+``execute`` that ships every task to a Flower ``ClientApp`` and waits for its reply:
 
     ServerApp (runs hessrank's loop: sampling, aggregation, server update, evaluation,
                checkpoints -- the same code as the built-in engine, see runner.train)
-        ── Message(TRAIN): ArrayRecord "message", "held", "rng"; ConfigRecord "task" ──►
-    ClientApp (builds the run's data and algorithm from the config in the message, once per
-               process; calls algorithm.client_work(task, its ClientData, generator))
-        ◄── Message: ArrayRecord "reply", "rng"; MetricRecord "metrics"; ConfigRecord "status" ──
+        ── Message(TRAIN): ArrayRecord "message", "held", "state", "rng";
+                           ConfigRecord "task" ──►
+    ClientApp (builds the run's setup from the config in the message, once per config and
+               process; calls its client procedure on the task's client)
+        ◄── Message: ArrayRecord "reply", "state", "rng"; MetricRecord "metrics";
+                     ConfigRecord "status" ──
+
+Client state (pFedLoRU's personal pairs, mFedLoRU's tiers, SCAFFOLD's control variates)
+lives where the built-in engine keeps it, in the run's client-state store on the server
+side: it travels with each task to the ClientApp and comes back with the reply, as the
+generator's state does. Not in the SuperNode's ``Context.state``: the checkpoints must hold
+every state a resume needs (a node's context is gone when the simulation ends, and a client
+is not bound to one node), and the two engines must write equal checkpoints. What this
+costs is that the state crosses the wire; it is runtime traffic, not counted as the
+algorithm's communication (docs/flower.md).
 
 Same bits as the built-in engine: client work draws only from the round generator, whose
 state travels with the task and comes back with the reply, and tasks are sent one at a time
 in the order the round issues them; tensors travel as numpy arrays of the same dtype
-(float64 stays float64). So a Flower run's checkpoints equal the built-in run's (tested to
-1e-12; they agree bit for bit here). The price is that clients work in turn, not in
-parallel. Not supported: algorithms whose clients keep state between rounds
-(``stateless_clients = False``: pFedLoRU, mFedLoRU) and devices other than the CPU.
+(float64 stays float64). So a Flower run's checkpoints equal the built-in run's, for every
+algorithm (tests/fl/test_flower.py). The price is that clients work in turn, not in
+parallel. Devices other than the CPU are not supported.
 
 Client c's task goes to the (c mod N)-th of the N SuperNodes in ascending node-id order; in
 the simulation every ClientApp can build every client's data from the config, so the mapping
@@ -40,10 +51,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.fl.base import ClientData, ClientReply, ClientTask, Execute, NonFiniteError
+from hessrank.fl.protocol import (
+    ClientData,
+    ClientReply,
+    ClientState,
+    ClientTask,
+    Execute,
+    NonFiniteError,
+)
 
-__all__ = ["FlowerEngineError", "make_client_app", "make_execute", "reaped_children",
-           "run_flower", "tensors_from_record", "tensors_to_record"]  # fmt: skip
+__all__ = [
+    "START_ATTEMPTS",
+    "EngineStartError",
+    "FlowerEngineError",
+    "make_client_app",
+    "make_execute",
+    "reaped_children",
+    "run_engine_once",
+    "run_flower",
+    "tensors_from_record",
+    "tensors_to_record",
+]
 
 _NODE_WAIT_S = 120.0
 """How long the ServerApp waits for the simulated SuperNodes to connect."""
@@ -87,8 +115,8 @@ def make_execute(
     replied: threading.Event | None = None,
 ) -> Callable[[str], Execute]:
     """Waits for ``num_nodes`` SuperNodes; returns ``for_config(config_json)``, an ``execute``
-    for :meth:`~hessrank.fl.base.FederatedAlgorithm.run_round` of the run with that config
-    that sends each task to a ClientApp through Flower's ``grid``.
+    for :meth:`~hessrank.fl.loop.Federation.round` of the run with that config that sends
+    each task (with the client's state) to a ClientApp through Flower's ``grid``.
 
     ``stop``: set when the simulation engine has ended (:func:`run_flower` sets it); every
     wait here checks it, so a ServerApp thread never outlives its engine (Flower's thread is
@@ -110,10 +138,12 @@ def make_execute(
         nodes = sorted(grid.get_node_ids())
 
     def for_config(config_json: str) -> Execute:
-        def execute(task: ClientTask, data: ClientData, gen: torch.Generator) -> ClientReply:
-            reply = _send(grid, nodes, config_json, task, data, gen, stop)
+        def execute(
+            task: ClientTask, data: ClientData, state: ClientState, gen: torch.Generator
+        ) -> tuple[ClientReply, ClientState]:
+            out = _send(grid, nodes, config_json, task, state, gen, stop)
             replied.set()
-            return reply
+            return out
 
         return execute
 
@@ -136,17 +166,18 @@ def _send(
     nodes: list[int],
     config_json: str,
     task: ClientTask,
-    data: ClientData,
+    state: ClientState,
     generator: torch.Generator,
     stop: threading.Event,
-) -> ClientReply:
-    """Send one task to its SuperNode, wait for the reply, advance ``generator`` as the
-    client did."""
+) -> tuple[ClientReply, ClientState]:
+    """Send one task and the client's state to its SuperNode, wait for the reply, advance
+    ``generator`` as the client did; returns the reply and the client's new state."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     content = RecordDict({
         "message": tensors_to_record(task.message),
         "held": tensors_to_record(task.held),
+        "state": tensors_to_record(state),
         "rng": tensors_to_record({"round": generator.get_state()}),
         "task": ConfigRecord({"phase": task.phase, "client_id": task.client_id,
                               "lr": float(task.lr), "config": config_json}),
@@ -165,17 +196,18 @@ def _send(
     generator.set_state(tensors_from_record(reply.content["rng"])["round"])
     metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
     tensors = tensors_from_record(reply.content["reply"])
-    return ClientReply({k: v.to(data.inputs.device) for k, v in tensors.items()}, metrics)
+    new_state = tensors_from_record(reply.content["state"])
+    return ClientReply(tensors, metrics), new_state
 
 
 def make_client_app() -> Any:
     """The ClientApp: rebuilds the run's setup from the config in a task (once per config and
-    process) and runs ``algorithm.client_work`` on the task's client."""
+    process) and runs its client procedure on the task's client and state."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from hessrank.fl.config import TrainConfig
-    from hessrank.fl.runner import build_setup
+    from hessrank.fl.setup import build_setup
 
     app = ClientApp()
     setups: dict[str, Any] = {}  # per-process cache: the data and algorithm of a config
@@ -193,15 +225,17 @@ def make_client_app() -> Any:
             str(task_rec["phase"]), cid, tensors_from_record(msg.content["message"]),
             tensors_from_record(msg.content["held"]), float(task_rec["lr"]),
         )  # fmt: skip
+        state = tensors_from_record(msg.content["state"])
         gen = torch.Generator()
         gen.set_state(tensors_from_record(msg.content["rng"])["round"])
         error, reply = "", ClientReply({}, {})
         try:
-            reply = setup.algorithm.client_work(task, setup.clients[cid], gen)
+            reply, state = setup.federation.client(task, setup.clients[cid], state, gen)
         except NonFiniteError as err:
             error = str(err.args[0])
         content = RecordDict({
             "reply": tensors_to_record(reply.tensors),
+            "state": tensors_to_record(state),
             "rng": tensors_to_record({"round": gen.get_state()}),
             "metrics": MetricRecord({k: float(v) for k, v in reply.metrics.items()}),
             "status": ConfigRecord({"error": error}),
@@ -230,8 +264,8 @@ def run_flower(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]],
     _require_flwr()
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            return _run_once(num_nodes, server_loop)
-        except _StartFailed as failed:
+            return run_engine_once(num_nodes, server_loop)
+        except EngineStartError as failed:
             if attempt == START_ATTEMPTS:
                 raise FlowerEngineError(
                     f"Flower's simulation engine failed to start ({failed.args[0]}), "
@@ -248,11 +282,20 @@ _JOIN_S = 120.0
 """How long a failed attempt's ServerApp thread gets to finish before the next attempt."""
 
 
-class _StartFailed(Exception):
-    """The engine failed before the first client replied (no client work was used)."""
+class EngineStartError(FlowerEngineError):
+    """The engine failed before the first client replied (no client work was used), so
+    :func:`run_flower` may start it again."""
 
 
-def _run_once(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]) -> Any:
+def run_engine_once(
+    num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], Any]
+) -> Any:
+    """One start of the simulation engine (:func:`run_flower` without the retry).
+
+    Raises:
+        EngineStartError: the engine failed before the first client replied.
+        FlowerEngineError: it failed later (one line).
+    """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -283,7 +326,7 @@ def _run_once(num_nodes: int, server_loop: Callable[[Callable[[str], Execute]], 
                 stop.set()
                 for thread in server_threads:  # nothing may still write when we retry
                     thread.join(_JOIN_S)
-                raise _StartFailed(f"{type(cause).__name__}: {first}") from None
+                raise EngineStartError(f"{type(cause).__name__}: {first}") from None
             if errors:  # the server loop's own error explains more than Flower's wrapper
                 raise errors[0] from None
             raise FlowerEngineError(

@@ -1,21 +1,35 @@
-"""Run directories of the federated trainer: the format, its writer helpers and its reader.
+"""Run directories of the federated trainer: the format, its writer and its reader.
 
-Written by :mod:`hessrank.fl.runner`, read by the analysis (:mod:`hessrank.analysis.sources`);
-imports no algorithm, so reading a run never imports the trainer. Layout (docs/design.md)::
+Written by :mod:`hessrank.fl.runner` through :class:`RunWriter`, read by the analysis
+(:mod:`hessrank.analysis.sources`) through :class:`RunDir`; imports no algorithm, so
+reading a run never imports the trainer. Layout (docs/design.md)::
 
     RUN/config.json                      TrainConfig (with the algorithm's notes)
     RUN/partition.json                   Partition.to_json() of the client split
-    RUN/metrics.jsonl                    one JSON object per evaluated round
+    RUN/metrics.jsonl                    one JSON object per round (0 = initialization)
     RUN/checkpoints/round_00000.safetensors, round_00005.safetensors, ...
     RUN/updates/round_0001.safetensors, ...  (only with ``record_updates``)
     RUN/provenance.json                  versions, threads, device, command, data hash, times
 
 A checkpoint holds ``model.<key>`` (the dense effective weights and buffers of the global
 model, exactly the state_dict keys of ``build_model(config.model, ...)``), ``state.<name>``
-(the algorithm's :meth:`state_tensors`, for resuming), ``rng.<name>`` (generator states) and
-string metadata ``round``, ``algo``, ``input_shape`` (JSON), ``num_outputs`` and the
-cumulative communication. Every file is written atomically (temporary file in the same
-directory, fsync, ``os.replace``), so a killed run leaves either the old or the new file.
+(the server strategy's :meth:`state_tensors`), ``clients.<id>.<name>`` (the client states:
+pFedLoRU's personal pairs, mFedLoRU's tiers, SCAFFOLD's control variates), ``rng.<name>``
+(generator states) and string metadata: ``round``, ``algo``, ``format`` (2), ``fingerprint``
+(the run's :func:`~hessrank.fl.config.run_fingerprint`), ``content_sha256``
+(:func:`~hessrank.io.tensor_digest` of every tensor in the file), ``input_shape`` (JSON),
+``num_outputs`` and the cumulative communication. :class:`RunDir` verifies all three when it
+reads a checkpoint: a file from another run (another fingerprint), a file whose tensors were
+changed (another digest) or whose ``model.*`` and ``state.*`` copies of one tensor differ is
+refused with one line naming both values. Checkpoints written before the format had these
+(no ``format``) are read without the first two checks; their pFedLoRU pairs
+(``state.personal.<id>.<name>``) are read as client states.
+
+Every file is written atomically (temporary file in the same directory, fsync,
+``os.replace``), so a killed run leaves either the old or the new file; ``metrics.jsonl`` is
+appended one line per round, so a kill can leave a torn last line, which the reader drops
+(it is recomputed on resume). A damaged line anywhere else is an error naming file and line:
+rows after it are never dropped silently.
 
 Client updates (``TrainConfig.record_updates``): ``updates/round_{t:04d}.safetensors`` holds,
 for every client sampled in round t, its update to the dense effective weights,
@@ -36,6 +50,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +63,13 @@ from hessrank.data.datasets import Dataset, load_dataset
 from hessrank.data.partition import Partition
 from hessrank.data.task import Task
 from hessrank.fl.config import TrainConfig
-from hessrank.io import read_tensors, split_prefix, write_tensors
+from hessrank.io import (
+    atomic_write_text,
+    read_tensors,
+    split_prefix,
+    tensor_digest,
+    write_tensors,
+)
 from hessrank.models import build_model
 
 if TYPE_CHECKING:
@@ -55,17 +77,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CHECKPOINT_FORMAT",
     "CONFIG_FILE",
     "METRICS_FILE",
     "PARTITION_FILE",
     "UPDATES_DIR",
+    "Checkpoint",
     "RunDir",
+    "RunWriter",
     "checkpoint_path",
     "read_checkpoint",
     "read_client_updates",
     "read_metrics",
-    "save_checkpoint",
-    "save_client_updates",
+    "verify_checkpoint",
 ]
 
 CONFIG_FILE = "config.json"
@@ -73,8 +97,11 @@ PARTITION_FILE = "partition.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 UPDATES_DIR = "updates"
+CHECKPOINT_FORMAT = "2"
+"""Metadata ``format`` of checkpoints with fingerprint, content hash and client states."""
 _CKPT_RE = re.compile(r"^round_(\d+)\.safetensors$")
 _UPDATE_FILE = "round_{:04d}.safetensors"
+_LEGACY_PERSONAL = "state.personal."
 
 
 def checkpoint_path(run: str | Path, round_idx: int) -> Path:
@@ -82,39 +109,40 @@ def checkpoint_path(run: str | Path, round_idx: int) -> Path:
     return Path(run) / CHECKPOINT_DIR / f"round_{int(round_idx):05d}.safetensors"
 
 
-def save_checkpoint(
-    run: str | Path,
-    round_idx: int,
-    *,
-    model_state: dict[str, Tensor],
-    algo_state: dict[str, Tensor],
-    rng: dict[str, Tensor],
-    algo: str,
-    metadata: dict[str, Any] | None = None,
-) -> Path:
-    """Write round ``round_idx``'s checkpoint atomically and return its path.
+def updates_path(run: str | Path, round_idx: int) -> Path:
+    """RUN/updates/round_{round:04d}.safetensors."""
+    return Path(run) / UPDATES_DIR / _UPDATE_FILE.format(int(round_idx))
 
-    Args:
-        model_state: dense effective state_dict of the global model (stored as ``model.*``).
-        algo_state: the algorithm's state tensors (``state.*``).
-        rng: generator states as uint8 tensors (``rng.*``).
-        algo: algorithm name, stored in the metadata.
-        metadata: extra JSON-serializable metadata (values stored as JSON strings).
-    """
-    tensors: dict[str, Tensor] = {}
-    for prefix, group in (("model", model_state), ("state", algo_state), ("rng", rng)):
-        for key, value in group.items():
-            tensors[f"{prefix}.{key}"] = value.detach().cpu().contiguous().clone()
-    meta = {"round": str(int(round_idx)), "algo": str(algo)}
-    for key, value in (metadata or {}).items():
-        meta[key] = json.dumps(value)
-    path = checkpoint_path(run, round_idx)
-    write_tensors(path, tensors, meta)
-    return path
+
+# ---- checkpoints -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint's parts (module docstring), keys without their prefix."""
+
+    model: dict[str, Tensor]
+    state: dict[str, Tensor]
+    clients: dict[str, Tensor]
+    rng: dict[str, Tensor]
+    meta: dict[str, str]
+
+    @property
+    def legacy(self) -> bool:
+        """Written before format 2 (no fingerprint, no content hash, no ``clients.*``)."""
+        return "format" not in self.meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
+        state = split_prefix(tensors, "state")
+        clients = split_prefix(tensors, "clients")
+        for key in [k for k in tensors if k.startswith(_LEGACY_PERSONAL)]:  # pFedLoRU pairs
+            clients[key[len(_LEGACY_PERSONAL):]] = state.pop(key[len("state."):])
+        return cls(split_prefix(tensors, "model"), state, clients, split_prefix(tensors, "rng"),
+                   dict(meta))  # fmt: skip
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the string metadata of one checkpoint file.
+    """All tensors and the string metadata of one checkpoint file (not verified: see
+    :func:`verify_checkpoint` and :meth:`RunDir.read`).
 
     Raises:
         FileNotFoundError: no such file.
@@ -132,24 +160,186 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, meta
 
 
-def updates_path(run: str | Path, round_idx: int) -> Path:
-    """RUN/updates/round_{round:04d}.safetensors."""
-    return Path(run) / UPDATES_DIR / _UPDATE_FILE.format(int(round_idx))
+def verify_checkpoint(
+    path: str | Path, tensors: dict[str, Tensor], meta: dict[str, str], fingerprint: str
+) -> None:
+    """Check that a checkpoint is its run's and intact (module docstring).
+
+    Raises:
+        ValueError: one line naming the file and both fingerprints, both hashes, or the
+            tensor whose ``model.*`` and ``state.*`` copies differ.
+    """
+    if "format" in meta:
+        saved = meta.get("fingerprint", "")
+        if saved != fingerprint:
+            raise ValueError(
+                f"checkpoint {path} belongs to another run: its fingerprint {saved[:16]} is not "
+                f"this run's {fingerprint[:16]} (from config.json); copy checkpoints only "
+                "between runs of the same config, or retrain"
+            )
+        digest = tensor_digest(tensors)
+        if digest != meta.get("content_sha256"):
+            raise ValueError(
+                f"checkpoint {path} was changed after it was written: its tensors hash to "
+                f"{digest[:16]}, its metadata says {meta.get('content_sha256', '')[:16]}; "
+                "delete it (a resume starts from the previous checkpoint) or retrain"
+            )
+    for key, value in tensors.items():
+        if not key.startswith("model."):
+            continue
+        twin = tensors.get("state." + key[len("model."):])
+        if twin is not None and not _same_bits(twin, value):
+            raise ValueError(
+                f"checkpoint {path} is inconsistent: {key} and state.{key[len('model.'):]} "
+                "hold different values; delete it or retrain"
+            )
 
 
-def save_client_updates(
-    run: str | Path, round_idx: int, updates: dict[int, dict[str, Tensor]]
-) -> Path:
-    """Write round ``round_idx``'s client updates (client id → key → Δ tensor) atomically."""
-    tensors = {
-        f"{cid}/{key}": t.detach().cpu().contiguous().clone()
-        for cid, per_client in sorted(updates.items())
-        for key, t in per_client.items()
-    }
-    meta = {"round": str(int(round_idx)), "clients": json.dumps(sorted(int(c) for c in updates))}
-    path = updates_path(run, round_idx)
-    write_tensors(path, tensors, meta)
-    return path
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN equals NaN of the same payload)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))  # fmt: skip
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file.
+
+    A torn last line (no newline at the end of the file: a kill mid-append) is dropped;
+    it belongs to a round after the last checkpoint, which a resume recomputes.
+
+    Raises:
+        ValueError: any other line is not a JSON object (names file and line number).
+    """
+    path = Path(path)
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+            continue
+        if number == len(lines) and not text.endswith("\n"):
+            break  # torn by a kill mid-write
+        raise ValueError(
+            f"{path}, line {number}: not a metrics row (a JSON object with its round); the "
+            "training history is damaged there: restore the file, or retrain with --no-resume"
+        )
+    return rows
+
+
+def check_history(path: str | Path, last_round: int) -> list[dict[str, Any]]:
+    """The rows of rounds 0..``last_round`` of a run's metrics.jsonl, one per round.
+
+    Raises:
+        ValueError: the file is missing, damaged (:func:`read_metrics`) or lacks rows of some
+            of those rounds; one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing although the run has a checkpoint of round {last_round}: its "
+            "training history is lost; retrain with --no-resume"
+        )
+    rows = [r for r in read_metrics(path) if r["round"] <= last_round]
+    have = [r["round"] for r in rows]
+    if have != list(range(last_round + 1)):
+        missing = sorted(set(range(last_round + 1)) - set(have))
+        problem = f"lacks the rows of rounds {missing[:8]}" if missing else (
+            f"has its rows out of order or twice ({have[:8]}...)")
+        raise ValueError(
+            f"{path} {problem} (the run has a checkpoint of round {last_round}): its training "
+            "history is incomplete; restore the file, or retrain with --no-resume"
+        )
+    return rows
+
+
+# ---- writer ------------------------------------------------------------------------------------
+class RunWriter:
+    """Writes one run directory (every file atomically; checkpoints with the run's
+    fingerprint and their content hash)."""
+
+    def __init__(self, path: str | Path, config: TrainConfig) -> None:
+        self.path = Path(path)
+        self.fingerprint = config.fingerprint()
+
+    def write_config(self, config: TrainConfig) -> None:
+        text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        atomic_write_text(self.path / CONFIG_FILE, text)
+
+    def write_partition(self, partition: Partition) -> None:
+        text = json.dumps(partition.to_json(), separators=(",", ":"))
+        atomic_write_text(self.path / PARTITION_FILE, text)
+
+    def clear(self) -> None:
+        """Delete checkpoints, updates and metrics (a restart with ``resume=False``)."""
+        shutil.rmtree(self.path / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(self.path / UPDATES_DIR, ignore_errors=True)
+        (self.path / METRICS_FILE).unlink(missing_ok=True)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    def checkpoint(
+        self,
+        round_idx: int,
+        *,
+        model_state: dict[str, Tensor],
+        algo_state: dict[str, Tensor],
+        client_states: dict[str, Tensor],
+        rng: dict[str, Tensor],
+        algo: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write round ``round_idx``'s checkpoint and return its path.
+
+        Args:
+            model_state: dense effective state_dict of the global model (``model.*``).
+            algo_state: the strategy's state tensors (``state.*``).
+            client_states: the client states as ``{id}.{name}`` tensors (``clients.*``).
+            rng: generator states as uint8 tensors (``rng.*``).
+            algo: algorithm name, stored in the metadata.
+            metadata: extra JSON-serializable metadata (values stored as JSON strings).
+        """
+        tensors: dict[str, Tensor] = {}
+        groups = (("model", model_state), ("state", algo_state), ("clients", client_states),
+                  ("rng", rng))  # fmt: skip
+        for prefix, group in groups:
+            for key, value in group.items():
+                tensors[f"{prefix}.{key}"] = value.detach().cpu().contiguous().clone()
+        meta = {"round": str(int(round_idx)), "algo": str(algo), "format": CHECKPOINT_FORMAT,
+                "fingerprint": self.fingerprint, "content_sha256": tensor_digest(tensors)}
+        for key, value in (metadata or {}).items():
+            meta[key] = json.dumps(value)
+        path = checkpoint_path(self.path, round_idx)
+        write_tensors(path, tensors, meta)
+        return path
+
+    def updates(self, round_idx: int, updates: dict[int, dict[str, Tensor]]) -> Path:
+        """Write round ``round_idx``'s client updates (client id → key → Δ tensor)."""
+        tensors = {
+            f"{cid}/{key}": t.detach().cpu().contiguous().clone()
+            for cid, per_client in sorted(updates.items())
+            for key, t in per_client.items()
+        }
+        meta = {"round": str(int(round_idx)),
+                "clients": json.dumps(sorted(int(c) for c in updates))}  # fmt: skip
+        path = updates_path(self.path, round_idx)
+        write_tensors(path, tensors, meta)
+        return path
 
 
 def read_client_updates(run_dir: str | Path, round_idx: int) -> dict[int, dict[str, Tensor]]:
@@ -177,6 +367,7 @@ def read_client_updates(run_dir: str | Path, round_idx: int) -> dict[int, dict[s
     return dict(sorted(out.items()))
 
 
+# ---- reader ------------------------------------------------------------------------------------
 class RunDir:
     """Reader of a run directory written by :func:`hessrank.fl.train`.
 
@@ -197,13 +388,15 @@ class RunDir:
                 f"{self.path} is not a run directory: it has no {CONFIG_FILE}; point at the "
                 "directory given to `hessrank train --out`"
             )
-        try:
-            self.config: TrainConfig = TrainConfig.load(cfg)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{cfg} is not a valid TrainConfig JSON ({err})") from None
+        self.config: TrainConfig = TrainConfig.load(cfg)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, algo={self.config.algo!r}, rounds={self.rounds()})"
+
+    @property
+    def fingerprint(self) -> str:
+        """The run's :func:`~hessrank.fl.config.run_fingerprint` (from its config.json)."""
+        return self.config.fingerprint()
 
     # ---- checkpoints --------------------------------------------------------------------
     def rounds(self) -> list[int]:
@@ -237,8 +430,22 @@ class RunDir:
         return path
 
     def read(self, round: int) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Raw tensors and metadata of round ``round``'s checkpoint."""
-        return read_checkpoint(self.checkpoint_path(round))
+        """Raw tensors and metadata of round ``round``'s checkpoint, verified
+        (:func:`verify_checkpoint`)."""
+        path = self.checkpoint_path(round)
+        tensors, meta = read_checkpoint(path)
+        verify_checkpoint(path, tensors, meta, self.fingerprint)
+        return tensors, meta
+
+    def checkpoint(self, round: int) -> Checkpoint:
+        """Round ``round``'s verified checkpoint in its parts."""
+        return Checkpoint.from_tensors(*self.read(round))
+
+    def checkpoint_hash(self, round: int) -> str:
+        """The content hash of round ``round``'s checkpoint (verified; for a checkpoint
+        written before format 2, the digest of its tensors computed now)."""
+        tensors, meta = self.read(round)
+        return meta.get("content_sha256") or tensor_digest(tensors)
 
     def load_model(self, round: int, dtype: torch.dtype | None = None) -> nn.Module:
         """The dense global model after ``round`` rounds, in eval mode.
@@ -247,12 +454,13 @@ class RunDir:
             round: a saved round (see :meth:`rounds`).
             dtype: parameter dtype; default the run's ``config.dtype``.
         Raises:
-            ValueError: no such round, corrupt file, or keys that do not match the model the
-                config builds (the message names the file).
+            ValueError: no such round, a checkpoint that is corrupt, another run's, changed
+                or inconsistent, or keys that do not match the model the config builds (the
+                message names the file).
         """
         path = self.checkpoint_path(round)
-        tensors, meta = read_checkpoint(path)
-        state = split_prefix(tensors, "model")
+        ckpt = self.checkpoint(round)
+        state, meta = ckpt.model, ckpt.meta
         try:
             input_shape = tuple(json.loads(meta["input_shape"]))
             num_outputs = int(json.loads(meta["num_outputs"]))
@@ -311,22 +519,18 @@ class RunDir:
         return self.dataset().task
 
     def metrics(self) -> pandas.DataFrame:
-        """metrics.jsonl as a DataFrame, one row per logged round (empty if none)."""
+        """metrics.jsonl as a DataFrame, one row per logged round (empty before round 0).
+
+        Raises:
+            ValueError: a damaged line (names file and line), or a run with checkpoints whose
+                metrics.jsonl is missing or lacks rows (its history is lost; one line).
+        """
         import pandas as pd
 
+        rounds = self.rounds()
         path = self.path / METRICS_FILE
-        rows = read_metrics(path) if path.is_file() else []
+        if not rounds:
+            return pd.DataFrame(read_metrics(path) if path.is_file() else [])
+        rows = check_history(path, rounds[-1])
+        rows += [r for r in read_metrics(path) if r["round"] > rounds[-1]]
         return pd.DataFrame(rows)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl file, skipping a torn last line."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a partial line from a kill mid-write; the runner truncates it on resume
-    return rows

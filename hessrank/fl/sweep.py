@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hessrank.fl.base import NonFiniteError
 from hessrank.fl.config import TrainConfig
+from hessrank.fl.protocol import NonFiniteError
 from hessrank.io import atomic_write_text
 
 __all__ = ["sweep"]
