@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     n_seeds = args.seeds or (20 if args.fast else 100)
     seeds = range(args.seed_offset, args.seed_offset + n_seeds)
     targets = [float(t) for t in args.targets.split(",")]
-    started = time.perf_counter()
+    started, code = time.perf_counter(), commit()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     # numpy's BLAS too (the tridiagonal eigensolves of every Lanczos step): its own threads
     # fight the machine's other work, and threads change the time, never a product or an error
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         f"Machine: {_timing.machine_line(torch.get_num_threads())}. Only products and errors "
         "are measured (no time), so load does not change the table.  ",
         f"Run: `{cmd}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-        f"({time.perf_counter() - started:.0f} s); hessrank at {commit()}; "
+        f"({time.perf_counter() - started:.0f} s); hessrank at {code}; "
         f"rule constants SHARE = {deflated.SHARE}, MARGIN = {deflated.MARGIN}.", "",
         f"Matrices of `bench_estimators.py` §4 (dense float64). Seeds {seeds.start}–"
         f"{seeds.stop - 1} ({len(seeds)} per cell; the rule's constants were chosen on seeds "
