@@ -141,8 +141,8 @@ def estimate(family: str, op: Any, *, matvecs: int, seed: int, rtol: float | Non
     if family == "lanczos":
         if rtol is None:
             return stable_rank(op, num_matvecs=matvecs, seed=seed, k_top=K_TOP)
-        # a precision target: products until the relative stderr is below rtol, at most
-        # max_matvecs (the fixed budget ``matvecs`` does not apply)
+        # a target error: products until the estimate is predicted to be within rtol in 90 %
+        # of runs, at most max_matvecs (the fixed budget ``matvecs`` does not apply)
         return stable_rank(op, rtol=rtol, max_matvecs=max_matvecs, seed=seed, k_top=K_TOP)
     if family == "density":
         return DensityEstimate.of(spectral_density(
