@@ -201,6 +201,7 @@ def main(argv=None) -> None:
                      f"{1e3 * t.seconds('after'):.2f}",
                      "yes" if bits else ("—" if bits is None else "**no**")])
         print(" | ".join(rows[-1]), flush=True)
+    tables = analysis_bits(base, args.fast) if "bits" in only else None
     lines = [
         "# Before/after: this branch against the code it started from", "",
         f"Machine: {_timing.machine_line(torch.get_num_threads())}; other work kept {busy:.1f} "
@@ -216,15 +217,14 @@ def main(argv=None) -> None:
         f"**Slowest pair: {worst[0]:.3f} ({worst[1]}).**" if rows else "No timed pairs.", "",
         _timing.markdown_table(["pair", "after ÷ before", "IQR", "before ms", "after ms",
                                 "bits"], rows), ""]
-    if "bits" in only:
-        bits = analysis_bits(base, args.fast)
+    if tables is not None:
         lines += ["## Same command, same bits", "",
                   "`analyze(run, rounds='0,2', subjects='server,clients', quantities="
                   f"'stable-rank,trace', matvecs={20 if args.fast else 40}, curvature=...)` "
                   "on a 2-round FedAvg run "
                   "(digits, MLP 64-16-10, 4 Dirichlet clients), once through each version; "
                   "columns round, subject, quantity, index, value, stderr, matvecs, route.", "",
-                  _timing.markdown_table(["curvature", "rows", "tables"], bits), ""]
+                  _timing.markdown_table(["curvature", "rows", "tables"], tables), ""]
         print("\n".join(lines[-2:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
