@@ -17,13 +17,12 @@ statistic of replicate i is
 and the estimate is θ̂ = mean_i d_i (replicates weigh equally). The replicates are the
 independent evidence, so the default (``method = "t"``, :func:`replicate_t`) is the t-test on
 the d_i with R − 1 degrees of freedom: se = sd(d_i)/√R, exact p-values (no resampling floor).
-It was chosen by measurement (``experiments/benchmarks/bench_inference.py``, results in
-``experiments/benchmarks/results/inference.md``): coverage of its 95 % interval and its
-false-positive rate stayed in [93 %, 97.5 %] and ≤ 6 % at every replicate count (3–20), unit
-count and share of variance between replicates (ICC 0–0.9) simulated, where today's former
-default, the two-stage percentile bootstrap (:func:`cluster_bootstrap`), covered 86 % at five
-replicates with ICC 0.5. The alternatives stay available: ``bootstrap-t`` (:func:`bootstrap_t`),
-``percentile`` (:func:`cluster_bootstrap`) and ``mixedlm`` (:func:`mixed_model`).
+It was chosen by measurement, not by name: ``experiments/benchmarks/bench_inference.py``
+simulates studies with a replicate effect over replicate counts, unit counts and shares of
+variance between replicates, and ``experiments/benchmarks/results/inference.md`` holds the
+coverage and false-positive rate of every candidate in every cell. The alternatives stay
+available: ``bootstrap-t`` (:func:`bootstrap_t`), ``percentile`` (:func:`cluster_bootstrap`,
+the default before that measurement) and ``mixedlm`` (:func:`mixed_model`).
 
 Verdicts (δ > 0: the minimum effect, stated in the spec before the run, in the units of the
 difference after the transform). Three one-sided tests per row, each at α/2:
