@@ -308,3 +308,28 @@ def test_a_replicate_missing_an_arm_is_dropped_not_read_as_one_sample():
                               phases=[inf.Phase("all", 0, 1)])
     assert hyp["n_replicates"].iloc[0] == 2
     assert hyp["estimate"].iloc[0] == pytest.approx(1.0, abs=0.3)
+
+
+def test_wrong_verdicts_in_a_family_of_correlated_rows_stay_below_alpha():
+    # 12 rows sharing most of their replicate effects (as the phases of one study do), some
+    # at the boundaries ±δ, some clearly beyond them, some inside: the chance of any wrong
+    # verdict in the family must stay at most α = 5 % (300 families; without the adjustment
+    # the same families exceed it).
+    rng = np.random.default_rng(12)
+    delta = 0.25
+    thetas = [1.2 * delta, 0.8 * delta, -1.2 * delta, -0.8 * delta, 0.0, 0.0, 3.0, -3.0,
+              delta, -delta, 0.5, -0.5]
+    truth = ["supported" if t > delta else "reversed" if t < -delta else
+             "negligible" if abs(t) < delta else None for t in thetas]
+    wrong = unadjusted = 0
+    for _ in range(300):
+        common = rng.normal(0, math.sqrt(0.5), 5)
+        claims = []
+        for t in thetas:
+            b = math.sqrt(0.8) * common + math.sqrt(0.2) * rng.normal(0, math.sqrt(0.5), 5)
+            x = t + b[:, None] + rng.normal(0, math.sqrt(0.5), (5, 10))
+            claims.append(inf.claim(inf.replicate_t([(row, None) for row in x]), delta))
+        p_adj = inf.adjust_pvalues([c.p_value for c in claims])
+        wrong += any(p < 0.05 and c.claim != want for c, p, want in zip(claims, p_adj, truth))
+        unadjusted += any(c.p_value < 0.05 and c.claim != want for c, want in zip(claims, truth))
+    assert wrong / 300 <= 0.05 < unadjusted / 300
