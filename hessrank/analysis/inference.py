@@ -151,7 +151,7 @@ COLUMN_DOCS = {
                "p_negligible (each test runs at α/2), capped at 1",
     "p_adjusted": "p_value adjusted over all rows of the study (adjust); the row gets its "
                   "claim when p_adjusted < alpha",
-    "verdict": "supported, reversed, negligible or inconclusive (see the verdicts below)",
+    "verdict": "supported, reversed, negligible or inconclusive: the four verdicts",
     "replicates_needed": "replicates for 80 % power at this study's units per replicate, "
                          "from this row's between- and within-replicate variances, at "
                          "Holm's first-step level α/K (hessrank.analysis.planning); empty "

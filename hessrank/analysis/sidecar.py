@@ -54,7 +54,7 @@ def hypotheses_readme(hyp: pd.DataFrame, spec: StudySpec) -> str:
         f"- **Replicates**: {reps} per row (independent training runs; replicate i trains "
         f"with seed {spec.seed} + i). Rounds of one run are averaged within a phase, never "
         "counted as evidence.",
-        f"- **Test**: {_METHOD_WORDS[method]} (`method` = `{method}`).",
+        f"- **Test** (`method` = `{method}`): {_METHOD_WORDS[method]}.",
         f"- **Multiplicity**: {adjust} over all {K} rows at α = {alpha:g}.",
     ]
     if unit_rows:
@@ -76,9 +76,10 @@ def hypotheses_readme(hyp: pd.DataFrame, spec: StudySpec) -> str:
         "smaller than δ either way. The adjusted interval lies inside (−δ, +δ).",
         "- **inconclusive**: none of these; the data cannot tell (see `replicates_needed`).",
         "",
-        "A row errs only when its interval misses θ, so the chance of any wrong verdict in "
-        f"the study is at most α = {alpha:g} under Holm (for bh: the expected share of wrong "
-        "verdicts among the decided rows).",
+        "A row errs only when its interval misses θ. Under Holm the chance of any wrong "
+        f"verdict in the study is at most α = {alpha:g} (checked by simulation on families of "
+        "correlated rows, tests/analysis/test_inference.py); under bh α bounds the expected "
+        "share of wrong verdicts among the decided rows.",
         "",
         "Counts: " + ", ".join(f"{v} {int((hyp['verdict'] == v).sum())}" for v in VERDICTS)
         + ".",
@@ -94,7 +95,8 @@ def hypotheses_readme(hyp: pd.DataFrame, spec: StudySpec) -> str:
     lines += ["", "## Columns", "", "| column | meaning |", "|---|---|"]
     docs = {**COLUMN_DOCS, **GRID_COLUMNS}
     for col in hyp.columns:
-        lines.append(f"| `{col}` | {docs.get(col, '')} |")
+        text = docs.get(col, "").replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| `{col}` | {text} |")
     lines += [
         "",
         "## Flags",
