@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 import hessrank.fl as fl
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.trajectory import analyze
-from hessrank.plotting import load_table
 from tests.analysis.conftest import RUN_CONFIG
 
 FAST = {"matvecs": 10, "progress": False}
@@ -52,17 +52,21 @@ def test_retrained_run_is_refused_then_recomputed_with_force(tmp_path):
         json.loads((tmp_path / "fresh" / "analysis.json").read_text())["run"]["fingerprint"]
 
 
-def test_changed_checkpoint_is_recomputed(run_copy, tmp_path):
+def test_checkpoint_of_another_round_is_refused(run_copy, tmp_path):
+    """Round 1's file copied over round 2's is refused with one line naming the checkpoint
+    (its metadata names its round), into the old --out and into a fresh one."""
     out = tmp_path / "an"
     before = analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
     ckpts = run_copy / "checkpoints"
-    shutil.copyfile(ckpts / "round_00001.safetensors", ckpts / "round_00002.safetensors")
-    after = analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
-    fresh = analyze(run_copy, rounds="2", subjects="server", out=tmp_path / "fresh", **FAST)
-    assert _server_srank(after, 2) == _server_srank(fresh, 2)  # the new weights, recomputed
-    assert _server_srank(after, 2) != _server_srank(before, 2)
+    blob = (ckpts / "round_00001.safetensors").read_bytes()
+    (ckpts / "round_00002.safetensors").write_bytes(blob)
+    with pytest.raises(ValueError, match="round_00002.safetensors"):
+        analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
+    with pytest.raises(ValueError, match="round_00002.safetensors"):  # a fresh --out too:
+        analyze(run_copy, rounds="2", subjects="server", out=tmp_path / "x", **FAST)
+    assert not (tmp_path / "x").exists()  # round 1's file says so in its metadata
     table = load_table(out)
-    assert len(table) == len(after) and _server_srank(table, 2) == _server_srank(fresh, 2)
+    assert _server_srank(table, 2) == _server_srank(before, 2)  # untouched
 
 
 def test_table_grows_and_failed_calls_change_nothing(trained_run, tmp_path):
