@@ -43,9 +43,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-import hessrank
 from hessrank.analysis.distributed import Ranks, from_environment, launched_world
-from hessrank.analysis.planner import Plan, Unit, plan
+from hessrank.analysis.planner import Plan, Unit, plan, thread_key
 from hessrank.analysis.progress import CountingOperator, Progress
 from hessrank.analysis.quantities import (
     FAMILIES,
@@ -165,9 +164,10 @@ def open_call(run_dir: str | Path, s: AnalysisSettings, *, out: str | Path | Non
             raise  # not this run's checkpoint: the whole call is refused
         except (OSError, ValueError, KeyError) as err:
             checkpoints[r] = err  # unreadable: this round is reported and skipped
+    threads = s.threads if s.threads is not None else torch.get_num_threads()
     the_plan = plan(s, rounds=chosen, groups=groups, fingerprint=fingerprint,
                     checkpoints=checkpoints, data_hashes=hashes, paths=paths,
-                    code=source.code_hash(), threads=None)  # TODO(an): thread key
+                    code=source.code_hash(), threads=thread_key(s, threads))
     if s.shard is not None:
         the_plan = the_plan.shard(*s.shard)
     store = index = None
@@ -181,8 +181,8 @@ def open_call(run_dir: str | Path, s: AnalysisSettings, *, out: str | Path | Non
         run = {"fingerprint": fingerprint, "path": str(source.path.resolve()),
                "kind": source.kind}
         index = store.open(run, call, force=s.force)
-        store.claim_checkpoints({r: h for r, h in checkpoints.items() if isinstance(h, str)},
-                                paths=paths, force=s.force)
+        store.claim_checkpoints({r: source.checkpoint_content(r) for r, h in checkpoints.items()
+                                 if isinstance(h, str)}, paths=paths, force=s.force)
     return Call(s, source, the_plan, task, client_data, hashes, out, store, index, ranks,
                 started)
 
@@ -471,6 +471,17 @@ def _safe_path(source: Source, r: int) -> str:
         return ""
 
 
+def _version() -> str | None:
+    """The installed hessrank's version (from its metadata: a leaf module does not import the
+    package root)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hessrank")
+    except PackageNotFoundError:
+        return None
+
+
 def _git_revision() -> str | None:
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
@@ -485,7 +496,7 @@ def _git_revision() -> str | None:
 
 def _environment(s: AnalysisSettings, source: Source, ranks: Ranks | None = None
                  ) -> dict[str, Any]:
-    return {"hessrank": hessrank.__version__, "git_revision": _git_revision(),
+    return {"hessrank": _version(), "git_revision": _git_revision(),
             "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": s.threads if s.threads is not None else torch.get_num_threads(),

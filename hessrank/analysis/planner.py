@@ -12,8 +12,7 @@ per_group`). Its key hashes everything that determines its rows (docs/design.md,
 - settings: the hash of the family's settings (the ``settings`` column);
 - code: the hash of the user code that builds the model (a ``--model-factory`` module), when
   there is one;
-- threads: the torch thread count, when the numbers depend on it (float32: see
-  :func:`thread_key`).
+- threads: the torch thread count (the numbers depend on it: :func:`thread_key`).
 
 Units are planned round by round in a fixed order: per round, every subject group's
 per-group families (registry order), then the per-round families. :func:`plan` reads nothing
@@ -86,15 +85,16 @@ class Plan:
         return {u.family: u.settings for u in self.units}
 
 
-def thread_key(settings: AnalysisSettings, threads: int) -> int | None:
-    """The thread count as a key ingredient, or None where the numbers do not depend on it.
+def thread_key(settings: AnalysisSettings, threads: int) -> int:
+    """The torch thread count as a unit-key ingredient.
 
-    Measured (``experiments/benchmarks/results/threads.md``): the same float64 analysis gave
-    bit-identical tables at 1 and 2 torch threads, float32 ones did not (intra-op reductions
-    sum in another order), so float32 units are keyed by the thread count and float64 units
-    are shared across thread counts.
+    Measured (``experiments/benchmarks/results/threads.md``, made by ``measure_threads.py``):
+    the same analysis at 1 and at 2 torch threads gave different bits, in float32 and in
+    float64 (intra-op reductions sum in another order), so a unit computed at one thread
+    count is not reused by a call at another. (Making the numbers independent of it would
+    mean one thread for every product.)
     """
-    return None if settings.dtype == "float64" else int(threads)
+    return int(threads)
 
 
 def plan(settings: AnalysisSettings, *, rounds: Sequence[int], groups: Sequence[Any],
@@ -112,7 +112,8 @@ def plan(settings: AnalysisSettings, *, rounds: Sequence[int], groups: Sequence[
         data_hashes: per subject name its data hash; also "clients" (every client's).
         paths: per round the checkpoint's path (for the error records).
         code: hash of the user code that builds the model (None: hessrank's own models).
-        threads: the thread count key (:func:`thread_key`; None: not a key).
+        threads: the thread count (:func:`thread_key`; None: not a key, for callers that
+            plan without running).
     """
     families = families_of(settings.quantities)
     hashes = {f.name: digest(f.settings(settings)) for f in FAMILIES.values()}

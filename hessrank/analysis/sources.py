@@ -9,12 +9,15 @@ task, and says what it is by content:
   ``partition.json``. A checkpoint folder: the data (every client's data hash, the test set's)
   and how the model is built from it (the factory's name). An analysis directory belongs to
   one fingerprint.
-- ``checkpoint_hash(round)``: SHA-256 of the checkpoint's bytes, after checking the
+- ``checkpoint_hash(round)``: SHA-256 of the checkpoint's bytes (the unit keys' ingredient),
+  after checking the
   checkpoint is this run's: a hessrank checkpoint must carry its own round, and where it
   carries its run's fingerprint and a content hash (written by the trainer,
   :func:`hessrank.fl.rundir.RunDir.read` checks them) they must match;
-  :class:`CheckpointMismatchError` (the call is refused) otherwise. The analysis store also
-  remembers the hash it analyzed at each round and refuses a checkpoint overwritten since.
+  :class:`CheckpointMismatchError` (the call is refused) otherwise.
+- ``checkpoint_content(round)``: a hash of the checkpoint's tensors and metadata whatever
+  order its file stores them in (:func:`content_hash`); the analysis store remembers it per
+  round and refuses a checkpoint overwritten since (another run's, or garbage).
 - ``code_hash()``: for a model built by the user's code, SHA-256 of that code (the module
   files and the functions' source of the model factory and the loss), None for hessrank's own.
 - :func:`data_hash`: SHA-256 of a subject's (inputs, targets), inputs any pytree.
@@ -78,6 +81,7 @@ __all__ = [
     "StateDictDir",
     "UserData",
     "data_hash",
+    "content_hash",
     "file_hash",
     "load_factory",
     "load_object",
@@ -123,6 +127,7 @@ class Source(Protocol):
     def rounds(self) -> list[int]: ...
     def checkpoint_path(self, round: int) -> Path: ...
     def checkpoint_hash(self, round: int) -> str: ...
+    def checkpoint_content(self, round: int) -> str: ...
     def load_model(self, round: int) -> nn.Module: ...
     def client_data(self) -> list[Pair]: ...
     def test(self) -> Pair | None: ...
@@ -157,6 +162,18 @@ def data_hash(*parts: Any) -> str:
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def content_hash(tensors: dict[str, Tensor], meta: dict[str, str] | None = None) -> str:
+    """SHA-256 (16 hex) of named tensors (by name: dtype, shape, bytes) and string metadata,
+    independent of the order a file stores them in (a safetensors header orders its metadata
+    differently in every process that writes it, so file bytes are no identity of content)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        h.update(data_hash(tensors[name]).encode())
+    h.update(json.dumps(dict(sorted((meta or {}).items()))).encode())
     return h.hexdigest()[:16]
 
 
@@ -535,6 +552,10 @@ class CheckpointDir:
         p = self._files[round]
         return file_hash(p / ADAPTER_FILE if p.is_dir() else p)
 
+    def checkpoint_content(self, round: int) -> str:
+        return self.checkpoint_hash(round)  # torch.save and safetensors files of one state
+        # written twice hold the same bytes (safetensors: no metadata here)
+
     def load_model(self, round: int) -> nn.Module:
         path = self._files[round]
         if path.is_dir():
@@ -588,6 +609,7 @@ class RunSource:
         self.run = RunDir(path)
         self.path, self.dtype = self.run.path, dtype
         self.native_dtype = self.run.config.dtype
+        self._content: dict[int, str] = {}
 
     def fingerprint(self) -> str:
         cfg = json.loads((self.path / "config.json").read_text())
@@ -610,7 +632,7 @@ class RunSource:
         """The file's hash, once the checkpoint is known to be this run's round ``round``."""
         path = self.run.checkpoint_path(round)
         blob = path.read_bytes()
-        _, meta = read_tensors(path, "checkpoint")  # unreadable: this round fails, no refusal
+        tensors, meta = read_tensors(path, "checkpoint")  # unreadable: the round fails
         saved = meta.get("round")
         if saved is not None and saved.strip().isdigit() and int(saved) != int(round):
             raise CheckpointMismatchError(
@@ -620,7 +642,14 @@ class RunSource:
             self.run.read(round)  # the trainer's own checks where its checkpoints carry them
         except ValueError as err:
             raise CheckpointMismatchError(str(err)) from None
+        self._content[round] = content_hash(tensors, meta)
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def checkpoint_content(self, round: int) -> str:
+        """:func:`content_hash` of the checkpoint (after :meth:`checkpoint_hash`)."""
+        if round not in self._content:
+            self.checkpoint_hash(round)
+        return self._content[round]
 
     def load_model(self, round: int) -> nn.Module:
         return self.run.load_model(round, dtype=self.dtype)

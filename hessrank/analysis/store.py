@@ -546,20 +546,23 @@ def _readable(path: Path) -> Store:
 
 
 def _checkpoint_conflict(paths: list[Path], stores: list[Store]) -> str | None:
-    """A line naming two analyses that hold different checkpoints at the same round."""
-    seen: dict[int, tuple[str, Path]] = {}
+    """A line naming two analyses that hold different checkpoints at the same round: by the
+    content hashes their stores recorded, else (directories of format 2) by the table's
+    checkpoint file hashes."""
+    seen: dict[tuple[str, int], tuple[str, Path]] = {}
     for p, s in zip(paths, stores):
-        hashes = s.checkpoints()
         table = s.table()
+        ids = {("content", r): h for r, h in s.checkpoints().items()}
         for r, h in zip(table["round"], table["checkpoint"]):
-            hashes.setdefault(int(r), str(h))
-        for r, h in sorted(hashes.items()):
-            if r in seen and seen[r][0] != h:
-                q = seen[r][1]
-                return (f"{q} and {p} analyzed different checkpoints at round {r} ({seen[r][0]} "
-                        f"vs {h}): they belong to different runs with the same config; merge "
-                        "only one run's analyses")
-            seen.setdefault(r, (h, p))
+            if ("content", int(r)) not in ids:  # file bytes of equal content may differ
+                ids.setdefault(("file", int(r)), str(h))
+        for (kind, r), h in sorted(ids.items()):
+            other = seen.get((kind, r))
+            if other is not None and other[0] != h:
+                return (f"{other[1]} and {p} analyzed different checkpoints at round {r} "
+                        f"({other[0]} vs {h}): they belong to different runs with the same "
+                        "config; merge only one run's analyses")
+            seen.setdefault((kind, r), (h, p))
     return None
 
 

@@ -102,6 +102,33 @@ def test_cosine_run_of_4_rounds_is_not_analyzed_into_a_2_round_runs_out(tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "another run" in err and str(four) in err, err
+    # a constant schedule does not depend on the number of rounds: a run continued to more
+    # rounds (here: retrained with more, the same checkpoints up to round 2) keeps its
+    # analysis directory, and its analyzed units are reused
+    const = {**RUN_CONFIG, "rounds": 2}
+    c2, c4 = tmp_path / "c2", tmp_path / "c4"
+    fl.train(const, c2, progress=False)
+    fl.train({**const, "rounds": 4}, c4, progress=False)
+    out2 = tmp_path / "an2"
+    first = analyze(c2, rounds="1", subjects="server", out=out2, threads=1, **FAST)
+    again = analyze(c4, rounds="1", subjects="server", out=out2, threads=1, **FAST)
+    assert _server(first, 1) == _server(again, 1)
+
+
+def test_unit_keys_hold_the_thread_count(trained_run, tmp_path):
+    """Analysis bits depend on the thread count (experiments/benchmarks/results/threads.md),
+    so a unit computed at 1 thread is not reused at 2: before, the key ignored it."""
+    import json
+
+    out = tmp_path / "an"
+    one = analyze(trained_run, rounds="1", subjects="server", out=out, threads=1, **FAST)
+    two = analyze(trained_run, rounds="1", subjects="server", out=out, threads=2, **FAST)
+    calls = json.loads((out / "analysis.json").read_text())["calls"]
+    assert [c["computed"] for c in calls] == [1, 1] and calls[1]["reused"] == 0
+    assert set(one["unit"]).isdisjoint(two["unit"])
+    again = analyze(trained_run, rounds="1", subjects="server", out=out, threads=1, **FAST)
+    assert json.loads((out / "analysis.json").read_text())["calls"][-1]["reused"] == 1
+    assert again["unit"].equals(one["unit"])
 
 
 def test_edited_model_factory_is_recomputed(tmp_path, monkeypatch):
