@@ -122,9 +122,9 @@ def parse_subjects(spec: str | Sequence[str]) -> list[SubjectSpec]:
     Client selections are merged ("clients" wins over "clients:…"), duplicates dropped, order
     kept. Raises ValueError naming the bad spec and the valid forms.
     """
-    tokens = _split_specs(spec) if isinstance(spec, str) else [
-        t for s in spec for t in _split_specs(str(s))
-    ]
+    # a sequence is the comma-split string (--subjects server,clients:0,2 arrives as
+    # ("server", "clients:0", "2")): joined again, so a client list survives the split
+    tokens = _split_specs(spec if isinstance(spec, str) else ",".join(str(s) for s in spec))
     if not tokens:
         raise ValueError(f"no subjects given; valid forms: {VALID_FORMS}")
     specs: list[SubjectSpec] = []
