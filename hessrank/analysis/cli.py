@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from hessrank.analysis.quantities import QUANTITIES as _REGISTRY
-from hessrank.analysis.settings import AnalysisSettings
+from hessrank.analysis.settings import AnalysisSettings, default_threads
 
 VALID_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
 """The subject forms (tests check them against :data:`hessrank.analysis.subjects.VALID_FORMS`,
@@ -40,7 +40,6 @@ def _analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     # the analysis itself (torch, pandas): imported when the command runs, keeping --help fast
-    from hessrank.analysis.settings import default_threads
     from hessrank.analysis.trajectory import run_analysis
 
     settings = AnalysisSettings.build(

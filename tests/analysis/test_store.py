@@ -159,3 +159,66 @@ def test_old_format_directory_is_refused_unless_forced(trained_run, tmp_path):
         analyze(trained_run, rounds="0", subjects="server", out=out, **FAST)
     t = analyze(trained_run, rounds="0", subjects="server", out=out, force=True, **FAST)
     assert len(load_table(out)) == len(t) == 3 and not (out / "densities").exists()
+
+
+def test_empty_out_is_refused(trained_run, tmp_path, monkeypatch, capsys):
+    """Issue 19.6: --out "" wrote the analysis into the current directory."""
+    from hessrank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["analyze", str(trained_run), "--rounds", "0", "--subjects", "server", "--matvecs",
+            "10", "--quiet", "--out", ""]
+    assert main(argv) == 2
+    assert '--out "" is empty' in capsys.readouterr().err
+    analyze(trained_run, rounds="0", subjects="server", out=tmp_path / "a", **FAST)
+    assert main(["merge", str(tmp_path / "a"), "--out", ""]) == 2
+    assert '--out "" is empty' in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "a"), "--out", ""]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing landed in the cwd
+
+
+@pytest.mark.parametrize("damaged", ["results.parquet", "analysis.json", "store.sqlite"])
+def test_force_recovers_from_a_damaged_analysis_directory(trained_run, tmp_path, damaged):
+    """Issue 19.6: --force did not recover from a corrupt results.parquet or analysis.json."""
+    out = tmp_path / "an"
+    first = analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+    path = out / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3] + b"\x00garbage")
+    if damaged == "results.parquet":  # only an export: the next call rewrites it
+        again = analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+    else:
+        with pytest.raises(ValueError, match="--force"):
+            analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+        again = analyze(trained_run, rounds="0,1", subjects="server", out=out, force=True,
+                        **FAST)
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"),
+                                  first.drop(columns="seconds"))
+    assert len(load_table(out)) == len(first)
+    pd.read_parquet(out / "results.parquet")  # readable again
+
+
+def test_merge_keeps_rows_of_a_source_without_a_table(trained_run, tmp_path):
+    """Issue 19.6: merge dropped the rows of a source with unit files but no table. In the
+    store the rows live in store.sqlite (results.parquet is an export); a directory of the
+    earlier format (unit files, table missing) contributes every unit's rows."""
+    from hessrank.analysis.store import merge_dirs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ta = analyze(trained_run, rounds="0", subjects="server", out=a, **FAST)
+    tb = analyze(trained_run, rounds="1", subjects="server", out=b, **FAST)
+    (b / "results.parquet").unlink()
+    (b / "results.csv").unlink()
+    merged = merge_dirs([a, b], tmp_path / "m")
+    assert len(merged) == len(ta) + len(tb)
+    # a format-2 directory: units/<key>.parquet and analysis.json, its table lost
+    old = tmp_path / "old"
+    (old / "units").mkdir(parents=True)
+    tc = analyze(trained_run, rounds="2", subjects="server", out=tmp_path / "c", **FAST)
+    for key, rows in tc.groupby("unit"):
+        rows.to_parquet(old / "units" / f"{key}.parquet", index=False)
+    meta = json.loads((tmp_path / "c" / "analysis.json").read_text())
+    (old / "analysis.json").write_text(json.dumps({**meta, "format": 2}))
+    merged = merge_dirs([a, b, old], tmp_path / "m2")
+    assert sorted(merged["round"].unique()) == [0, 1, 2]
+    assert len(merged) == len(ta) + len(tb) + len(tc)
+    assert (old / "units").is_dir()  # a source is read, never changed
