@@ -62,7 +62,7 @@ SCENARIOS: dict[str, list[list[str]]] = {
                        ["analyze", "RUN", "--out", "OUT", "--rounds", "0:2", *A],
                        ["analyze", "RUN", "--out", "OUT", "--rounds", "2", "--prune", *A]],
     "rtol-float64-ggn": [["analyze", "RUN", "--out", "OUT", "--rtol", "0.05", "--dtype",
-                          "float64", "--curvature", "ggn", "--subjects", "server,clients:0,2",
+                          "float64", "--curvature", "ggn", "--subjects", "server,subset:15x2",
                           *A]],
     "workers": [["analyze", "RUN", "--out", "OUT", "--workers", "2", "--threads", "2",
                  "--subjects", "server,clients,subset:10x2", *A]],
@@ -106,12 +106,14 @@ def run_scenario(code: Path, steps: list[list[str]], run: Path, out: Path) -> li
         if p.returncode != 0:
             raise SystemExit(f"{shlex.join(argv)} (code {code}) exited {p.returncode}:\n"
                              f"{p.stderr[-3000:]}")
-        said += [ln.split(";")[0] for ln in p.stdout.splitlines() if "rows" in ln]
+        said += [ln.split(";")[0].replace(str(out), "OUT") for ln in p.stdout.splitlines()
+                 if "rows" in ln]
     return said
 
 
-def _densities(out: Path, table: pd.DataFrame) -> dict[tuple[str, str], tuple]:
-    """(unit, subject) → (alpha, beta, meta) of every effective-rank row, whatever the format."""
+def _densities(out: Path, table: pd.DataFrame) -> dict[tuple, tuple]:
+    """(round, subject, settings) → (alpha, beta, meta) of every effective-rank row, whatever
+    the directory's format."""
     rows = table[table["quantity"] == "effective-rank"]
     found = {}
     db = out / "store.sqlite"
@@ -126,29 +128,39 @@ def _densities(out: Path, table: pd.DataFrame) -> dict[tuple[str, str], tuple]:
             z = np.load(io.BytesIO(blobs[r.unit]))
         else:
             z = np.load(out / "units" / f"{r.unit}.npz")
-        found[(r.unit, r.subject)] = tuple(np.asarray(z[f"{r.subject}.{p}"])
-                                           for p in ("alpha", "beta", "meta"))
+        found[(r.round, r.subject, r.settings)] = tuple(
+            np.asarray(z[f"{r.subject}.{p}"]) for p in ("alpha", "beta", "meta"))
     return found
 
 
-def compare(base: Path, new: Path) -> tuple[bool, str]:
-    """(identical, what was compared / what differs)."""
-    a = pd.read_parquet(base / "results.parquet").drop(columns="seconds")
-    b = pd.read_parquet(new / "results.parquet").drop(columns="seconds")
+ORDER = ["round", "subject", "quantity", "k", "layer", "settings"]
+
+
+def compare(base: Path, new: Path, ignore: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """(identical, what was compared / what differs); ``ignore``: columns left out besides
+    ``seconds`` (keys whose definition changed on purpose: then rows are compared in the
+    order of what they mean, since the table is sorted by unit key within a round)."""
+    drop = ["seconds", *ignore]
+    full_a = pd.read_parquet(base / "results.parquet")
+    full_b = pd.read_parquet(new / "results.parquet")
+    ca = pd.read_csv(base / "results.csv", dtype=str, keep_default_na=False)
+    cb = pd.read_csv(new / "results.csv", dtype=str, keep_default_na=False)
+    if ignore:
+        full_a, full_b = (t.sort_values(ORDER).reset_index(drop=True) for t in (full_a, full_b))
+        ca, cb = (t.sort_values(ORDER).reset_index(drop=True) for t in (ca, cb))
+    a, b = full_a.drop(columns=drop), full_b.drop(columns=drop)
     problems = []
     try:
         pd.testing.assert_frame_equal(a, b, check_exact=True, check_dtype=True)
     except AssertionError as err:
         problems.append("parquet: " + " ".join(str(err).split())[:300])
-    ca = pd.read_csv(base / "results.csv", dtype=str, keep_default_na=False)
-    cb = pd.read_csv(new / "results.csv", dtype=str, keep_default_na=False)
-    if not ca.drop(columns="seconds").equals(cb.drop(columns="seconds")):
+    if not ca.drop(columns=drop).equals(cb.drop(columns=drop)):
         problems.append("csv text differs")
-    da, db = _densities(base, a), _densities(new, b)
+    da, db = _densities(base, full_a), _densities(new, full_b)
     if da.keys() != db.keys() or any(
             not all(np.array_equal(x, y) for x, y in zip(da[k], db[k])) for k in da):
         problems.append("densities differ")
-    what = (f"{len(a)} rows × {a.shape[1]} columns (all but seconds), CSV text, "
+    what = (f"{len(a)} rows × {a.shape[1]} columns (all but {', '.join(drop)}), CSV text, "
             f"{len(da)} density tridiagonals")
     return not problems, what + ("" if not problems else "; DIFFERENT: " + "; ".join(problems))
 
@@ -159,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a checkout of the code to compare against (its repository root)")
     ap.add_argument("--only", default=None, help=f"comma list of: {', '.join(SCENARIOS)}")
     ap.add_argument("--fast", action="store_true", help=f"only {', '.join(FAST)}; prints only")
+    ap.add_argument("--ignore", default="",
+                    help="comma list of columns to leave out besides seconds (e.g. unit, when "
+                         "the unit keys gained an ingredient)")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with "
                          "--fast)")
@@ -183,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             said_a = run_scenario(args.base.resolve(), SCENARIOS[name], run, tmp / "base")
             said_b = run_scenario(REPO, SCENARIOS[name], run, tmp / "new")
-            ok, what = compare(tmp / "base", tmp / "new")
+            ok, what = compare(tmp / "base", tmp / "new",
+                               tuple(c for c in args.ignore.split(",") if c))
             ok = ok and said_a == said_b
             ok_all &= ok
             cmds = "<br>".join(f"`hessrank {' '.join(s)}`" for s in SCENARIOS[name])
