@@ -12,7 +12,8 @@ An :class:`Executor` turns (run directory, settings, ``out``) into the rows of o
   its share of the threads, all writing into the one locked store (this process is worker 1:
   its imports are paid already; a spawned worker's start-up costs seconds).
 
-None of them changes a number: a unit's rows depend only on its key's inputs.
+None of them changes a number: a unit's rows depend only on its key's inputs. A unit is
+computed by :class:`hessrank.analysis.units.UnitRunner`.
 
 The steps of one process (:func:`open_call`, :func:`compute`, :func:`finish`): open the
 source and check everything that needs the data (parameter names, client ids, subset sizes,
@@ -30,7 +31,6 @@ import multiprocessing
 import platform
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,18 +41,14 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from hessrank.analysis.distributed import Ranks, from_environment, launched_world
 from hessrank.analysis.planner import Plan, Unit, plan, thread_key
-from hessrank.analysis.progress import CountingOperator, Progress
+from hessrank.analysis.progress import Progress
 from hessrank.analysis.quantities import (
-    FAMILIES,
-    QUANTITIES,
-    quantity_rows,
     table_quantities,
 )
-from hessrank.analysis.settings import AnalysisSettings, digest, probe_seed
+from hessrank.analysis.settings import AnalysisSettings, digest
 from hessrank.analysis.sources import (
     CheckpointMismatchError,
     Source,
@@ -62,15 +58,13 @@ from hessrank.analysis.sources import (
 )
 from hessrank.analysis.store import COLUMNS, Store, check_out_dir, refuse_empty
 from hessrank.analysis.subjects import (
-    Subject,
     SubjectGroup,
-    build_operator,
     parse_subjects,
     realize,
 )
+from hessrank.analysis.units import UnitRunner
 
-__all__ = ["Call", "Executor", "Outcome", "Pool", "Serial", "Torchrun", "executor_for",
-           "route_of"]
+__all__ = ["Call", "Executor", "Outcome", "Pool", "Serial", "Torchrun", "executor_for"]
 
 Pair = tuple[Any, Any]
 
@@ -343,84 +337,6 @@ class Pool:
         table.attrs["errors"] = errors
         table.attrs["out"] = tables[0].attrs["out"]
         return table
-
-
-# ---- computing one unit -----------------------------------------------------------------------
-def route_of(op: Any, j: int | None = None) -> dict[str, Any]:
-    """The product route an operator reports (``route``, else ``settings``). A stack of
-    operators: operator ``j``'s route with ``"stack": J``; without ``j`` the shared route with
-    ``"stack": J`` when all J agree, else ``{"stack": [each route]}``."""
-    route = getattr(op, "route", None)
-    if route is None and hasattr(op, "operators"):
-        ops = op.operators
-        if j is not None:
-            return {**route_of(ops[j]), "stack": len(ops)}
-        routes = [route_of(o) for o in ops]
-        if all(r == routes[0] for r in routes):
-            return {**routes[0], "stack": len(ops)}
-        return {"stack": routes}
-    if route is None:
-        route = getattr(op, "settings", None)
-    return dict(route) if isinstance(route, dict) else {}
-
-
-class UnitRunner:
-    """Computes units at one model: the family's estimator on the unit's stacked operator
-    (or the per-round family on the clients), rows in the table's columns."""
-
-    def __init__(self, settings: AnalysisSettings, task: Any, client_data: list[Pair],
-                 hashes: dict[str, str], ranks: Ranks | None) -> None:
-        self.s, self.task, self.client_data = settings, task, client_data
-        self.hashes, self.ranks = hashes, ranks
-        self.rtol = float("nan") if settings.rtol is None else float(settings.rtol)
-
-    def _operator(self, group: SubjectGroup, model: nn.Module) -> Any:
-        s = self.s
-        kw: dict[str, Any] = {"params": list(s.params) if s.params else None, "mode": s.mode,
-                              "batch_size": s.batch_size, "cache_budget_mb": float(s.memory_mb)}
-        if self.ranks is not None:
-            kw.update(shard=(self.ranks.rank, self.ranks.world), process_group=True)
-        return build_operator(group, model, self.task, curvature=s.curvature, **kw)
-
-    def _base(self, u: Unit, subj: Subject, data: str, route: str) -> dict[str, Any]:
-        s = self.s
-        return {"round": int(u.round), "subject": subj.name, "subject_kind": subj.kind,
-                "subject_size": int(subj.size), "seed": int(s.seed),
-                "data_seed": int(subj.data_seed), "curvature": s.curvature, "rtol": self.rtol,
-                "checkpoint": u.checkpoint, "data": data, "settings": u.settings,
-                "unit": u.key, "route": route}
-
-    def compute(self, u: Unit, model: nn.Module, progress: Progress
-                ) -> tuple[pd.DataFrame, dict[str, tuple] | None, str]:
-        """The unit's rows (all quantities of its family), densities and route (JSON)."""
-        family = FAMILIES[u.family]
-        if not family.per_group:
-            t0 = time.perf_counter()
-            found = family.per_round(model, self.task, self.client_data, self.s)
-            dt = time.perf_counter() - t0
-            progress.advance(1)
-            n = sum(int(y.shape[0]) for _, y in self.client_data)
-            base = self._base(u, Subject("clients", "client", n), self.hashes["clients"], "{}")
-            rows = [{**base, **r, "seconds": dt} for r in found]
-            return pd.DataFrame(rows, columns=COLUMNS), None, "{}"
-        op = self._operator(u.group, model)
-        seed = probe_seed(self.s.seed, u.round, f"{u.family}:{u.label}")
-        t0 = time.perf_counter()
-        res = family.estimate(CountingOperator(op, progress), self.s, seed)
-        dt = time.perf_counter() - t0
-        route = json.dumps(route_of(op), sort_keys=True, default=str)
-        names = [q for q in QUANTITIES if QUANTITIES[q].family == u.family]
-        per_op = quantity_rows(names, res)
-        rows = []
-        for subj, j in zip(u.group.subjects, u.group.index):
-            own = json.dumps(route_of(op, j), sort_keys=True, default=str)  # this subject's
-            base = {**self._base(u, subj, self.hashes[subj.name], own), "seed": seed}
-            rows.extend({**base, **r, "layer": "", "seconds": dt} for r in per_op[j])
-        dens = None
-        if family.densities is not None:
-            tri = family.densities(res)
-            dens = {subj.name: tri[j] for subj, j in zip(u.group.subjects, u.group.index)}
-        return pd.DataFrame(rows, columns=COLUMNS), dens, route
 
 
 # ---- checks and bookkeeping -------------------------------------------------------------------

@@ -255,3 +255,25 @@ def test_module_of_the_working_directory_is_found_without_pythonpath(tmp_path):
                        timeout=280)
     assert p.returncode == 2 and "no_such_module" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_user_data_forms():
+    """A data function may return a list of pairs, (clients, test), {"clients", "test"}, or
+    torch Datasets of (input, target) samples (collated); bad forms are one line."""
+    from torch.utils.data import TensorDataset
+
+    from hessrank.analysis.sources import UserData
+
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    pairs = [(x[:4], y[:4]), (x[4:], y[4:])]
+    for got in (pairs, (pairs, (x, y)), {"clients": pairs, "test": (x, y)},
+                [TensorDataset(x[:4], y[:4]), TensorDataset(x[4:], y[4:])]):
+        data = UserData(lambda got=got: got)
+        assert [int(t.shape[0]) for _, t in data.clients] == [4, 6]
+        assert torch.equal(data.clients[1][0], x[4:])
+    assert UserData(lambda: (pairs, (x, y))).test[1].shape == (10,)
+    for bad, needle in ((lambda: [], "non-empty list"), (lambda: [(x, y[:3])], "10 inputs and 3"),
+                        (lambda: {"test": (x, y)}, "without 'clients'"),
+                        (lambda w: pairs, "takes arguments")):
+        with pytest.raises(ValueError, match=needle):
+            UserData(bad)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import hessrank.analysis.executor as executor
+import hessrank.analysis.units as units
 from hessrank.analysis.store import Store
 from hessrank.analysis.trajectory import (
     COLUMNS,
@@ -141,8 +141,8 @@ def test_killed_run_resumes_to_the_same_table(trained_run, tmp_path, monkeypatch
     monkeypatch.setattr(Store, "commit", real_commit)
 
     recomputed = []
-    orig_compute = executor.UnitRunner.compute
-    monkeypatch.setattr(executor.UnitRunner, "compute", lambda self, u, *a, **k:
+    orig_compute = units.UnitRunner.compute
+    monkeypatch.setattr(units.UnitRunner, "compute", lambda self, u, *a, **k:
                         recomputed.append(u) or orig_compute(self, u, *a, **k))
     t = analyze(trained_run, **kwargs)
     assert _units(out) == 9  # 3 rounds x 3 units
