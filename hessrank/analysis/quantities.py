@@ -228,8 +228,8 @@ QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
     Quantity("frobenius", "lanczos", "‖H‖_F² ± stderr",
              lambda r: [_r("frobenius", r["frobenius_sq"], r["frobenius_sq_stderr"],
                            r["num_matvecs"])]),
-    Quantity("density", "density", "SLQ spectral density (entropy effective rank in the "
-             "table, tridiagonals in the store)",
+    Quantity("density", "density", "SLQ spectral density: its entropy effective rank in "
+             "the table, its tridiagonals in the store",
              lambda r: [_r("effective-rank", r["effective_rank"], r["effective_rank_stderr"],
                            r["num_matvecs"])], ("effective-rank",)),
     Quantity("alignment", "alignment", "mean pairwise cosine of client gradients, rank-r "
