@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         _timing.markdown_table(["scenario", "commands", "compared", "result"], rows),
         "",
-        ("Every scenario's table is identical: same rows in the same order, every value and "
-         "dtype, the CSV text and the stored densities." if ok_all else
-         "Some scenario differs (see the table)."),
+        (("Every scenario's table is identical: same rows in the same order, every value "
+          "and dtype, the CSV text and the stored densities." if not args.ignore else
+          f"Every scenario's table is identical but for {args.ignore}: same rows (compared in "
+          "the order of what they mean, since the export sorts by unit key within a round), "
+          "every other value and dtype, the CSV text and the stored densities.")
+         if ok_all else "Some scenario differs (see the table)."),
         "",
     ])
     if out_md is not None:
