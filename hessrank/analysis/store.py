@@ -502,6 +502,9 @@ class Store:
         """The SLQ density of ``subject`` stored with unit ``unit`` (a table row's keys)."""
         with self._db() as con:
             got = con.execute("SELECT densities FROM units WHERE key = ?", (unit,)).fetchone()
+        legacy = self.out / "units" / f"{unit}.npz"  # a format-2 directory not yet imported
+        if (got is None or got[0] is None) and legacy.is_file():
+            got = (legacy.read_bytes(),)
         if got is None or got[0] is None:
             raise FileNotFoundError(f"{self.out} holds no densities of unit {unit}: rerun the "
                                     "analysis to recompute them")

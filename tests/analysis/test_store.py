@@ -222,3 +222,36 @@ def test_merge_keeps_rows_of_a_source_without_a_table(trained_run, tmp_path):
     assert sorted(merged["round"].unique()) == [0, 1, 2]
     assert len(merged) == len(ta) + len(tb) + len(tc)
     assert (old / "units").is_dir()  # a source is read, never changed
+
+
+def test_an_earlier_format_directory_is_read_and_imported(trained_run, tmp_path):
+    """A format-2 directory (units/<key>.parquet + .npz, results.parquet): its densities
+    read as they are, and the next analysis imports it (no recomputation, rows kept)."""
+    import sqlite3
+
+    from hessrank.analysis.store import Store
+
+    new = tmp_path / "new"
+    t = analyze(trained_run, rounds="1", subjects="server", quantities="stable-rank,density",
+                density_probes=2, out=new, **FAST)
+    old = tmp_path / "old"
+    (old / "units").mkdir(parents=True)
+    con = sqlite3.connect(new / "store.sqlite")
+    for key, frame, dens in con.execute("SELECT u.key, f.data, u.densities FROM units u JOIN "
+                                        "frames f ON u.frame = f.id"):
+        (old / "units" / f"{key}.parquet").write_bytes(frame)
+        if dens is not None:
+            (old / "units" / f"{key}.npz").write_bytes(dens)
+    con.close()
+    shutil.copyfile(new / "results.parquet", old / "results.parquet")
+    meta = json.loads((new / "analysis.json").read_text())
+    (old / "analysis.json").write_text(json.dumps({**meta, "format": 2}))
+    row = t[t["quantity"] == "effective-rank"].iloc[0]
+    a = Store(new).density(row["unit"], row["subject"])
+    b = Store(old).density(row["unit"], row["subject"])
+    assert np.array_equal(a.alpha, b.alpha) and np.array_equal(a.beta, b.beta)
+    again = analyze(trained_run, rounds="1", subjects="server",
+                    quantities="stable-rank,density", density_probes=2, out=old, **FAST)
+    calls = json.loads((old / "analysis.json").read_text())["calls"]
+    assert calls[-1]["reused"] == 2 and calls[-1]["computed"] == 0
+    assert not (old / "units").exists() and len(load_table(old)) == len(again) == len(t)
