@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    from hessrank.analysis.plotting import plot_all
     from hessrank.analysis.trajectory import analyze
     from hessrank.fl import train
-    from hessrank.plotting import plot_all
 
     torch.set_num_threads(args.threads)
     bars = sys.stderr.isatty()  # tqdm bars on a terminal only; a log gets the step lines

@@ -50,7 +50,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hessrank.analysis import inference as inf
 from hessrank.analysis.inference import jackknife
+from hessrank.analysis.subjects import build_operator, parse_subjects, realize
+from hessrank.fl.rundir import RunDir
 from hessrank.linalg import DensityResult, lanczos, spectral_density, stable_rank
 from hessrank.linalg.operator import Operator, as_operator
 from hessrank.linalg.stack import LinearCombination
@@ -257,9 +260,6 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
     """
     from tqdm.auto import tqdm
 
-    from hessrank.analysis.subjects import build_operator, parse_subjects, realize
-    from hessrank.fl.rundir import RunDir
-
     run = RunDir(run_dir)
     saved = run.rounds()
     chosen = saved if rounds is None else [int(r) for r in rounds]
@@ -322,8 +322,6 @@ def reversal_tests(table: pd.DataFrame, *, phases=None, last_round: int | None =
     :func:`hessrank.analysis.inference.test_hypotheses` (replicates, then subset draws; one
     Holm family). Answers "does the GGN alone also reverse?" (ggn_srank) and "does the part
     of H that the GGN misses grow at small n?" (residual_share, negative_mass)."""
-    from hessrank.analysis import inference as inf
-
     t = _with_derived(table)
     units, deltas, transforms = {}, {}, {}
     for name, part, quantity, transform, delta in REVERSAL_TESTS:

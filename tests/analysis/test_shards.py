@@ -8,10 +8,10 @@ import json
 import pandas as pd
 import pytest
 
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.store import RunMismatchError, merge_dirs
 from hessrank.analysis.trajectory import analyze
 from hessrank.cli import main
-from hessrank.plotting import load_table
 
 KW = dict(rounds="1,2", subjects="server,clients,subset:10x2",
           quantities="stable-rank,density", density_probes=2, matvecs=10, progress=False,
