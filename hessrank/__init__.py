@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hessrank.curvature import (
         CurvatureOperator,
-        FederatedHessian,
         FederatedOperator,
         FisherOperator,
         GGNOperator,
         HessianOperator,
+        KFACOperator,
         ParameterSpace,
         dense_hessian,
         tune,
@@ -49,8 +49,8 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys((
-        "CurvatureOperator", "FederatedHessian", "FederatedOperator", "FisherOperator",
-        "GGNOperator", "HessianOperator", "ParameterSpace", "dense_hessian", "tune",
+        "CurvatureOperator", "FederatedOperator", "FisherOperator", "GGNOperator",
+        "HessianOperator", "KFACOperator", "ParameterSpace", "dense_hessian", "tune",
     ), "hessrank.curvature"),
     **dict.fromkeys(("LinearCombination", "OperatorStack"), "hessrank.linalg.stack"),
     **dict.fromkeys((
@@ -63,7 +63,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "CurvatureOperator", "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult",
-    "FederatedHessian", "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator",
+    "FederatedOperator", "FisherOperator", "GGNOperator", "HessianOperator", "KFACOperator",
     "LinearCombination", "OperatorStack", "ParameterSpace", "StableRankResult", "TraceResult",
     "dense_hessian", "diagonal", "exact_stable_rank", "frobenius_sq", "hutchinson", "hutchpp",
     "lanczos", "spectral_density", "stable_rank", "trace", "tune", "xtrace",

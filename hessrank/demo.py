@@ -3,7 +3,7 @@
 1. Train a FedLoRU federation on scikit-learn's digits (20 clients, Dirichlet(0.5) label split).
 2. At every saved round, estimate the stable rank srank(H) = ‖H‖_F²/‖H‖₂² (± stderr) of every
    client's loss, of the server's loss (all training data) and of random 50-sample subsets,
-   with the joint FederatedHessian (all clients' products in one batched call).
+   with the joint FederatedOperator (all clients' products in one batched call).
 3. Write the tidy table and the figures, and print what they show — computed from the numbers.
 
 ``python -m hessrank.demo --fast`` is a ~30-second version with fewer rounds and clients.
@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    from hessrank.analysis.plotting import plot_all
     from hessrank.analysis.trajectory import analyze
     from hessrank.fl import train
-    from hessrank.plotting import plot_all
 
     torch.set_num_threads(args.threads)
     bars = sys.stderr.isatty()  # tqdm bars on a terminal only; a log gets the step lines

@@ -46,11 +46,11 @@ if RUN_DIR is None:
                rounds=10 if SIZE == "full" else 2, save_every=10 if SIZE == "full" else 2)
     run = train(cfg, nbtools.work_dir(SIZE, SEED) / "quickstart_mlp", progress=False)
 else:
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
 
     run = RunDir(RUN_DIR)
 r = run.rounds()[-1]
-model, loss_fn = run.load_model(r), run.loss_fn()
+model, loss_fn = run.load_model(r), run.task()
 X = torch.cat([x for x, _ in run.client_data()])
 Y = torch.cat([y for _, y in run.client_data()])
 op = hr.HessianOperator(model, loss_fn, (X, Y))

@@ -95,7 +95,7 @@ per_round[["round", "phase", "server", "client_mean", "client_min", "client_max"
            "frac_clients_above", "ratio", "z"]].round(3)
 
 # %%
-from hessrank.plotting import plot_ratio, plot_stable_rank
+from hessrank.analysis.plotting import plot_ratio, plot_stable_rank
 
 fig_dir = run.path / "nb02_figures"
 for path in plot_stable_rank(sr, fig_dir)[:1] + plot_ratio(sr, fig_dir)[:1]:

@@ -48,7 +48,7 @@ print(run)
 
 # %%
 rows, per_client = [], []
-data, loss_fn = run.client_data(), run.loss_fn()
+data, loss_fn = run.client_data(), run.task()
 for r in rounds:
     grads = client_gradients(run.load_model(r), loss_fn, data)
     for layer, gs in grads.items():

@@ -86,7 +86,7 @@ for a, run in runs.items():
     r = run.rounds()[-1]
     X = torch.cat([x for x, _ in run.client_data()])
     Y = torch.cat([y for _, y in run.client_data()])
-    res = hr.stable_rank(hr.HessianOperator(run.load_model(r), run.loss_fn(), (X, Y)),
+    res = hr.stable_rank(hr.HessianOperator(run.load_model(r), run.task(), (X, Y)),
                          num_matvecs=MATVECS, seed=SEED)
     top = np.abs(res.top_eigenvalues[0])
     curv.append({"algo": a, "round": r, "stable_rank": res.value[0],

@@ -128,7 +128,7 @@ Y = torch.cat([y for _, y in run.client_data()])
 N = len(Y)
 rows, fits = [], {}
 for r in (run.rounds()[0], run.rounds()[-1]):
-    op = hr.HessianOperator(run.load_model(r), run.loss_fn(), (X, Y))
+    op = hr.HessianOperator(run.load_model(r), run.task(), (X, Y))
     res = hr.stable_rank(op, num_matvecs=max(cfg["matvecs"], 40), seed=SEED)
     # 30 Ritz values (80 Lanczos steps), so that the fit sees where the outliers end
     eig = hr.lanczos(op, k=30, num_matvecs=80 if SIZE == "full" else 30, seed=SEED,

@@ -62,7 +62,7 @@ def work_dir(size: str, seed: int) -> Path:
 def open_run(run_dir, size: str, seed: int = 0, algo: str = "fedloru"):
     """The run to study: ``run_dir`` when given, else the figures' federation trained (or
     resumed, or reused when finished) at ``size``."""
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
     from hessrank.fl import train
 
     if run_dir is not None:

@@ -203,6 +203,7 @@ def test_train_into_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys)
         main([*argv, "--debug"])
 
 
+@pytest.mark.slow
 def test_a_file_in_the_way_of_out_is_one_line(tmp_path):
     in_the_way = tmp_path / "file"
     in_the_way.write_text("not a directory")
@@ -212,6 +213,7 @@ def test_a_file_in_the_way_of_out_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line(tmp_path):
     """``ulimit -f``: writes past the limit fail with EFBIG (Python ignores SIGXFSZ)."""
 

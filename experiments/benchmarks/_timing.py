@@ -142,6 +142,14 @@ def busy_cores(seconds: float = 2.0) -> float:
     return (os.cpu_count() or 1) * (total - (i1 - i0)) / max(total, 1)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. "3.1 / 2.8 / 2.5" ("?" where unknown)."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     """A GitHub markdown table from a header and rows (cells formatted with str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

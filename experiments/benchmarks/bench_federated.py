@@ -1,4 +1,4 @@
-"""Joint FederatedHessian versus K + 1 separate HessianOperator analyses, same budget.
+"""Joint FederatedOperator versus K + 1 separate HessianOperator analyses, same budget.
 
 The question (DESIGN.md §3): is one stacked (K+1, p, p) operator — one pass over client c's
 data pushes both H_c's and the server's tangents — cheaper than analysing every client and the
@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hessrank.curvature import FederatedHessian, HessianOperator
+from hessrank.curvature import FederatedOperator, HessianOperator
 from hessrank.curvature.base import CurvatureOperator
-from hessrank.curvature.federated import FederatedOperator
-from hessrank.datasets import load_dataset
-from hessrank.fl.partition import make_partition
+from hessrank.data.datasets import load_dataset
+from hessrank.data.partition import make_partition
 from hessrank.linalg import stable_rank
 from hessrank.models import build_model
 
@@ -53,18 +52,18 @@ def setting(model_name: str, K: int, seed: int = 0, partition: str = "iid"):
                for i in part.indices]
     torch.manual_seed(seed)
     model = build_model(model_name, ds.input_shape, ds.num_classes).eval()
-    return model, ds.loss_fn(), clients
+    return model, ds.task, clients
 
 
 def joint(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
     def run() -> np.ndarray:
-        return stable_rank(FederatedHessian(model, loss, clients, **kw), num_matvecs=MATVECS,
+        return stable_rank(FederatedOperator(model, loss, clients, **kw), num_matvecs=MATVECS,
                            seed=0).value
     return run
 
 
 def separate(model, loss, clients, **kw) -> Callable[[], np.ndarray]:
-    kw = {k: v for k, v in kw.items() if k != "strategy"}  # FederatedHessian's own setting
+    kw = {k: v for k, v in kw.items() if k != "strategy"}  # FederatedOperator's own setting
     pooled = (torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
 
     def run() -> np.ndarray:
@@ -120,7 +119,7 @@ CONFIGS = {
     "auto": {},
 }
 """Product strategies: HessianOperator kwargs, the same on both sides of a comparison, plus
-FederatedHessian's ``strategy`` for the joint side ("stacked": all clients as padded units in
+FederatedOperator's ``strategy`` for the joint side ("stacked": all clients as padded units in
 one linearization; "per-client": one operator per client; uncached products are per-client)."""
 
 
@@ -129,7 +128,7 @@ def product_breakdown(model, loss, clients, kw: dict, reps: int = 9) -> tuple[fl
     (k = 1 each), the pooled server operator (one call over N), and the vjp/jvp calls per
     joint product (number of per-batch tangent calls)."""
     pooled = (torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
-    F = FederatedHessian(model, loss, clients, **kw)
+    F = FederatedOperator(model, loss, clients, **kw)
     kw = {k: v for k, v in kw.items() if k != "strategy"}
     ops = [HessianOperator(model, loss, d, **kw) for d in clients]
     server = HessianOperator(model, loss, pooled, **kw)
@@ -202,7 +201,7 @@ def main() -> None:
               "ms per product: joint / K clients + pooled server", "max rel. diff of srank"]
     p = sum(t.numel() for t in setting(args.model, 2)[0].parameters())
     parts = [
-        "# Joint FederatedHessian vs K+1 separate analyses (stable rank, 40 matvecs each)",
+        "# Joint FederatedOperator vs K+1 separate analyses (stable rank, 40 matvecs each)",
         "",
         f"{datetime.date.today()} — {_timing.machine_line(args.threads)}; other work kept "
         f"{busy:.1f} cores busy at the start.",

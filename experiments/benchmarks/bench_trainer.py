@@ -30,16 +30,13 @@ from pathlib import Path
 
 import torch
 
-from hessrank.datasets import Dataset, load_dataset
-from hessrank.fl.base import ClientData
+from hessrank.data.datasets import Dataset, load_dataset
+from hessrank.data.partition import make_partition
 from hessrank.fl.config import TrainConfig
-from hessrank.fl.partition import make_partition
-from hessrank.fl.runner import (
-    algorithm_class,
-    evaluate,
-    label_weighted_accuracy,
-    sample_clients,
-)
+from hessrank.fl.evaluation import label_weighted_accuracy
+from hessrank.fl.loop import Federation, sample_clients
+from hessrank.fl.protocol import ClientData
+from hessrank.fl.registry import ALGORITHMS
 from hessrank.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,11 +64,10 @@ def _cifar_shaped(seed: int, n: int) -> Dataset:
 def _available(algos: list[str]) -> list[str]:
     out = []
     for name in algos:
-        try:
-            algorithm_class(name)
+        if name in ALGORITHMS:
             out.append(name)
-        except ValueError as err:
-            print(f"skipping {name}: {err}")
+        else:
+            print(f"skipping {name}: not registered")
     return out
 
 
@@ -86,9 +82,8 @@ def run_setting(label: str, ds: Dataset, model_name: str, cfg: TrainConfig, algo
         c = TrainConfig.from_dict({**cfg.to_dict(), "algo": name, "notes": {}})
         torch.manual_seed(c.seed)
         model = build_model(model_name, ds.input_shape, ds.output_dim)
-        algo = algorithm_class(name)(model, c)
-        algo.loss_fn = ds.loss_fn()
-        runs[name] = {"algo": algo, "gen": torch.Generator().manual_seed(c.seed + 1),
+        fed = Federation.build(model, c, ds.task)
+        runs[name] = {"fed": fed, "gen": torch.Generator().manual_seed(c.seed + 1),
                       "floats": 0, "client": [], "wall": []}  # fmt: skip
     for t in range(1, cfg.rounds + 1):
         k = t % len(algos)
@@ -96,7 +91,7 @@ def run_setting(label: str, ds: Dataset, model_name: str, cfg: TrainConfig, algo
             r = runs[name]
             sampled = sample_clients(cfg.clients, cfg.client_fraction, r["gen"])
             t0 = time.perf_counter()
-            stats = r["algo"].run_round(t, [clients[i] for i in sampled], cfg.lr, r["gen"])
+            stats = r["fed"].round(t, [clients[i] for i in sampled], cfg.lr, r["gen"])
             r["wall"].append(time.perf_counter() - t0)
             r["client"].append(stats.extra.get("client_seconds"))
             r["floats"] += sum(stats.floats_up.values()) + sum(stats.floats_down.values())
@@ -111,13 +106,14 @@ def run_setting(label: str, ds: Dataset, model_name: str, cfg: TrainConfig, algo
         else:
             ratios = [a / b for a, b in zip(r["wall"], base["wall"])]
             mark = " †"
-        algo = r["algo"]
-        acc = evaluate(algo.effective_model(), ds.test_x, ds.test_y, algo.loss_fn, ds.task)
+        fed = r["fed"]
+        acc = ds.task.evaluate(fed.strategy.effective_model(), ds.test_x, ds.test_y)
         acc_text = f"{acc['accuracy']:.3f}"
-        if name == "pfedloru":
+        if fed.strategy.personalized:
             personal = [
-                label_weighted_accuracy(algo.client_model(c.client_id), ds.test_x, ds.test_y,
-                                        c.targets, ds.num_classes)
+                label_weighted_accuracy(
+                    fed.strategy.client_model(c.client_id, fed.states.get(c.client_id)),
+                    ds.test_x, ds.test_y, c.targets, ds.num_classes)
                 for c in clients
             ]  # fmt: skip
             acc_text += f" (personal: {statistics.mean(personal):.3f})"

@@ -30,7 +30,7 @@ def fedlrt_lsq(ctx: Context) -> Made:
                 "floats_up": m["floats_up_total"], "floats_down": m["floats_down_total"],
             })  # fmt: skip
     df = pd.DataFrame(rows, columns=CSV_COLUMNS["fedlrt_lowrank_lsq"])
-    from hessrank.datasets import load_dataset
+    from hessrank.data.datasets import load_dataset
 
     true_rank = int(load_dataset("lowrank-lsq", seed=ctx.seed).meta["true_rank"])
 

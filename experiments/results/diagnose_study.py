@@ -25,8 +25,8 @@ import pandas as pd
 def main(argv: list[str] | None = None) -> int:
     from hessrank.analysis import diagnostics as dg
     from hessrank.analysis import study
-    from hessrank.checkpoints import atomic_write_text
     from hessrank.fl import train
+    from hessrank.io import atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

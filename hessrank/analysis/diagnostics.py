@@ -51,6 +51,8 @@ import pandas as pd
 import torch
 
 from hessrank.analysis import inference as inf
+from hessrank.analysis.subjects import build_operator, parse_subjects, realize
+from hessrank.fl.rundir import RunDir
 from hessrank.linalg import DensityResult, lanczos, spectral_density, stable_rank
 from hessrank.linalg.operator import Operator, as_operator
 from hessrank.linalg.stack import LinearCombination
@@ -257,9 +259,6 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
     """
     from tqdm.auto import tqdm
 
-    from hessrank.analysis.subjects import build_operator, parse_subjects, realize
-    from hessrank.checkpoints import RunDir
-
     run = RunDir(run_dir)
     saved = run.rounds()
     chosen = saved if rounds is None else [int(r) for r in rounds]
@@ -272,7 +271,7 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
         raise ValueError(f"diagnostics subjects are server and subset:NxD, got {bad}")
     client_data = run.client_data()
     groups = realize(specs, client_data=client_data, seed=seed)
-    loss_fn = run.loss_fn()
+    loss_fn = run.task()
     num_classes = int(torch.cat([y for _, y in client_data]).max()) + 1
     frames = []
     for r in tqdm(chosen, desc="diagnostics", disable=not progress):

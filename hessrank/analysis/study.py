@@ -60,8 +60,9 @@ from hessrank.analysis.sidecar import hypotheses_readme
 from hessrank.analysis.spec import StudySpec, load_spec, parse_spec
 from hessrank.analysis.trajectory import analyze
 from hessrank.analysis.update_alignment import load_client_updates, pair_differences
-from hessrank.checkpoints import RunDir, atomic_write_bytes, atomic_write_text
 from hessrank.fl import train
+from hessrank.fl.rundir import RunDir
+from hessrank.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "StudySpec",

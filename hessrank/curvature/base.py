@@ -6,11 +6,16 @@ batch-mean ``loss_fn``. A curvature matrix of L is the same size-weighted sum of
 matrices, C = Σ_b (n_b/N) C_b, so unequal batches give the same operator as one big batch.
 
 The base owns the batches, the loop over them, the block of k tangents (a loop or ``vmap``),
-the per-batch linearizations it may keep, the finiteness and determinism checks, the
-operator protocol (``shape == (1, p, p)``, ``matmat``, ``to_scipy``) and the **route** — how
-products are computed — chosen by a deterministic rule (memory first, then shapes; never by
-timing) and recorded in ``op.route``. A subclass supplies one hook, :meth:`_linearize`: given
-a batch's loss split at the model outputs (:class:`BatchLoss`), return v ↦ C_b v.
+the per-batch linearizations it may keep, the finiteness and determinism checks and the
+operator protocol (``shape == (1, p, p)``, ``matmat``, ``to_scipy``). It *executes* a
+**route** — how products are computed — planned by :func:`hessrank.curvature.routes.plan_route`
+from shapes and memory alone (never by timing) and recorded in ``op.route``. A subclass
+supplies one hook, :meth:`_linearize`: given a batch's loss split at the model outputs
+(:class:`BatchLoss`), return v ↦ C_b v.
+
+The loss is a :class:`~hessrank.data.task.Task` (a plain ``loss_fn`` is wrapped by
+``as_task``): it feeds the model (tensor, tuple or dict inputs; ``.logits`` of Hugging Face
+style outputs) and refuses a model that computes its own loss from labels in its inputs.
 
 The same hook serves a stack of equal-size *units* with their own parameter copies θ_u
 (:meth:`unit_linearization`): the loss Σ_u L_u(θ_u) has a block-diagonal curvature, so one
@@ -19,6 +24,7 @@ call returns every C_u v_u (the federated operator's batched strategy).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,14 +36,13 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.data import Batches, as_batches, slice_inputs
+from hessrank.curvature.attention import attention_kernel
+from hessrank.curvature.data import Batches, as_batches
 from hessrank.curvature.params import LossFn, ParameterSpace
+from hessrank.curvature.routes import RouteRequest, Workload, plan_route
 from hessrank.curvature.stacked import couples_samples
-
-VMAP_MAX_ENTRIES = 2**17
-"""A block of tangents goes through ``vmap`` only when one batch's activations have at most
-this many entries (small, overhead-bound products; measured: vmap won on a 143-sample client
-MLP, lost on the 512-sample digits MLP and on every conv net) and the model has no conv."""
+from hessrank.data.inputs import slice_inputs
+from hessrank.data.task import Task, as_task
 
 Closure = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
@@ -82,18 +87,15 @@ def check_finite_product(out: Tensor, curvature: str) -> None:
             "differentiable at these weights or overflows in this dtype")
 
 
-def curvature_class(name: str) -> type[CurvatureOperator]:
-    """The operator class whose ``curvature`` is ``name`` (searched among the imported
-    subclasses, so a new curvature needs no registry)."""
-    found, todo = {}, list(CurvatureOperator.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.curvature and cls.curvature not in found:
-            found[cls.curvature] = cls
-    if name not in found:
-        raise ValueError(f"unknown curvature {name!r}; choose from {', '.join(sorted(found))}")
-    return found[name]
+def check_no_labels_in_inputs(batches: Batches) -> None:
+    """Refuse inputs that carry the labels (Hugging Face style ``labels=``): such a model
+    computes its own loss, whose curvature in the outputs is not the task's (its GGN would be
+    silently zero)."""
+    x = batches.inputs[0]
+    if isinstance(x, dict) and "labels" in x:
+        raise ValueError(
+            "the inputs carry 'labels', so the model would compute its own loss; pass the "
+            "labels as the targets of (inputs, targets) instead, and the task's loss is used")
 
 
 class CurvatureOperator:
@@ -101,7 +103,9 @@ class CurvatureOperator:
 
     Args:
         model: the network; evaluated through a twin, never modified.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch **mean** loss.
+        loss_fn: a :class:`~hessrank.data.task.Task` (``ClassificationTask()``,
+            ``NextTokenTask()``, ...) or a plain ``loss_fn(outputs, targets)`` returning the
+            batch **mean** loss (wrapped by ``as_task``).
         data: an (inputs, targets) pair or an iterable of such batches (a DataLoader works);
             inputs may be a tensor, a tuple (``model(*x)``) or a dict (``model(**x)``).
         params: names of the parameters (default: all trainable); vectors are flat in order.
@@ -123,6 +127,9 @@ class CurvatureOperator:
             a ResNet-18, against 3.3× unsplit; ``docs/scaling.md``). Never when samples are
             coupled (BatchNorm in train mode).
         cache_budget_mb: memory allowed for kept linearizations and vmap activations.
+        sdpa: the attention kernel for models that call ``F.scaled_dot_product_attention``:
+            "math" (default; the only CPU kernel with second derivatives in torch 2.13),
+            "flash", "efficient" or "cudnn" (a kernel without them fails with one line).
         space: a :class:`ParameterSpace` to share (then ``model``, ``params``, ``mode`` are
             taken from it).
         process_group: a ``torch.distributed`` process group (or True for the default one):
@@ -134,11 +141,14 @@ class CurvatureOperator:
 
     curvature = ""
     """Name of the curvature matrix (subclasses): "hessian", "ggn", "fisher"."""
+    additive = True
+    """The curvature of a weighted sum of losses is the weighted sum of their curvatures
+    (true of the Hessian, the GGN and the Fisher; :class:`~hessrank.curvature.protocol`)."""
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: Task | LossFn,
         data: Iterable | tuple | Batches,
         params: Sequence[str] | None = None,
         mode: str = "eval",
@@ -149,41 +159,42 @@ class CurvatureOperator:
         batch_size: int | None = None,
         micro_batch_size: int | str | None = "auto",
         cache_budget_mb: float = 2048.0,
+        sdpa: str = "math",
         space: ParameterSpace | None = None,
         process_group=None,
     ) -> None:
-        if cache not in (True, False, "auto"):
-            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
-        if block not in ("loop", "vmap", "auto"):
-            raise ValueError(f"block must be one of ('loop', 'vmap', 'auto'), got {block!r}")
-        if not (micro_batch_size in (None, "auto") or (
-                isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool)
-                and micro_batch_size >= 1)):
-            raise ValueError("micro_batch_size must be None, 'auto' or a positive int, "
-                             f"got {micro_batch_size!r}")
-        if isinstance(micro_batch_size, int) and cache is True:
-            raise ValueError("micro_batch_size streams uncached products; with cache=True use "
-                             "batch_size to keep smaller batches")
-        self._micro_request = micro_batch_size
+        request = self._route_request(cache=cache, block=block, micro_batch_size=micro_batch_size,
+                                      cache_budget_mb=float(cache_budget_mb), sdpa=sdpa)
+        self.request = request
         self.space = space if space is not None else ParameterSpace(model, params, mode)
-        self.loss_fn = loss_fn
+        self.task = as_task(loss_fn)
         s = self.space
         self.batches = as_batches(data, dtype=s.dtype, device=s.device, batch_size=batch_size)
+        check_no_labels_in_inputs(self.batches)
         self.process_group = process_group
         local = self.batches.num_samples
         self.total_samples = int(self._all_reduce(torch.tensor(float(local),
                                                                dtype=torch.float64)))
         self.batch_weights = [n / self.total_samples for n in self.batches.sizes]
-        local_loss = s.check_losses(loss_fn, self.batches) * local / self.total_samples
+        local_loss, probe = s.checked_losses(self.task, self.batches)
+        local_loss *= local / self.total_samples
         self.loss_value = float(self._all_reduce(torch.tensor(local_loss,
                                                               dtype=torch.float64)))
-        self.cache_budget_mb = float(cache_budget_mb)
-        self._act = s.activations_per_sample(loss_fn, self.batches.inputs[0],
-                                             self.batches.targets[0])
-        self.route = self._choose_route(cache, block)
+        self.cache_budget_mb = request.cache_budget_mb
+        self.workload = Workload(
+            curvature=self.curvature, dim=s.dim, element_size=s.element_size,
+            batch_sizes=tuple(self.batches.sizes),
+            activations_per_sample=probe.activations_per_sample, has_conv=s.has_conv(),
+            couples_samples=couples_samples(s.model, s.mode), mode=s.mode,
+            attention=probe.attention)
+        self.route = plan_route(self.workload, request)
         self._cached: list[Closure | None] = [None] * len(self.batches)
         self._checked = not check_determinism
         self.num_matvecs = 0
+
+    def _route_request(self, **kw) -> RouteRequest:
+        """The request the route is planned from (the Hessian adds its ``hvp``)."""
+        return RouteRequest(**kw)
 
     # ---- the hook ---------------------------------------------------------------------------
     def _linearize(self, f: BatchLoss, params: dict[str, Tensor]) -> Closure:
@@ -192,59 +203,26 @@ class CurvatureOperator:
         raise NotImplementedError
 
     # ---- route ------------------------------------------------------------------------------
-    def _choose_route(self, cache: bool | str, block: str) -> dict:
-        """The deterministic rule: cache when the linearizations fit the budget; a vmap block
-        only for conv-free batches of at most VMAP_MAX_ENTRIES activations whose 8 copies fit;
-        uncached products that exceed the budget stream over micro-batches."""
-        est = self.estimated_cache_mb()
-        use_cache = est <= self.cache_budget_mb if cache == "auto" else bool(cache)
-        if isinstance(self._micro_request, int):  # asking for micro-batches asks for streaming
-            use_cache = False
-        if block == "auto":
-            batch_act = self._act * max(self.batches.sizes)
-            small = batch_act <= VMAP_MAX_ENTRIES and not self.space.has_conv()
-            fits = 8 * batch_act * self.space.element_size / 2**20 <= self.cache_budget_mb
-            block = "vmap" if small and fits else "loop"
-        return {"curvature": self.curvature, "cache": use_cache, "block": block,
-                "mode": self.space.mode,
-                "micro_batch": self._micro_batch(use_cache, est > self.cache_budget_mb)}
-
-    def _micro_batch(self, cached: bool, over_budget: bool) -> int | None:
-        """The micro-batch size of uncached products (None: whole batches); see the class
-        docstring's ``micro_batch_size``."""
-        request, largest = self._micro_request, max(self.batches.sizes)
-        coupled = couples_samples(self.space.model, self.space.mode)
-        if coupled and isinstance(request, int):
-            raise ValueError("micro_batch_size would change the operator: BatchNorm in train "
-                             "mode normalizes with the statistics of the whole batch")
-        if cached or request is None or coupled:
-            return None
-        if request != "auto":
-            return request if request < largest else None
-        if not over_budget or largest < 2:
-            return None
-        m = -(-largest // 2)
-        while m > 1 and self.estimated_cache_mb(m, batches=1) > self.cache_budget_mb:
-            m = -(-m // 2)
-        return m
+    def context(self):
+        """Where products run: the parameter space's mode and, for a model with
+        scaled-dot-product attention, the route's attention kernel."""
+        kernel = self.route.get("attention")
+        if kernel is None:
+            return self.space.mode_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.space.mode_context())
+        stack.enter_context(attention_kernel(kernel))
+        return stack
 
     def estimated_cache_mb(self, samples: int | None = None, batches: int | None = None
                            ) -> float:
         """Rough memory of kept linearizations, 4 × activations + 3 × p per batch: of all
         batches by default, or of ``batches`` batches holding ``samples`` samples."""
-        n = self.batches.num_samples if samples is None else samples
-        nb = len(self.batches) if batches is None else batches
-        total = 4 * self._act * n + 3 * self.space.dim * nb
-        return total * self.space.element_size / 2**20
+        return self.workload.cache_mb(samples, batches)
 
     def activations_per_sample(self) -> float:
         """Output entries of all leaf modules per sample (one forward pass on batch 0)."""
-        return self._act
-
-    @property
-    def settings(self) -> dict:
-        """The route (kept under its former name)."""
-        return dict(self.route)
+        return self.workload.activations_per_sample
 
     # ---- operator protocol ------------------------------------------------------------------
     @property
@@ -302,13 +280,13 @@ class CurvatureOperator:
         this rank's share Σ_{b local} (n_b/N) C_b v, neither summed over the ranks nor checked
         for finiteness (the caller checks the sum)."""
         if not self._checked:
-            with self.space.mode_context():
-                self.space.check_determinism(self.loss_fn, self.batches.inputs[0],
+            with self.context():
+                self.space.check_determinism(self.task, self.batches.inputs[0],
                                              self.batches.targets[0])
             self._checked = True
         tangents = self.space.tangents(R.to(dtype=self.dtype, device=self.device))
         out = None
-        with self.space.mode_context():
+        with self.context():
             for b, w in enumerate(self.batch_weights):
                 cv = self._batch_product(b, tangents)
                 if out is None:
@@ -346,8 +324,9 @@ class CurvatureOperator:
         return self.space.vector()
 
     def gradient_on(self, x, y: Tensor) -> Tensor:
-        """∇ loss_fn(model(x), y) flat (p,), one plain reverse pass."""
-        return self.space.gradient(self.loss_fn, x, y)
+        """∇ of the task's loss on (x, y), flat (p,), one plain reverse pass."""
+        with self.context():
+            return self.space.gradient(self.task, x, y)
 
     def gradient(self, reduce: bool = True) -> Tensor:
         """∇L(θ) flat (p,), the size-weighted mean over batches (``reduce=False``: this rank's
@@ -361,10 +340,10 @@ class CurvatureOperator:
     # ---- batch machinery --------------------------------------------------------------------
     def batch_loss(self, x, y: Tensor) -> BatchLoss:
         """The loss on one batch (x, y) split at the outputs (a plain batch mean)."""
-        s, loss_fn = self.space, self.loss_fn
+        s, task = self.space, self.task
         n = int(y.shape[0])
-        return BatchLoss(outputs=lambda p: s.forward(p, x),
-                         loss_of_outputs=lambda out: loss_fn(out, y), sample_dims=1,
+        return BatchLoss(outputs=lambda p: s.outputs(task, p, x),
+                         loss_of_outputs=lambda out: task(out, y), sample_dims=1,
                          sample_weights=torch.full((n,), 1.0 / n, dtype=s.dtype,
                                                    device=s.device), targets=y)
 
@@ -419,16 +398,16 @@ class CurvatureOperator:
         """Σ_u L_u(θ_u) over U units of m samples (inputs (U, m, ...), keep (U, m) marks real
         rows, scale (U,) multiplies each unit's batch mean); padded rows' outputs are detached,
         so they add a constant and nothing to any derivative."""
-        s, loss_fn = self.space, self.loss_fn
+        s, task = self.space, self.task
 
         def outputs(theta):
-            return vmap(s.forward)(theta, inputs)
+            return vmap(lambda th, x: s.outputs(task, th, x))(theta, inputs)
 
         def unit_loss(out, y, kp, sc):
             def masked(o):
                 mask = kp.reshape(-1, *([1] * (o.ndim - 1)))
                 return torch.where(mask, o, o.detach())
-            return loss_fn(pytree.tree_map(masked, out), y) * sc
+            return task(pytree.tree_map(masked, out), y) * sc
 
         def loss_of_outputs(out):
             return vmap(unit_loss)(out, targets, keep, scale).sum()
@@ -445,11 +424,11 @@ class CurvatureOperator:
         U = int(keep.shape[0])
         # materialized copies: forward-mode products cannot write into an expanded tensor
         theta = {n: t.expand(U, *t.shape).clone() for n, t in s.params.items()}
-        with s.mode_context():
+        with self.context():
             fn = self._linearize(self.units_loss(inputs, targets, keep, scale), theta)
 
         def apply(R: Tensor) -> Tensor:
-            with s.mode_context():
+            with self.context():
                 return s.flat_rows(fn(s.tangents(R)))
 
         return apply
@@ -460,7 +439,7 @@ class CurvatureOperator:
         U = int(keep.shape[0])
         theta = {n: t.expand(U, *t.shape) for n, t in s.params.items()}
         f = self.units_loss(inputs, targets, keep, scale)
-        with s.mode_context():
+        with self.context():
             g = torch.func.grad(f.loss)(theta)
         return s.flat_rows(g)
 
@@ -473,8 +452,9 @@ class CurvatureOperator:
         """The same curvature (shared parameter space, same options and route unless
         overridden) on other data."""
         kw = {**self._init_kwargs(), "cache": self.route["cache"], "block": self.route["block"],
-              "micro_batch_size": self._micro_request, **route}
-        return type(self)(self.space.model, self.loss_fn, data, space=self.space,
+              "micro_batch_size": self.request.micro_batch_size, "sdpa": self.request.sdpa,
+              **route}
+        return type(self)(self.space.model, self.task, data, space=self.space,
                           check_determinism=False, cache_budget_mb=self.cache_budget_mb,
                           process_group=self.process_group, **kw)
 

@@ -1,62 +1,19 @@
 """Normalizing the ``data`` argument: one (inputs, targets) pair or an iterable of batches.
 
 Inputs may be a tensor (``model(x)``), a tuple or list of tensors (``model(*x)``) or a dict
-(``model(**x)``, Hugging Face style); the batch size is read from the first tensor. Targets
-are a tensor whose first dimension is the batch.
+(``model(**x)``, Hugging Face style; :mod:`hessrank.data.inputs`); the batch size is read from
+the first tensor. Targets are a tensor whose first dimension is the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
-Inputs = Tensor | tuple | list | dict
-
-
-def map_inputs(fn: Callable[[Tensor], Tensor], x: Inputs) -> Inputs:
-    """Apply ``fn`` to every tensor of a structured input, keeping the structure."""
-    return pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, x)
-
-
-def first_tensor(x: Inputs) -> Tensor:
-    """The first tensor of a structured input (its first dimension is the batch)."""
-    for leaf in pytree.tree_leaves(x):
-        if isinstance(leaf, Tensor):
-            return leaf
-    raise TypeError(f"inputs hold no tensor: got {type(x).__name__}")
-
-
-def batch_size_of(x: Inputs) -> int:
-    t = first_tensor(x)
-    if t.ndim == 0:
-        raise ValueError("inputs must have a batch dimension; got a 0-d tensor")
-    return int(t.shape[0])
-
-
-def call_model(model: Callable, x: Inputs):
-    """``model(x)``, ``model(*x)`` or ``model(**x)`` by the structure of ``x``."""
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
-def cat_inputs(xs: list[Inputs]) -> Inputs:
-    """Concatenate structured inputs along the batch dimension."""
-    leaves, spec = pytree.tree_flatten(xs[0])
-    cols = [pytree.tree_flatten(x)[0] for x in xs]
-    out = [torch.cat([c[i] for c in cols]) if isinstance(leaf, Tensor) else leaf
-           for i, leaf in enumerate(leaves)]
-    return pytree.tree_unflatten(out, spec)
-
-
-def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
-    return map_inputs(lambda t: t[start:stop], x)
+from hessrank.data.inputs import Inputs, batch_size_of, cat_inputs, map_inputs, slice_inputs
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ exactly. A product of the stack is
 
     out[c] = C_c V[c],   out[K] = Σ_c w_c C_c V[K],
 
-composed from the public methods of one curvature operator per client (they share one
-parameter space). Two strategies, chosen by a deterministic rule and recorded in ``route``:
+composed from the members of one curvature operator per client that
+:mod:`hessrank.curvature.protocol` declares (they share one parameter space). For a
+non-additive curvature (K-FAC) the server's products come from the operator its class builds
+from the clients' (``combine``), not from Σ_c w_c C_c. Two strategies, chosen by a
+deterministic rule and recorded in ``route``:
 
 - "stacked": all clients' products in one batched call over equal-size padded units
   (:mod:`hessrank.curvature.stacked`, :meth:`CurvatureOperator.unit_linearization`), whatever
@@ -16,7 +19,8 @@ parameter space). Two strategies, chosen by a deterministic rule and recorded in
   per-sample-mean loss (checked against a plain gradient), kept linearizations (cache not
   turned off, ``hvp`` not "fwd-rev") and one unit's linearization within ``cache_budget_mb``.
 - "per-client": client c's operator pushes its own tangents and the server's as one block of
-  2k (one pass over its data per product, data never pooled).
+  2k (one pass over its data per product, data never pooled); a non-additive curvature pushes
+  its own only, and the combined server operator the server's.
 
 With ``process_group=`` (each rank holds a shard of every client's data) both strategies
 compute this rank's share of every product — unit scales and batch weights use the clients'
@@ -36,15 +40,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.base import (
-    CurvatureOperator,
-    all_reduce_sum,
-    check_finite_product,
-    curvature_class,
-)
-from hessrank.curvature.data import Batches, cat_inputs, slice_inputs
+from hessrank.curvature.base import all_reduce_sum, check_finite_product
+from hessrank.curvature.data import Batches
 from hessrank.curvature.params import LossFn
+from hessrank.curvature.protocol import ClientOperator, CombinableOperator, UnitOperator
+from hessrank.curvature.registry import curvature_class
 from hessrank.curvature.stacked import Units, couples_samples, make_units, plan_unit_size
+from hessrank.data.inputs import cat_inputs, slice_inputs
+from hessrank.data.task import Task
 
 STRATEGIES = ("auto", "stacked", "per-client")
 
@@ -54,9 +57,12 @@ class FederatedOperator:
 
     Args:
         model: the global model at the weights under study.
-        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
+        loss_fn: a :class:`~hessrank.data.task.Task` or a batch-mean ``loss_fn(outputs,
+            targets)``.
         client_data: one ``data`` argument per client (pair or iterable of batches).
-        curvature: "hessian", "ggn" or "fisher" (or a CurvatureOperator subclass).
+        curvature: a registered name ("hessian", "ggn", "fisher", "kfac";
+            :mod:`hessrank.curvature.registry`) or a class implementing
+            :class:`~hessrank.curvature.protocol.ClientOperator`.
         weights: w_c for the server loss (default n_c / N; must be ≥ 0 and sum to 1).
         strategy: "auto", "stacked" or "per-client" (module docstring).
         **operator_kwargs: for every client's operator (params, mode, cache, block, hvp,
@@ -67,9 +73,9 @@ class FederatedOperator:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: Task | LossFn,
         client_data: Sequence[Iterable | tuple],
-        curvature: str | type[CurvatureOperator] = "hessian",
+        curvature: str | type[ClientOperator] = "hessian",
         weights: Sequence[float] | None = None,
         *,
         strategy: str = "auto",
@@ -81,7 +87,7 @@ class FederatedOperator:
         if len(client_data) == 0:
             raise ValueError("client_data is empty: need at least one client")
         kw = {k: v for k, v in operator_kwargs.items() if k not in ("params", "mode")}
-        self.clients: list[CurvatureOperator] = []
+        self.clients: list[ClientOperator] = []
         for c, data in enumerate(client_data):
             try:
                 if c == 0:
@@ -93,7 +99,10 @@ class FederatedOperator:
                 raise type(err)(f"client {c}: {err}") from err
             self.clients.append(op)
         first = self.clients[0]
-        self.space, self.loss_fn = first.space, loss_fn
+        if not isinstance(first, ClientOperator):
+            raise TypeError(f"{cls.__name__} does not implement the ClientOperator protocol "
+                            "(hessrank.curvature.protocol)")
+        self.space, self.task = first.space, first.task
         self.client_sizes = [op.num_samples for op in self.clients]
         total = sum(self.client_sizes)
         w = [n / total for n in self.client_sizes] if weights is None else [float(x) for x in
@@ -109,11 +118,22 @@ class FederatedOperator:
         self._units: Units | None = None
         self._groups: list[tuple[int, int]] = []
         self._closures: list = []
-        self._server: CurvatureOperator | None = None
+        self._server: ClientOperator | None = None
         route = {"curvature": first.curvature, "strategy": "per-client", **{
             k: v for k, v in first.route.items() if k != "curvature"}}
-        if strategy == "per-client":
-            reason = "requested"
+        if not first.additive:
+            if not isinstance(first, CombinableOperator):
+                raise TypeError(f"{cls.__name__} is not additive and has no combine(): the "
+                                "server's operator cannot be built from the clients'")
+            self._server = cls.combine(self.clients, self.weights)
+        if strategy == "per-client" or not first.additive:
+            if strategy == "stacked":
+                raise ValueError(f"strategy='stacked' cannot be used: {first.curvature} is "
+                                 "not additive (its server operator is combined from the "
+                                 "clients')")
+            reason = "requested" if strategy == "per-client" else (
+                f"auto: rule ({first.curvature} is not additive: per-client products and a "
+                "combined server operator)")
         else:
             why = self._agreed(self._plan_stacked(operator_kwargs))
             if not why:
@@ -134,6 +154,8 @@ class FederatedOperator:
     def _plan_stacked(self, kw: dict) -> str:
         """Lay out the units; return "" when the stacked strategy applies, else why not."""
         first, s = self.clients[0], self.space
+        if not isinstance(first, UnitOperator):
+            return f"{type(first).__name__} has no unit linearizations"
         if not first.route["cache"] or first.route.get("hvp") == "fwd-rev":
             return "uncached products were requested (cache=False or hvp='fwd-rev')"
         if couples_samples(s.model, s.mode):
@@ -145,7 +167,8 @@ class FederatedOperator:
         budget = first.cache_budget_mb
         if kw.get("cache", "auto") == "auto" and unit_mb > budget:
             return f"one unit's linearization (~{unit_mb:.0f} MB) exceeds cache_budget_mb"
-        units = make_units([op.batches for op in self.clients], m, totals=self.client_sizes)
+        units = make_units([op.batches for op in self.clients], m, totals=self.client_sizes,
+                           dtype=s.dtype)
         U = units.num_units
         step = U if kw.get("cache") is True else max(1, min(U, int(budget // unit_mb)))
         groups = [(a, min(a + step, U)) for a in range(0, U, step)]
@@ -229,6 +252,11 @@ class FederatedOperator:
     def _matmat_clients(self, V: Tensor) -> Tensor:
         J, p, k = V.shape
         out = torch.empty(J, p, k, dtype=self.dtype, device=self.device)
+        if not self.clients[0].additive:  # own tangents; the combined server operator
+            for c, op in enumerate(self.clients):
+                out[c] = op.apply_rows(V[c].T.contiguous(), reduce=False).T
+            out[-1] = self._server.apply_rows(V[-1].T.contiguous(), reduce=False).T
+            return out
         server = None
         for c, op in enumerate(self.clients):
             # own and server tangents; this rank's share (one all-reduce of the stack follows)
@@ -247,10 +275,6 @@ class FederatedOperator:
     @property
     def strategy_reason(self) -> str:
         return self.route["reason"]
-
-    @property
-    def settings(self) -> dict:
-        return dict(self.route)
 
     @property
     def curvature(self) -> str:
@@ -292,8 +316,8 @@ class FederatedOperator:
         else:
             if not self._checked:
                 first = self.clients[0]
-                with self.space.mode_context():
-                    self.space.check_determinism(self.loss_fn, first.batches.inputs[0],
+                with first.context():
+                    self.space.check_determinism(self.task, first.batches.inputs[0],
                                                  first.batches.targets[0])
             out = self._matmat_stacked(V)
         # distributed: one all-reduce of the whole (J, p, k) stack per block product
@@ -308,14 +332,3 @@ def pooled_pairs(pooled: Batches, batch_size: int) -> list[tuple]:
     x, y = pooled.inputs[0], pooled.targets[0]
     return [(slice_inputs(x, a, a + batch_size), y[a:a + batch_size])
             for a in range(0, int(y.shape[0]), batch_size)]
-
-
-class FederatedHessian(FederatedOperator):
-    """``FederatedOperator(..., curvature="hessian")`` with the former signature
-    ``(model, loss_fn, client_data, weights=None, *, strategy="auto", **operator_kwargs)``."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, client_data,
-                 weights: Sequence[float] | None = None, *, strategy: str = "auto",
-                 **operator_kwargs) -> None:
-        super().__init__(model, loss_fn, client_data, "hessian", weights, strategy=strategy,
-                         **operator_kwargs)

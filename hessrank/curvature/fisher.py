@@ -3,10 +3,11 @@
 g_i = J_iᵀ r_i is the gradient of sample i's loss ℓ_i (r_i = ∂ℓ_i/∂f_i), so F is a GGN whose
 output-space matrix is per sample r_i r_iᵀ / n: a product is J v, then per sample
 r_i (r_i · (J v)_i) / n, then a vjp back. "empirical": r at the data's labels. "mc": at labels
-drawn once, at construction, from the model's predictive distribution (seeded; categorical
-over dim 1 of the logits for integer targets, E F = G for cross-entropy; Gaussian for float
-targets with the variance 1/(2c) that makes E F = G for a squared error c‖f − y‖²). The loss
-must be a mean of per-sample losses (cross-entropy, MSE with reduction="mean").
+drawn once, at construction, from the model's predictive distribution by the task's
+:meth:`~hessrank.data.task.Task.draw_targets` (seeded; categorical over the classes for
+classification, per token for next-token prediction's (n, T, V) logits, Gaussian for
+regression: E F = G for each), so "mc" needs a task, not a plain loss function. The loss must
+be a mean of per-sample losses (a sample of next-token prediction is a sequence).
 
 Example:
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
@@ -20,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
 from torch.func import grad
 from torch.utils import _pytree as pytree
 
@@ -29,14 +29,6 @@ from hessrank.curvature.data import Batches
 from hessrank.curvature.ggn import GGNOperator
 
 KINDS = ("empirical", "mc")
-
-
-def _logits(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    raise TypeError(f"kind='mc' needs tensor outputs (or .logits), got {type(out).__name__}")
 
 
 class FisherOperator(GGNOperator):
@@ -67,22 +59,13 @@ class FisherOperator(GGNOperator):
         return {"kind": self.kind, "seed": self.seed, "draw_labels": False}
 
     def _draw_labels(self) -> Batches:
+        """Targets drawn from the model at every batch, in order, from one CPU generator."""
         gen = torch.Generator().manual_seed(self.seed)
         s, ys = self.space, []
-        with torch.no_grad(), s.mode_context():
+        with torch.no_grad(), self.context():
             for x, y in zip(self.batches.inputs, self.batches.targets):
-                out = _logits(s.forward(s.params, x)).detach()
-                if not torch.is_floating_point(y):
-                    logits = out.movedim(1, -1)
-                    probs = torch.softmax(logits.double(), -1).reshape(-1, logits.shape[-1])
-                    draw = torch.multinomial(probs.cpu(), 1, generator=gen)
-                    ys.append(draw.reshape(logits.shape[:-1]).to(y.dtype).to(y.device))
-                else:
-                    bump = out[:1].clone()
-                    bump.view(-1)[0] += 1.0
-                    c = float(self.loss_fn(out[:1], bump))  # c‖f − y‖² at ‖f − y‖ = 1
-                    eps = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-                    ys.append(out + (eps / (2 * c) ** 0.5).to(out.dtype).to(out.device))
+                out = s.outputs(self.task, s.params, x).detach()
+                ys.append(self.task.draw_targets(out, y, gen))
         return Batches(self.batches.inputs, tuple(ys))
 
     def _output_curvature(self, f: BatchLoss, out) -> Callable:

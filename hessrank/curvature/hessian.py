@@ -5,8 +5,12 @@ symmetric: vᵀH = (Hv)ᵀ); "fwd-rev" is ``jvp`` of the gradient (primal recomp
 never cached); "graph" keeps a double-backward autograd graph — ``torch.autograd.grad`` with
 a graph of the gradient built once per batch, then ``torch.autograd.grad(g, θ, v,
 retain_graph=True)`` per product (PyHessian's fastest path; nothing is written to ``.grad``),
-a block of tangents in one call with ``is_grads_batched=True``.
-"auto" follows the rule in :meth:`HessianOperator._choose_route`.
+the graph built under :class:`~hessrank.curvature.kinks.FirstOrderKinks` (ReLU and max pooling
+without the zero terms of their double backward). "auto" follows
+:func:`~hessrank.curvature.routes.plan_route`: the kept graph when products are cached, the
+``vjp`` closure when nothing is kept. A block of k tangents on the "graph" route is a loop of
+single products, or (``block="vmap"``, small batches) ``vmap`` over a ``vjp`` closure built on
+the first block.
 
 Example:
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
@@ -23,8 +27,8 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from hessrank.curvature.base import BatchLoss, Closure, CurvatureOperator
-
-HVP_ROUTES = ("rev-rev", "fwd-rev", "graph")
+from hessrank.curvature.kinks import FirstOrderKinks
+from hessrank.curvature.routes import RouteRequest
 
 
 class HessianOperator(CurvatureOperator):
@@ -35,29 +39,14 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, params=None, mode="eval", *, hvp: str = "auto",
                  **kwargs) -> None:
-        if hvp not in (*HVP_ROUTES, "auto"):
-            raise ValueError(f"hvp must be one of {HVP_ROUTES + ('auto',)}, got {hvp!r}")
         self._hvp = hvp
         super().__init__(model, loss_fn, data, params, mode, **kwargs)
 
+    def _route_request(self, **kw) -> RouteRequest:
+        return RouteRequest(hvp=self._hvp, **kw)
+
     def _init_kwargs(self) -> dict:
         return {"hvp": self.route["hvp"]}
-
-    def _choose_route(self, cache, block) -> dict:
-        """Rule: "fwd-rev" only when asked (it measured slower than rev-rev everywhere and
-        cannot be kept); otherwise the base's cache and block rule, with the kept
-        double-backward graph when products are cached (2–13 % faster per product than the
-        ``vjp`` closure, and as fast for blocks, which it pushes in one batched backward;
-        ``docs/performance.md``) and the ``vjp`` closure when nothing is kept."""
-        if self._hvp == "fwd-rev" and cache is True:
-            raise ValueError("cache=True keeps a reverse-over-reverse linearization; "
-                             "use hvp='rev-rev', 'graph' or 'auto' with it, or cache=False")
-        route = super()._choose_route(False if self._hvp == "fwd-rev" else cache, block)
-        hvp = self._hvp
-        if hvp == "auto":
-            hvp = "graph" if route["cache"] else "rev-rev"
-        route["hvp"] = hvp
-        return route
 
     def _linearize(self, f: BatchLoss, params) -> Closure:
         hvp = self.route["hvp"] if f.sample_dims == 1 else "rev-rev"
@@ -70,24 +59,18 @@ class HessianOperator(CurvatureOperator):
         names = list(params)
         leaves = [params[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
-            loss = f.loss(dict(zip(names, leaves)))
+            with FirstOrderKinks():
+                loss = f.loss(dict(zip(names, leaves)))
             g = torch.autograd.grad(loss, leaves, create_graph=True)
 
         def product(v):
             hv = torch.autograd.grad(g, leaves, [v[n] for n in names], retain_graph=True)
             return dict(zip(names, hv))
 
-        def batched(V):  # a block of k tangents {name: (k, *shape)} in one batched backward
-            hv = torch.autograd.grad(g, leaves, [V[n] for n in names], retain_graph=True,
-                                     is_grads_batched=True)
-            return dict(zip(names, hv))
-
-        product.batched = batched
         if self.route["block"] == "vmap":
-            # small batches only (the vmap rule): blocks go through vmap over the vjp closure,
-            # measured 8 % faster per vector than the batched double backward (client MLP,
-            # k = 8), while single products stay on the graph (14 % faster); the closure is
-            # built on the first block, so single products alone never pay for it
+            # small batches only (the vmap rule): blocks go through vmap over the vjp closure
+            # (faster per vector than a loop there), single products stay on the graph; the
+            # closure is built on the first block, so single products alone never pay for it
             @functools.cache
             def block_product():
                 _, vjp_fn = vjp(grad(f.loss), params)

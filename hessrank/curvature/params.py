@@ -12,6 +12,12 @@ by gradient-based analyses. It owns
   order, a block of k vectors is (p, k), and "rows" (k, p) view as {name: (k, *shape)};
 - the plain loss and gradient, finiteness and determinism checks.
 
+Every model evaluation goes through a :class:`~hessrank.data.task.Task` (a plain
+``loss_fn(outputs, targets)`` is wrapped by :func:`~hessrank.data.task.as_task`): the task
+feeds the inputs (tensor, tuple or dict), takes the outputs' ``logits`` when the model returns
+a Hugging Face style object, and refuses a model that returns a scalar (a loss it computed
+itself) with one line.
+
 Example:
     >>> model = nn.Sequential(nn.Linear(3, 2)).double()
     >>> space = ParameterSpace(model, params=["0.weight"])
@@ -26,15 +32,29 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessrank.curvature.data import Inputs, call_model
+from hessrank.curvature.attention import SeesAttention
+from hessrank.data.inputs import Inputs, call_model
+from hessrank.data.task import Task, as_task
 
 LossFn = Callable[..., Tensor]
+"""A plain batch-mean ``loss_fn(outputs, targets)``; every place that takes one also takes a
+:class:`~hessrank.data.task.Task`."""
 MODES = ("eval", "train")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one forward pass on a batch tells the route rule: output entries of all leaf
+    modules per sample, and whether the model calls ``F.scaled_dot_product_attention``."""
+
+    activations_per_sample: float
+    attention: bool
 
 
 @contextlib.contextmanager
@@ -121,6 +141,10 @@ class ParameterSpace:
                  mode: str = "eval") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise ValueError(f"the model is wrapped in {type(model).__name__}; pass the module "
+                             "it wraps (model.module): curvature products are functional and "
+                             "parallelize by process_group, not by the wrapper")
         self.names = select_params(model, params)
         check_finite_params(model)
         twin = private_twin(model, mode)
@@ -189,29 +213,48 @@ class ParameterSpace:
 
     # ---- loss and gradient ------------------------------------------------------------------
     def forward(self, params: dict[str, Tensor], x: Inputs):
-        """The twin's outputs at ``params`` (the other tensors fixed) on inputs of any
-        structure."""
+        """The twin's return value at ``params`` (the other tensors fixed) on inputs of any
+        structure (no task: what the model returns, as is)."""
         tensors = (params, self.fixed)
         return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), x)
 
-    def loss(self, loss_fn: LossFn, params: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
-        return loss_fn(self.forward(params, x), y)
+    def outputs(self, task: Task | LossFn, params: dict[str, Tensor], x: Inputs) -> Tensor:
+        """The model's outputs at ``params`` as ``task`` reads them (:meth:`Task.forward`)."""
+        tensors = (params, self.fixed)
+        return as_task(task).forward(
+            lambda *a, **k: functional_call(self.model, tensors, a, k), x)
 
-    def gradient(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> Tensor:
-        """∇ loss_fn(model(x), y) flat (p,) by one plain reverse pass (nothing kept)."""
+    def loss(self, task: Task | LossFn, params: dict[str, Tensor], x: Inputs, y: Tensor
+             ) -> Tensor:
+        """The task's batch-mean loss at ``params``."""
+        task = as_task(task)
+        return task(self.outputs(task, params, x), y)
+
+    def gradient(self, task: Task | LossFn, x: Inputs, y: Tensor) -> Tensor:
+        """∇ loss flat (p,) by one plain reverse pass (nothing kept)."""
         leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
         with torch.enable_grad(), self.mode_context():
-            loss = self.loss(loss_fn, leaves, x, y)
+            loss = self.loss(task, leaves, x, y)
             gs = torch.autograd.grad(loss, [leaves[n] for n in self.names])
         return torch.cat([t.reshape(-1) for t in gs])
 
-    def check_losses(self, loss_fn: LossFn, batches) -> float:
+    def check_losses(self, task: Task | LossFn, batches) -> float:
         """The size-weighted mean loss over ``batches``; raises on a non-scalar or non-finite
         batch loss, naming the batch."""
-        total = 0.0
+        return self.checked_losses(task, batches)[0]
+
+    def checked_losses(self, task: Task | LossFn, batches) -> tuple[float, Probe]:
+        """:meth:`check_losses` and, from the same forward pass on batch 0, the
+        :class:`Probe` the route rule reads."""
+        task = as_task(task)
+        total, probe = 0.0, None
         with torch.no_grad(), self.mode_context():
             for b, w in enumerate(batches.weights):
-                val = self.loss(loss_fn, self.params, batches.inputs[b], batches.targets[b])
+                x, y = batches.inputs[b], batches.targets[b]
+                if b == 0:
+                    val, probe = self._probe_loss(task, x, y)
+                else:
+                    val = self.loss(task, self.params, x, y)
                 if not isinstance(val, Tensor) or val.ndim != 0:
                     shape = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
                     raise ValueError(f"loss_fn must return a scalar batch mean, got shape "
@@ -223,13 +266,32 @@ class ParameterSpace:
                         "numerics"
                     )
                 total += w * float(val)
-        return total
+        return total, probe
 
-    def check_determinism(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> None:
+    def _probe_loss(self, task: Task, x: Inputs, y: Tensor) -> tuple[Tensor, Probe]:
+        """The loss on (x, y) with leaf-module output entries counted and attention watched."""
+        numel = 0
+
+        def hook(_m, _i, out):
+            nonlocal numel
+            if isinstance(out, Tensor):
+                numel += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with SeesAttention() as seen:
+                val = self.loss(task, self.params, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        return val, Probe(numel / max(int(y.shape[0]), 1), seen.called)
+
+    def check_determinism(self, task: Task | LossFn, x: Inputs, y: Tensor) -> None:
         """Two gradients on the same batch must agree; raise explaining what breaks it."""
         try:
-            g1 = self.gradient(loss_fn, x, y)
-            g2 = self.gradient(loss_fn, x, y)
+            g1 = self.gradient(task, x, y)
+            g2 = self.gradient(task, x, y)
         except RuntimeError as err:
             raise ValueError(
                 f"the model cannot be differentiated functionally in mode={self.mode!r}: {err}"
@@ -243,21 +305,7 @@ class ParameterSpace:
                 "or the model draws random numbers; use mode='eval' or check_determinism=False"
             )
 
-    def activations_per_sample(self, loss_fn: LossFn, x: Inputs, y: Tensor) -> float:
+    def activations_per_sample(self, task: Task | LossFn, x: Inputs, y: Tensor) -> float:
         """Output entries of all leaf modules per sample, from one forward pass on (x, y)."""
-        numel = 0
-
-        def hook(_m, _i, out):
-            nonlocal numel
-            if isinstance(out, Tensor):
-                numel += out.numel()
-
-        leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad(), self.mode_context():
-                self.loss(loss_fn, self.params, x, y)
-        finally:
-            for h in handles:
-                h.remove()
-        return numel / max(int(y.shape[0]), 1)
+        with torch.no_grad(), self.mode_context():
+            return self._probe_loss(as_task(task), x, y)[1].activations_per_sample

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.data import Batches, cat_inputs, first_tensor, map_inputs
+from hessrank.curvature.data import Batches
+from hessrank.data.inputs import cat_inputs, first_tensor, map_inputs
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,13 @@ def _pad(t: Tensor, m: int) -> Tensor:
     return t if r == m else torch.cat([t, t[:1].expand(m - r, *t.shape[1:])])
 
 
-def make_units(clients: Sequence[Batches], m: int, totals: Sequence[int] | None = None
-               ) -> Units:
+def make_units(clients: Sequence[Batches], m: int, totals: Sequence[int] | None = None,
+               dtype: torch.dtype | None = None) -> Units:
     """Concatenate each client's batches, cut them into chunks of m, pad the last chunk with
     copies of its first row (masked out by ``keep``). ``totals``: each client's sample count
     over all ranks when ``clients`` hold this rank's shards (scale m / total; default: the
-    local count)."""
+    local count). ``dtype``: of the scales, the model's (default: the inputs' when floating,
+    else torch's default; token ids must not round m / n to float32 under a float64 model)."""
     xs, ys, keeps, scales, owners = [], [], [], [], []
     for c, b in enumerate(clients):
         x, y = cat_inputs(list(b.inputs)), torch.cat(b.targets)
@@ -113,7 +115,8 @@ def make_units(clients: Sequence[Batches], m: int, totals: Sequence[int] | None 
     stacked = [torch.stack([col[i] for col in cols]) if isinstance(leaf, Tensor) else leaf
                for i, leaf in enumerate(leaves)]
     ref = first_tensor(clients[0].inputs[0])
-    scale_dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
+    scale_dtype = dtype if dtype is not None else (
+        ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype())
     return Units(pytree.tree_unflatten(stacked, spec), torch.stack(ys), torch.stack(keeps),
                  torch.tensor(scales, dtype=scale_dtype, device=ref.device),
                  torch.tensor(owners, dtype=torch.long, device=ref.device))

@@ -1,4 +1,10 @@
-"""The built-in federated trainer: FedAvg, FedProx, FedLoRA, FedLoRU (+p/m), FeDLRT (DESIGN.md §5).
+"""The built-in federated trainer: FedAvg, FedProx, FedLoRA, FedLoRU (+p/m), FeDLRT, SCAFFOLD.
+
+Layout (docs/design.md): :mod:`~hessrank.fl.protocol` (server strategy, client procedure,
+client states), one module per algorithm, :mod:`~hessrank.fl.registry` (the algorithms and
+their options), :mod:`~hessrank.fl.config` (``TrainConfig``), :mod:`~hessrank.fl.setup`,
+:mod:`~hessrank.fl.loop`, :mod:`~hessrank.fl.evaluation`, :mod:`~hessrank.fl.rundir`,
+:mod:`~hessrank.fl.runner` and the engines (built-in; :mod:`~hessrank.fl.flower`).
 
 ``train``, ``TrainConfig`` and ``RunDir`` are exported lazily, so importing one algorithm
 module does not pull in the runner (and the runner's data and model dependencies).
@@ -8,13 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hessrank.fl.config import TrainConfig
+from hessrank.fl.config import TrainConfig, run_fingerprint
 
 if TYPE_CHECKING:
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
     from hessrank.fl.runner import train
 
-__all__ = ["RunDir", "TrainConfig", "train"]
+__all__ = ["RunDir", "TrainConfig", "run_fingerprint", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,7 +29,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "RunDir":
-        from hessrank.checkpoints import RunDir
+        from hessrank.fl.rundir import RunDir
 
         return RunDir
     raise AttributeError(f"module 'hessrank.fl' has no attribute {name!r}")

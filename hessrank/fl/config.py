@@ -1,31 +1,63 @@
 """Run configuration of the federated trainer: one flat, JSON-serializable dataclass.
 
+:class:`TrainConfig` is composed of option groups, each a dataclass whose fields carry their
+type, constraints and help line (:func:`hessrank.fl.registry.option`): the run's own groups
+below (data, federation, optimization, bookkeeping) and every algorithm's groups from
+:mod:`hessrank.fl.registry`. That one declaration is validated by pydantic (strict types:
+an int is no bool and a number is no string; constraints; choices), shown by ``hessrank
+train --help`` and written to ``config.json``; the config stays flat, so every saved run
+directory reads back. pydantic (and ``annotated_types``) are imported on the first
+validation, never by ``--help``: pydantic's import alone costs about as much as the whole
+``--help`` budget (experiments/benchmarks/results/trainer_refactor.md has the timings).
+
 Everything needed to rebuild model, data and partition is in here, so a run directory's
-``config.json`` alone reproduces the run (DESIGN.md §5).
+``config.json`` alone reproduces the run (docs/design.md). :func:`run_fingerprint` hashes the
+keys that change the trajectory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
-import math
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-ALGORITHM_REGISTRY: dict[str, str] = {
-    "fedavg": "hessrank.fl.fedavg:FedAvg",
-    "fedprox": "hessrank.fl.fedprox:FedProx",
-    "fedlora": "hessrank.fl.fedlora:FedLoRA",
-    "fedloru": "hessrank.fl.fedloru:FedLoRU",
-    "pfedloru": "hessrank.fl.fedloru:PFedLoRU",
-    "mfedloru": "hessrank.fl.fedloru:MFedLoRU",
-    "fedlrt": "hessrank.fl.fedlrt:FeDLRT",
-}
-"""The one algorithm registry: name → "module:class", imported on first use by the runner."""
-ALGORITHMS = tuple(ALGORITHM_REGISTRY)
+from hessrank.data.catalog import DATASET_CATALOG
+from hessrank.fl.registry import (
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    CONSTRAINT_NAMES,
+    LoRAOptions,
+    option,
+    option_group,
+    option_groups,
+)
+from hessrank.models.catalog import MODEL_CATALOG
+
+if TYPE_CHECKING:
+    from annotated_types import Ge, Gt, Interval
+
+__all__ = [
+    "LEGACY_DEFAULTS",
+    "MAX_SEED",
+    "BookkeepingOptions",
+    "DataOptions",
+    "FederationOptions",
+    "OptimizationOptions",
+    "TrainConfig",
+    "config_groups",
+    "field_types",
+    "run_fingerprint",
+]
+
+MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound; the trainer derives streams from it
+FINGERPRINT_VERSION = "hessrank-run/1"
+"""Part of every fingerprint: bumped if the meaning of a config key ever changes."""
 
 LEGACY_DEFAULTS: dict[str, Any] = {
     "fedlrt_init": "svd",
@@ -36,201 +68,145 @@ LEGACY_DEFAULTS: dict[str, Any] = {
 }
 """Values of later-added fields that reproduce runs saved before the fields existed."""
 
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "LoRA family (fedlora, fedloru, pfedloru, mfedloru)": (
-        "rank", "lora_alpha", "factorize", "from_scratch", "merge_every"),
-    "pFedLoRU": ("personal_rank", "personal_alpha", "personal_order", "personal_steps"),
-    "mFedLoRU": ("client_ranks", "mfedloru_scheme"),
-    "FedProx": ("prox_mu",),
-    "FeDLRT (also uses rank, factorize)": (
-        "correction", "trunc_theta", "r_min", "r_max", "fedlrt_init", "fedlrt_weighting"),
-}  # fmt: skip
-"""Per-algorithm groups of fields (the CLI help shows one section each); the rest is common."""
-PARTITIONS = ("iid", "dirichlet", "shards")
-LR_SCHEDULES = ("constant", "cosine", "step")
-DTYPES = ("float32", "float64")
-CORRECTIONS = ("full", "simplified", "none")
-LORA_FAMILY = ("fedlora", "fedloru", "pfedloru", "mfedloru")
-PERSONAL_ORDERS = ("global-first", "personal-first")
-MFEDLORU_SCHEMES = ("hierarchical", "width")
-FEDLRT_INITS = ("scaled-svd", "svd")
-WEIGHTINGS = ("uniform", "size")
-MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound; the trainer derives streams from it
+_DATASETS = tuple(DATASET_CATALOG)
+_MODELS = tuple(MODEL_CATALOG)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+@option_group
+class DataOptions:
+    """What is trained: algorithm, data and model."""
+
+    algo: Literal[ALGORITHM_NAMES] = option("fedavg", "federated algorithm (list below)")
+    dataset: Literal[_DATASETS] = option("digits", "dataset (list below)")
+    data_root: str | None = option(
+        None, "local folder with mnist/fashion-mnist/cifar10 in torchvision's layout")
+    dataset_kwargs: dict[str, Any] = option(
+        {}, "JSON dict of dataset options, e.g. '{\"limit\": 500}' (options per dataset below)")
+    model: Literal[_MODELS] = option("mlp", "network (list below)")
+    model_kwargs: dict[str, Any] = option(
+        {}, "JSON dict of model options, e.g. '{\"hidden\": [128, 128]}'")
+    dtype: Literal["float32", "float64"] = option("float32", "model and data dtype")
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a JSON-like ``value`` fits the annotation ``tp`` (int for float is fine, bool for
-    int is not)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    return True
+@option_group
+class FederationOptions:
+    """Clients and their data."""
+
+    clients: Annotated[int, Ge(1)] = option(20, "number of clients K")
+    partition: Literal["iid", "dirichlet", "shards"] = option("dirichlet", "client split")
+    dirichlet_alpha: Annotated[float, Gt(0)] = option(
+        0.5, "Dirichlet concentration (smaller: stronger label skew)")
+    shards_per_client: Annotated[int, Ge(1)] = option(2, "label shards per client (shards)")
+    min_client_size: Annotated[int, Ge(1)] = option(8, "fewest samples a client may hold")
+    client_fraction: Annotated[float, Interval(gt=0.0, le=1.0)] = option(
+        1.0, "C, fraction of clients sampled per round (at least one)")
+    validation_fraction: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.0, "fraction of the training set held out (never trained on) for val_loss/"
+        "val_accuracy, e.g. to pick a learning rate (hessrank sweep)")  # fmt: skip
+    client_holdout: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.0, "fraction of each client's samples held out as its own test set: per-client "
+        "metric of the client's model (personalized) or the global one")  # fmt: skip
+
+
+@option_group
+class OptimizationOptions:
+    """Rounds, local training and the learning rate."""
+
+    rounds: Annotated[int, Ge(1)] = option(50, "number of communication rounds")
+    local_epochs: Annotated[int, Ge(1)] = option(
+        1, "E, local epochs per round (ignored when --local-steps > 0)")
+    local_steps: Annotated[int, Ge(0)] = option(
+        0, "s*, fixed number of local SGD steps per round (0: use epochs)")
+    batch_size: Annotated[int, Ge(1)] = option(32, "local mini-batch size")
+    lr: Annotated[float, Gt(0)] = option(0.05, "learning rate (round 1)")
+    lr_schedule: Literal["constant", "cosine", "step"] = option("constant", "schedule over rounds")
+    lr_decay: Annotated[float, Gt(0)] = option(
+        0.5, "step schedule: factor applied every --lr-step-every rounds")
+    lr_step_every: Annotated[int, Ge(1)] = option(20, "step schedule period in rounds")
+    momentum: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.0, "SGD momentum (buffer reset every round)")
+    weight_decay: Annotated[float, Ge(0)] = option(0.0, "SGD weight decay")
+    seed: Annotated[int, Interval(ge=0, le=MAX_SEED)] = option(
+        0, "seeds model init, split, sampling and batches (same seed, same weights)")
+
+
+@option_group
+class BookkeepingOptions:
+    """What is written (not part of the trajectory)."""
+
+    save_every: Annotated[int, Ge(1)] = option(
+        5, "checkpoint every this many rounds (plus round 0 and the last)")
+    eval_every: Annotated[int, Ge(1)] = option(
+        1, "evaluate every this many rounds (plus the last)")
+    record_updates: bool = option(
+        False, "save every sampled client's update to the dense effective weights, every "
+        "round, to RUN/updates/round_XXXX.safetensors (keys CLIENT/PARAM)")  # fmt: skip
+    notes: dict[str, str] = option(
+        {}, "JSON dict of free-form notes (algorithms add their open choices)")
+
+
+_RUN_GROUPS = (DataOptions, FederationOptions, OptimizationOptions)
+
+
+def config_groups() -> tuple[type, ...]:
+    """The option groups of :class:`TrainConfig` in display order: the run's, the
+    algorithms' (registry order), bookkeeping."""
+    return (*_RUN_GROUPS, *option_groups(), BookkeepingOptions)
+
+
+def _not_trajectory() -> set[str]:
+    """Keys that do not change the weights: bookkeeping and where the data is read from."""
+    return {f.name for f in dataclasses.fields(BookkeepingOptions)} | {"data_root"}
 
 
 @dataclass
-class TrainConfig:
-    """Configuration of one federated training run.
-
-    Fields are grouped by concern. Algorithm-specific fields are ignored by the others.
+class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
+    """Configuration of one federated training run: the fields of every option group
+    (:func:`config_groups`; dataclass bases are listed last-first so that the fields keep
+    the display order). Algorithm-specific fields are ignored by the other algorithms.
     Choices the papers leave open are recorded in ``notes`` by the algorithm at setup.
+
+    Raises:
+        ValueError: on construction, one line naming the first offending key.
     """
 
-    # what
-    algo: str = "fedavg"
-    dataset: str = "digits"
-    data_root: str | None = None  # local directory for mnist/fashion-mnist/cifar10
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # load_dataset options
-    model: str = "mlp"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    # federation
-    clients: int = 20
-    partition: str = "dirichlet"  # iid | dirichlet | shards
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    min_client_size: int = 8
-    client_fraction: float = 1.0  # C: fraction sampled per round
-    validation_fraction: float = 0.0  # server-side validation split of the training set
-    client_holdout: float = 0.0  # fraction of each client's data held out (personal test)
-    # optimization
-    rounds: int = 50
-    local_epochs: int = 1  # E; ignored when local_steps > 0
-    local_steps: int = 0  # s*: fixed number of local steps per round
-    batch_size: int = 32
-    lr: float = 0.05
-    lr_schedule: str = "constant"  # constant | cosine | step
-    lr_decay: float = 0.5  # step schedule: factor every lr_step_every rounds
-    lr_step_every: int = 20
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    # low-rank (FedLoRA / FedLoRU / pFedLoRU / mFedLoRU)
-    rank: int = 8
-    lora_alpha: float = 8.0
-    factorize: list[str] | None = None  # module names; None: every Linear/Conv2d but first and last
-    merge_every: int = 5  # tau, FedLoRU accumulation period in rounds
-    # LoRA family: W0 = 0 with both factors random (the papers' pure rank-r model); None: the
-    # algorithm's default (True for fedlora/fedloru/pfedloru/mfedloru); an error elsewhere
-    from_scratch: bool | None = None
-    personal_rank: int = 4  # pFedLoRU
-    personal_alpha: float = 4.0
-    personal_order: str = "global-first"  # pFedLoRU: global pair, then personal pair
-    personal_steps: int = 0  # pFedLoRU steps on the personal pair; 0: half the global phase's
-    mfedloru_scheme: str = "hierarchical"  # mFedLoRU: hierarchical | width
-    client_ranks: list[int] | None = None  # mFedLoRU ranks (<= rank); None: r, r/2, r/4
-    # FedProx
-    prox_mu: float = 0.01  # mu of the proximal term (mu/2)||theta - theta_global||^2
-    # FeDLRT
-    correction: str = "full"  # full | simplified | none
-    trunc_theta: float = 0.02  # relative truncation threshold (vartheta); 0.1 blocks rank growth
-    r_min: int = 2
-    r_max: int = 64
-    fedlrt_init: str = "scaled-svd"  # scaled-svd | svd
-    fedlrt_weighting: str = "uniform"  # uniform (the paper's (1/C) sum L_c) | size
-    # bookkeeping
-    save_every: int = 5
-    eval_every: int = 1
-    record_updates: bool = False  # RUN/updates/round_XXXX.safetensors: each client's update
-    notes: dict[str, str] = field(default_factory=dict)
-
     def __post_init__(self) -> None:
-        self._check_types()
-        self._check_values()
-
-    def _check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # lists given as tuples: store the JSON form
+            if isinstance(getattr(self, f.name), tuple):
+                setattr(self, f.name, list(getattr(self, f.name)))
+        values = _validate(self.to_dict())
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _matches(value, hints[f.name]):
-                raise ValueError(
-                    f"config field {f.name!r} must be {_type_name(hints[f.name])}, got "
-                    f"{type(value).__name__} {value!r}; fix the value in the config file or flag"
-                )
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value}")
-            if isinstance(value, tuple):  # lists given as tuples: store the JSON form
-                setattr(self, f.name, list(value))
+            setattr(self, f.name, values[f.name])
+        entry = ALGORITHMS[self.algo]
+        for group in option_groups():
+            check = getattr(group, "check", None)
+            if check is not None:
+                check(self, group in entry.options)  # self: the whole config
 
-    def _check_values(self) -> None:
-        """Every value check that needs no data: run before any work (CLI boundary)."""
-        choices = {"algo": ALGORITHMS, "partition": PARTITIONS, "lr_schedule": LR_SCHEDULES,
-                   "dtype": DTYPES, "correction": CORRECTIONS,
-                   "personal_order": PERSONAL_ORDERS,
-                   "mfedloru_scheme": MFEDLORU_SCHEMES, "fedlrt_init": FEDLRT_INITS,
-                   "fedlrt_weighting": WEIGHTINGS}  # fmt: skip
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                kind = "algorithm" if name == "algo" else name
-                raise ValueError(
-                    f"unknown {kind} {getattr(self, name)!r}; choose one of {', '.join(valid)}"
-                )
-        at_least = {"clients": 1, "rounds": 1, "batch_size": 1, "save_every": 1,
-                    "eval_every": 1, "local_epochs": 1, "local_steps": 0, "lr_step_every": 1,
-                    "min_client_size": 1, "shards_per_client": 1, "rank": 1,
-                    "personal_rank": 1, "merge_every": 0, "r_min": 1,
-                    "personal_steps": 0}  # fmt: skip
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        positive = ("lr", "lora_alpha", "personal_alpha", "dirichlet_alpha", "lr_decay")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(
-                    f"{name} must be > 0, got {getattr(self, name)}"
-                    + ("; a learning rate must be a positive number" if name == "lr" else "")
-                )
-        if not 0.0 < self.client_fraction <= 1.0:
-            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
-        for name in ("validation_fraction", "client_holdout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.prox_mu < 0:
-            raise ValueError(f"prox_mu must be >= 0, got {self.prox_mu}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
-        if not 0.0 <= self.trunc_theta < 1.0:
-            raise ValueError(f"trunc_theta must be in [0, 1), got {self.trunc_theta}")
-        if self.r_max < self.r_min:
-            raise ValueError(f"r_max must be >= r_min, got r_min={self.r_min}, r_max={self.r_max}")
-        if self.from_scratch is not None and self.algo not in LORA_FAMILY:
-            raise ValueError(
-                f"from_scratch applies to {', '.join(LORA_FAMILY)} only, not {self.algo!r}; "
-                "drop --from-scratch/--no-from-scratch"
-            )
-        if self.client_ranks is not None and any(r < 1 for r in self.client_ranks):
-            raise ValueError(f"client_ranks must be >= 1, got {self.client_ranks}")
-
+    # ---- dict and JSON forms -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The config of the keys in ``d`` (the others at their defaults).
+
+        Raises:
+            ValueError: not a mapping, an unknown key (with the closest valid one), or an
+                invalid value; one line naming the key.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"a TrainConfig needs a mapping of config keys, got {type(d).__name__}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+            hint = f" (did you mean {close[0]!r} for {unknown[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown config keys {unknown}{hint}; valid keys: {', '.join(sorted(known))}"
+            )
         return cls(**d)
 
     @classmethod
@@ -251,10 +227,23 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """A config as a run directory saved it: keys it lacks (written before they existed)
+        get the values that reproduce what that run did (:data:`LEGACY_DEFAULTS`), not
+        today's defaults."""
+        data = dict(data)
+        for key, value in LEGACY_DEFAULTS.items():
+            data.setdefault(key, value)
+        entry = ALGORITHMS.get(str(data.get("algo")))
+        if isinstance(data.get("from_scratch"), bool) and not (
+            entry is not None and LoRAOptions in entry.options
+        ):
+            data["from_scratch"] = None  # saved as False by older versions for every algorithm
+        return cls.from_dict(data)
+
+    @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        """A run directory's saved config; keys it lacks (written before they existed) get the
-        values that reproduce what that run did (:data:`LEGACY_DEFAULTS`), not today's
-        defaults."""
+        """A run directory's saved ``config.json`` (:meth:`from_saved`)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -262,8 +251,98 @@ class TrainConfig:
             raise ValueError(f"config file {path} is not readable JSON ({err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a JSON object of TrainConfig fields")
-        for key, value in LEGACY_DEFAULTS.items():
-            data.setdefault(key, value)
-        if data.get("algo") not in LORA_FAMILY and isinstance(data.get("from_scratch"), bool):
-            data["from_scratch"] = None  # saved as False by older versions for every algorithm
-        return cls.from_dict(data)
+        try:
+            return cls.from_saved(data)
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err.args[0]}") from None
+
+    # ---- identity ----------------------------------------------------------------------------
+    def trajectory(self) -> dict[str, Any]:
+        """The keys that change the weights a run produces, as JSON values: every key but
+        bookkeeping (``save_every``, ``eval_every``, ``record_updates``, ``notes``) and
+        ``data_root``, without the option groups the algorithm does not read, and without
+        ``rounds`` unless the learning-rate schedule depends on it (cosine)."""
+        entry = ALGORITHMS[self.algo]
+        unused = {f.name for g in option_groups() if g not in entry.options
+                  for f in dataclasses.fields(g)}  # fmt: skip
+        skip = _not_trajectory() | unused
+        if self.lr_schedule != "cosine":
+            skip.add("rounds")
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
+
+    def fingerprint(self) -> str:
+        """:func:`run_fingerprint` of this config."""
+        import hashlib  # here, not at the top: keeps `hessrank --help` fast (module docstring)
+
+        text = json.dumps([FINGERPRINT_VERSION, self.trajectory()], sort_keys=True,
+                          separators=(",", ":"), allow_nan=False)  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_fingerprint(config: TrainConfig | Mapping[str, Any]) -> str:
+    """The identity of a run's trajectory: SHA-256 of :meth:`TrainConfig.trajectory` (every
+    key that changes the weights; ``rounds`` whenever the schedule depends on it).
+
+    Two runs with the same fingerprint produce the same checkpoints (bit for bit on the CPU
+    with the same threads and versions); every checkpoint stores its run's fingerprint, and
+    :class:`hessrank.fl.rundir.RunDir` refuses one whose fingerprint is not its run's.
+
+    Args:
+        config: a :class:`TrainConfig`, or a saved ``config.json`` as a dict (read with the
+            legacy defaults of :meth:`TrainConfig.from_saved`).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_saved(config)
+    return cfg.fingerprint()
+
+
+# ---- validation (pydantic, imported here on first use) -------------------------------------------
+def field_types(constraints: bool = True) -> dict[str, Any]:
+    """TrainConfig's field types, evaluated: with their ``annotated_types`` constraints
+    (``constraints=True``, what pydantic validates), or with inert stand-ins for them (what
+    the CLI needs: the base types, without importing ``annotated_types``)."""
+    if constraints:
+        import annotated_types  # here: keeps `hessrank --help` fast (module docstring)
+
+        names = {n: getattr(annotated_types, n) for n in CONSTRAINT_NAMES}
+    else:
+        names = dict.fromkeys(CONSTRAINT_NAMES, lambda *args, **kwargs: None)
+    return typing.get_type_hints(TrainConfig, localns=names, include_extras=constraints)
+
+
+@functools.cache
+def _validator() -> Any:
+    """A pydantic model with TrainConfig's fields (types with their constraints), strict:
+    no str → number, no bool → int, no inf/nan."""
+    import pydantic  # here, not at the top: keeps `hessrank --help` fast (module docstring)
+
+    hints = field_types()
+    fields = {f.name: (hints[f.name], ...) for f in dataclasses.fields(TrainConfig)}
+    config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    return pydantic.create_model("TrainConfig", __config__=config, **fields)
+
+
+def _validate(values: dict[str, Any]) -> dict[str, Any]:
+    import pydantic  # here, not at the top: keeps `hessrank --help` fast (module docstring)
+
+    try:
+        model = _validator().model_validate(values)
+    except pydantic.ValidationError as err:
+        raise ValueError(_one_line(err.errors()[0])) from None
+    return {name: getattr(model, name) for name in values}
+
+
+def _one_line(error: Mapping[str, Any]) -> str:
+    """A pydantic error as one line naming the key, the offending value and what is valid."""
+    loc = [str(p) for p in error.get("loc", ())]
+    key = loc[0] if loc else "?"
+    where = key + "".join(f"[{p}]" for p in loc[1:2] if p.isdigit())
+    value = error.get("input")
+    kind = error.get("type", "")
+    if kind == "literal_error":
+        expected = str(error.get("ctx", {}).get("expected", "")).replace("'", "")
+        return f"config key {where!r}: unknown value {value!r}; choose one of {expected}"
+    shown = f"{type(value).__name__} {value!r}"
+    message = str(error.get("msg", "invalid value"))
+    message = message[0].lower() + message[1:]
+    return f"config key {where!r}: {message}, got {shown}; fix it in the config file or flag"

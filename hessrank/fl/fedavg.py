@@ -10,33 +10,35 @@ Float buffers (BatchNorm running statistics) are averaged like parameters; integ
 communication. The communication per sampled client is |θ| floats each way, |θ| = number of
 parameters + number of float-buffer entries.
 
-:class:`FedAvg` also holds the round skeleton (broadcast, local training, aggregation) that
-FedLoRA/FedLoRU reuse by overriding the hooks ``_download``, ``_train_client``,
-``_aggregate`` and ``_after_round``.
+:class:`FedAvg` is the server strategy, :class:`LocalSGD` the client procedure. The LoRA
+family keeps both and changes the model the server holds (:mod:`hessrank.fl.fedlora`);
+FedProx keeps the strategy and changes the client's objective (:mod:`hessrank.fl.fedprox`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import (
+from hessrank.data.task import Task
+from hessrank.fl.config import TrainConfig
+from hessrank.fl.local import LocalResult, local_sgd
+from hessrank.fl.protocol import (
+    Client,
     ClientData,
     ClientReply,
+    ClientState,
     ClientTask,
-    Execute,
-    FederatedAlgorithm,
     RoundStats,
-    check_finite_reply,
+    Strategy,
+    count_floats,
 )
-from hessrank.fl.config import TrainConfig
-from hessrank.fl.local import LocalResult, LossFn, local_sgd
 
-__all__ = ["FedAvg", "count_floats", "shared_keys", "weighted_average"]
+__all__ = ["FedAvg", "LocalSGD", "load_strict", "reply_metrics", "shared_keys", "weighted_average"]
 
 
 def shared_keys(model: nn.Module) -> list[str]:
@@ -44,11 +46,6 @@ def shared_keys(model: nn.Module) -> list[str]:
     (``requires_grad``) and every buffer (frozen parameters, e.g. LoRA's W0, stay put)."""
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return [k for k in model.state_dict() if k not in frozen]
-
-
-def count_floats(tensors: dict[str, Tensor]) -> int:
-    """Number of floating-point entries in a message (integer tensors are bookkeeping)."""
-    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
 
 
 def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict:
@@ -73,163 +70,107 @@ def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[floa
     return out
 
 
-class FedAvg(FederatedAlgorithm):
-    """FedAvg on a dense model; see the module docstring for the round.
+@dataclass
+class _Round:
+    """What a FedAvg-family server collects during one round."""
 
-    ``loss_fn`` (batch-mean loss of (outputs, targets)) defaults to cross-entropy; the runner
-    sets it to the dataset's loss.
-    """
+    down: dict[int, int] = field(default_factory=dict)
+    up: dict[int, int] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class FedAvg(Strategy):
+    """FedAvg's server; see the module docstring for the round."""
 
     name = "fedavg"
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         super().__init__(model, config)
-        self.loss_fn: LossFn = F.cross_entropy
-        self._worker: nn.Module | None = None
-        config.notes.setdefault(
-            "aggregation",
-            "size-weighted mean (n_c) of trainable parameters and float buffers; integer "
-            "buffers from the first sampled client",
-        )
-        config.notes.setdefault(
-            "local_optimizer",
-            "SGD (momentum, weight decay as configured), momentum buffer reset every round; "
-            "batches from fresh permutations drawn from the round generator",
-        )
+        self._round = _Round()
 
-    # ---- hooks -------------------------------------------------------------------------
-    def _worker_model(self) -> nn.Module:
-        """A scratch copy of the global model that clients train in (built once)."""
-        if self._worker is None:
-            self._worker = copy.deepcopy(self.model)
-        return self._worker
+    def notes(self) -> dict[str, str]:
+        return {
+            "aggregation": "size-weighted mean (n_c) of trainable parameters and float "
+            "buffers; integer buffers from the first sampled client",
+            "local_optimizer": "SGD (momentum, weight decay as configured), momentum buffer "
+            "reset every round; batches from fresh permutations drawn from the round generator",
+        }
 
-    def _download(self, client_id: int) -> dict[str, Tensor]:
+    # ---- what each client receives -----------------------------------------------------------
+    def download(self, client_id: int) -> dict[str, Tensor]:
         """The server's message to one client: the shared state of the global model."""
         state = self.model.state_dict()
         return {k: state[k] for k in shared_keys(self.model)}
 
-    def _sync_floats(self, client_id: int) -> int:
-        """Extra floats a client must download before this round's message (FedLoRU merges)."""
-        return 0
-
-    def _local(
-        self,
-        model: nn.Module,
-        params: list[nn.Parameter],
-        client: ClientData,
-        lr: float,
-        generator: torch.Generator,
-        steps: int | None = None,
-    ) -> LocalResult:
-        """:func:`local_sgd` with the config's schedule (``steps`` overrides local_steps)."""
-        cfg = self.config
-        return local_sgd(
-            model, params, client, self.loss_fn, lr=lr, batch_size=cfg.batch_size,
-            epochs=cfg.local_epochs, steps=cfg.local_steps if steps is None else steps,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay, generator=generator,
-        )  # fmt: skip
-
-    def _client_held(self, client_id: int) -> dict[str, Tensor]:
+    def held(self, client_id: int) -> dict[str, Tensor]:
         """Tensors a client holds in sync without them being sent this round (frozen W0)."""
         state = self.model.state_dict()
         keys = set(shared_keys(self.model))
         return {k: v for k, v in state.items() if k not in keys}
 
-    def _train_client(
-        self,
-        message: dict[str, Tensor],
-        client: ClientData,
-        lr: float,
-        gen: torch.Generator,
-        held: dict[str, Tensor] | None = None,
-    ) -> tuple[dict[str, Tensor], LocalResult]:
-        """Client code: load what the client holds (``held``, default the server's copy) and
-        the message, train locally, reply with the same keys."""
-        worker = self._worker_model()
-        if held is None:
-            held = self._client_held(client.client_id)
-        worker.load_state_dict(held, strict=False)
-        worker.load_state_dict(message, strict=False)
-        trainable = [p for p in worker.parameters() if p.requires_grad]
-        result = self._local(worker, trainable, client, lr, gen)
-        state = worker.state_dict()
-        return {k: state[k].detach().clone() for k in message}, result
+    def sync_floats(self, client_id: int) -> int:
+        """Extra floats a client must download before this round's message (FedLoRU merges)."""
+        return 0
 
-    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
-        """The dense effective state_dict the client's ``reply`` stands for (update records)."""
-        state = dict(self._client_held(client_id))
-        state.update(reply)
-        return {k: v.detach().clone() for k, v in state.items()}
+    # ---- the round ---------------------------------------------------------------------------
+    def configure(
+        self, phase: str, round_idx: int, lr: float, clients: list[ClientData]
+    ) -> list[ClientTask]:
+        self._round = _Round()
+        tasks = []
+        for c in clients:
+            message = self.download(c.client_id)
+            self._round.down[c.client_id] = self.sync_floats(c.client_id) + count_floats(message)
+            tasks.append(ClientTask(phase, c.client_id, message, self.held(c.client_id), lr))
+        return tasks
 
-    def _reply_floats(self, reply: dict[str, Tensor], client_id: int) -> int:
-        """Floats the client actually sends for ``reply`` (a reply may be reconstructed from a
-        smaller message, e.g. mFedLoRU's nested factors)."""
-        return count_floats(reply)
+    def reply_floats(self, task: ClientTask, reply: ClientReply) -> int:
+        """Floats the client sends for ``reply``."""
+        return count_floats(reply.tensors)
 
-    def _aggregate(
-        self, replies: list[dict[str, Tensor]], clients: list[ClientData]
-    ) -> None:
-        new = weighted_average(replies, [c.size for c in clients])
-        self.model.load_state_dict(new, strict=False)
+    def aggregate(
+        self, phase: str, tasks: list[ClientTask], replies: list[ClientReply],
+        clients: list[ClientData],
+    ) -> None:  # fmt: skip
+        r = self._round
+        for task, reply, c in zip(tasks, replies, clients):
+            r.up[task.client_id] = self.reply_floats(task, reply)
+            r.losses.append(float(reply.metrics["loss"]))
+            r.sizes.append(c.size)
+            r.seconds += float(reply.metrics["seconds"])
+        self.average([self.full_reply(t, a) for t, a in zip(tasks, replies)], r.sizes)
 
-    def _after_round(self, round_idx: int, generator: torch.Generator) -> dict[str, float]:
+    def full_reply(self, task: ClientTask, reply: ClientReply) -> dict[str, Tensor]:
+        """The reply in the keys and shapes of the message (mFedLoRU maps nested factors)."""
+        return reply.tensors
+
+    def average(self, replies: list[dict[str, Tensor]], sizes: list[int]) -> None:
+        """θ ← the size-weighted average of the replies."""
+        self.model.load_state_dict(weighted_average(replies, sizes), strict=False)
+
+    def server_step(self, round_idx: int, rng: torch.Generator) -> dict[str, float]:
         """Server work after aggregation (FedLoRU's merge); returns extra log entries."""
         return {}
 
-    # ---- protocol ----------------------------------------------------------------------
-    def client_work(
-        self, task: ClientTask, data: ClientData, generator: torch.Generator
-    ) -> ClientReply:
-        """Phase ``train``: local training from the message; replies with the message's keys
-        and the metrics ``loss`` (mean local batch loss), ``steps`` and ``seconds``."""
-        if task.phase != "train":
-            raise ValueError(f"{self.name} has only the phase 'train', got {task.phase!r}")
-        reply, result = self._train_client(task.message, data, task.lr, generator, task.held)
-        metrics = {"loss": result.mean_loss, "steps": float(result.num_steps),
-                   "seconds": result.seconds}  # fmt: skip
-        return ClientReply(reply, metrics)
+    def update(self, round_idx: int, rng: torch.Generator) -> RoundStats:
+        r = self._round
+        extra = {"client_seconds": r.seconds}
+        extra.update(self.server_step(round_idx, rng))
+        n = sum(r.sizes)
+        train_loss = sum(size * loss for size, loss in zip(r.sizes, r.losses)) / n
+        return RoundStats(train_loss, r.up, r.down, ranks=self.ranks(), extra=extra)
 
-    def run_round(
-        self,
-        round_idx: int,
-        clients: list[ClientData],
-        lr: float,
-        generator: torch.Generator,
-        execute: Execute | None = None,
-    ) -> RoundStats:
-        """One round; clients are visited in the given order, all drawing from ``generator``:
-        broadcast (``_download``) -> ``client_work`` per client (through ``execute``) ->
-        ``_aggregate`` -> ``_after_round``."""
-        if not clients:
-            raise ValueError("a round needs at least one sampled client")
-        run = self._execute(execute)
-        replies, losses, seconds = [], [], 0.0
-        up: dict[int, int] = {}
-        down: dict[int, int] = {}
-        for client in clients:
-            message = self._download(client.client_id)
-            down[client.client_id] = self._sync_floats(client.client_id) + count_floats(message)
-            task = ClientTask("train", client.client_id, message,
-                              self._client_held(client.client_id), lr)  # fmt: skip
-            answer = run(task, client, generator)
-            reply = answer.tensors
-            check_finite_reply(reply, client.client_id)
-            up[client.client_id] = self._reply_floats(reply, client.client_id)
-            if self.record is not None:
-                self.record[client.client_id] = self._client_effective(reply, client.client_id)
-            replies.append(reply)
-            losses.append(float(answer.metrics["loss"]))
-            seconds += float(answer.metrics["seconds"])
-        self._aggregate(replies, clients)
-        extra = {"client_seconds": seconds}
-        extra.update(self._after_round(round_idx, generator))
-        n = sum(c.size for c in clients)
-        train_loss = sum(c.size * loss for c, loss in zip(clients, losses)) / n
-        return RoundStats(train_loss, up, down, ranks=self._ranks(), extra=extra)
-
-    def _ranks(self) -> dict[str, int]:
+    def ranks(self) -> dict[str, int]:
+        """Rank per factorized layer (none for a dense model)."""
         return {}
+
+    # ---- state -------------------------------------------------------------------------------
+    def client_effective(self, task: ClientTask, reply: ClientReply) -> dict[str, Tensor]:
+        state = dict(task.held)
+        state.update(reply.tensors)
+        return {k: v.detach().clone() for k, v in state.items()}
 
     def effective_model(self) -> nn.Module:
         return copy.deepcopy(self.model)
@@ -238,10 +179,57 @@ class FedAvg(FederatedAlgorithm):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        _load_strict(self.model, tensors, "model")
+        load_strict(self.model, tensors, "model")
 
 
-def _load_strict(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
+class LocalSGD(Client):
+    """FedAvg's client: load what it holds and the message into its copy of the model,
+    train the trainable parameters by :func:`~hessrank.fl.local.local_sgd`, reply with the
+    message's keys and the metrics ``loss`` (mean local batch loss), ``steps`` and
+    ``seconds``."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, task: Task) -> None:
+        super().__init__(model, config, task)
+        self.worker = self.build_worker(copy.deepcopy(model))
+
+    def build_worker(self, model: nn.Module) -> nn.Module:
+        """The client's scratch model, from a copy of the dense model (LoRA: factorized)."""
+        return model
+
+    def local(
+        self, model: nn.Module, params: list[nn.Parameter], data: ClientData, lr: float,
+        rng: torch.Generator, steps: int | None = None,
+    ) -> LocalResult:  # fmt: skip
+        """:func:`local_sgd` with the config's schedule (``steps`` overrides local_steps)."""
+        cfg = self.config
+        return local_sgd(
+            model, params, data, self.task, lr=lr, batch_size=cfg.batch_size,
+            epochs=cfg.local_epochs, steps=cfg.local_steps if steps is None else steps,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, generator=rng,
+        )  # fmt: skip
+
+    def __call__(
+        self, task: ClientTask, data: ClientData, state: ClientState, rng: torch.Generator
+    ) -> tuple[ClientReply, ClientState]:
+        if task.phase != "train":
+            raise ValueError(f"this client has only the phase 'train', got {task.phase!r}")
+        worker = self.worker
+        worker.load_state_dict(task.held, strict=False)
+        worker.load_state_dict(task.message, strict=False)
+        trainable = [p for p in worker.parameters() if p.requires_grad]
+        result = self.local(worker, trainable, data, task.lr, rng)
+        out = worker.state_dict()
+        reply = {k: out[k].detach().clone() for k in task.message}
+        return ClientReply(reply, reply_metrics(result)), state
+
+
+def reply_metrics(result: LocalResult) -> dict[str, float]:
+    """A local-training reply's metrics: ``loss``, ``steps``, ``seconds``."""
+    return {"loss": result.mean_loss, "steps": float(result.num_steps),
+            "seconds": result.seconds}  # fmt: skip
+
+
+def load_strict(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
     """``load_state_dict`` with a one-line error naming missing/unexpected keys or the first
     tensor whose shape does not fit."""
     current = model.state_dict()

@@ -12,6 +12,9 @@ sampled clients S and N_S = Σ_{c∈S} n_c:
 Floats each way per client: Σ_layers r·(fan_in + out) + |non-factorized trainables| + |float
 buffers|. W0 never travels (all parties derive it from the run's seed). No merging: see
 :mod:`hessrank.fl.fedloru` for that.
+
+The server is FedAvg's strategy over the factorized model (:class:`FedLoRA`); the client is
+FedAvg's local SGD in a factorized copy (:class:`LoRALocalSGD`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.fl.config import TrainConfig
-from hessrank.fl.fedavg import FedAvg, _load_strict
+from hessrank.fl.fedavg import FedAvg, LocalSGD, load_strict
 from hessrank.fl.layers import densify, factorize, factorized_layers
+from hessrank.fl.protocol import ClientReply, ClientTask
 
-__all__ = ["FedLoRA", "init_generator"]
+__all__ = ["FedLoRA", "LoRALocalSGD", "from_scratch", "init_generator", "lora_factorize"]
 
 
 def init_generator(config: TrainConfig, stream: int) -> torch.Generator:
@@ -33,8 +37,31 @@ def init_generator(config: TrainConfig, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(config.seed) * 1000 + 17 + int(stream))
 
 
+def from_scratch(config: TrainConfig) -> bool:
+    """W0 = 0 with both factors random unless ``--no-from-scratch`` (default: the papers'
+    pure rank-r model, as the authors' code initializes it)."""
+    return True if config.from_scratch is None else bool(config.from_scratch)
+
+
+def lora_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
+    """Factorize ``model`` in place as the config says (``factorize``, ``rank``,
+    ``lora_alpha``, ``from_scratch``; draws from :func:`init_generator` stream 0, so server
+    and clients build the same layers); returns the factorized layer names."""
+    factorize(
+        model, config.factorize, rank=config.rank, alpha=config.lora_alpha,
+        from_scratch=from_scratch(config), generator=init_generator(config, 0),
+    )  # fmt: skip
+    names = list(factorized_layers(model))
+    if not names:
+        raise ValueError(
+            "no layer is factorized: the model has fewer than three Linear/Conv2d layers; "
+            "name layers with config.factorize or use algo='fedavg'"
+        )
+    return names
+
+
 class FedLoRA(FedAvg):
-    """FedLoRA; the model passed in is dense and gets factorized here (in place).
+    """FedLoRA's server; the model passed in is dense and gets factorized here (in place).
 
     ``config.factorize`` names the layers (None: every Linear/Conv2d except the first and the
     last), ``config.rank`` / ``config.lora_alpha`` give r and α. By default the factorized
@@ -46,46 +73,39 @@ class FedLoRA(FedAvg):
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.template = copy.deepcopy(model)
-        factorize(
-            model, config.factorize, rank=config.rank, alpha=config.lora_alpha,
-            from_scratch=self._from_scratch(config), generator=init_generator(config, 0),
-        )  # fmt: skip
+        self.layer_names = lora_factorize(model, config)
         super().__init__(model, config)
-        self.layer_names = list(factorized_layers(model))
-        if not self.layer_names:
-            raise ValueError(
-                "no layer is factorized: the model has fewer than three Linear/Conv2d layers; "
-                "name layers with config.factorize or use algo='fedavg'"
-            )
-        notes = config.notes
-        notes.setdefault("factorized_layers", ",".join(self.layer_names))
-        notes.setdefault(
-            "lora_init", "A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, W0 = dense init"
-            if not self._from_scratch(config)
-            else "W0 = 0, A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B ~ U(-b, b), b = sqrt(3r)/alpha"
-        )
-        notes.setdefault("lora_aggregation", "A and B averaged separately, weights n_c")
 
-    def _from_scratch(self, config: TrainConfig) -> bool:
-        """W0 = 0 with both factors random unless ``--no-from-scratch`` (default: the papers'
-        pure rank-r model, as the authors' code initializes it)."""
-        return True if config.from_scratch is None else bool(config.from_scratch)
+    def notes(self) -> dict[str, str]:
+        return {
+            **super().notes(),
+            "factorized_layers": ",".join(self.layer_names),
+            "lora_init": "W0 = 0, A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B ~ U(-b, b), "
+            "b = sqrt(3r)/alpha" if from_scratch(self.config) else
+            "A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, W0 = dense init",
+            "lora_aggregation": "A and B averaged separately, weights n_c",
+        }  # fmt: skip
 
-    def _client_effective(self, reply: dict[str, Tensor], client_id: int) -> dict[str, Tensor]:
+    def client_effective(self, task: ClientTask, reply: ClientReply) -> dict[str, Tensor]:
         """W0 + (α/r)·B_c·A_c (and the client's other tensors) as a dense state_dict; for
         pFedLoRU the global part only (the personal pair never travels)."""
         scratch = copy.deepcopy(self.model)
-        scratch.load_state_dict({**self._client_held(client_id), **reply})
+        scratch.load_state_dict({**task.held, **self.full_reply(task, reply)})
         return densify(scratch, self.template).state_dict()
 
-    def _ranks(self) -> dict[str, int]:
+    def ranks(self) -> dict[str, int]:
         return {n: layer.rank for n, layer in factorized_layers(self.model).items()}
 
     def effective_model(self) -> nn.Module:
         return densify(self.model, self.template)
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        _load_strict(self.model, tensors, "factorized model")
+        load_strict(self.model, tensors, "factorized model")
+
+
+class LoRALocalSGD(LocalSGD):
+    """FedAvg's client in a factorized copy of the model (trains A, B and the dense rest)."""
+
+    def build_worker(self, model: nn.Module) -> nn.Module:
+        lora_factorize(model, self.config)
+        return model

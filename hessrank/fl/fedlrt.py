@@ -5,8 +5,8 @@ U and V orthonormal; :mod:`hessrank.fl.dlrt_layers`); clients only ever train th
 coefficient matrix, in a basis the server built from the averaged basis gradients. With client
 weights w_c (``fedlrt_weighting``: ``uniform``, w_c = 1/|S| over the sampled clients S — the
 paper's objective L = (1/C) Σ_c L_c — by default, or ``size``, w_c = n_c / Σ_{c∈S} n_c, the
-FedAvg convention and DESIGN.md §1's server loss), L = Σ_c w_c L_c and L_c the mean loss over
-client c's local data, one round (DESIGN.md §5) is:
+FedAvg convention and the server loss of docs/design.md), L = Σ_c w_c L_c and L_c the mean loss over
+client c's local data, one round (docs/design.md) is:
 
 1. *Basis gradients.* Clients get the global model and send, at the global point,
    G_U,c = ∇_U L_c = ∇_W L_c V Sᵀ (m × r) and G_V,c = ∇_V L_c = ∇_W L_cᵀ U S (n × r)
@@ -75,18 +75,23 @@ A dense FedAvg round of the same model moves Σ_ℓ m n + D floats each way. The
 broadcast in full every round because clients are stateless (a client sampled this round need
 not have seen last round's Ũ, Ṽ).
 
+The server is :class:`FeDLRT` (phases ``basis``, ``correction``, ``train``: configure →
+aggregate each; steps 2 and 5 are its aggregations), the client :class:`FeDLRTClient`.
+
 Example:
     >>> import torch
-    >>> from hessrank.fl.base import ClientData
+    >>> from hessrank.data.task import RegressionTask
     >>> from hessrank.fl.config import TrainConfig
+    >>> from hessrank.fl.loop import Federation
+    >>> from hessrank.fl.protocol import ClientData
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
     >>> cfg = TrainConfig(algo="fedlrt", rank=2, factorize=["0"], local_steps=3, batch_size=64)
-    >>> algo = FeDLRT(net, cfg)
+    >>> fed = Federation.build(net, cfg, RegressionTask())
     >>> x = torch.randn(40, 8)
     >>> data = [ClientData(0, x[:20], x[:20]), ClientData(1, x[20:], x[20:])]
-    >>> stats = algo.run_round(0, data, lr=0.5, generator=torch.Generator().manual_seed(0))
+    >>> stats = fed.round(1, data, lr=0.5, rng=torch.Generator().manual_seed(0))
     >>> sorted(stats.ranks), stats.extra["rank_pre/0"]
     (['0'], 4.0)
 """
@@ -95,44 +100,31 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.fl.base import (
-    ClientData,
-    ClientReply,
-    ClientTask,
-    Execute,
-    FederatedAlgorithm,
-    NonFiniteError,
-    RoundStats,
-    check_finite_reply,
-)
+from hessrank.data.task import Task
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear, usv_from_dense
 from hessrank.fl.fedavg import weighted_average
 from hessrank.fl.layers import check_factorizable, default_factorizable, set_submodule
 from hessrank.fl.local import batch_indices
+from hessrank.fl.protocol import (
+    Client,
+    ClientData,
+    ClientReply,
+    ClientState,
+    ClientTask,
+    NonFiniteError,
+    RoundStats,
+    Strategy,
+)
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["FeDLRT", "FeDLRTClient", "augment_basis", "fedlrt_factorize", "truncation_rank"]
 
 _CHUNK = 4096  # samples per forward pass when a full local batch is evaluated
-
-
-def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean per-sample loss: 0.5 ‖ŷ − y‖² for floating targets (regression), else cross-entropy.
-
-    The regression form is the one of ``load_dataset("lowrank-lsq").loss_fn()``:
-    0.5 · (1/n) Σ_i ‖ŷ_i − y_i‖².
-    """
-    if targets.is_floating_point():
-        diff = outputs - targets.reshape(outputs.shape)
-        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1).mean()
-    return F.cross_entropy(outputs, targets)
 
 
 def augment_basis(basis: Tensor, grad: Tensor) -> Tensor:
@@ -183,6 +175,72 @@ def truncation_rank(sigma: Tensor, theta: float, r_min: int, r_max: int) -> int:
     return max(1, min(max(keep, r_min), r_max, k))
 
 
+def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
+    """Replace the layers of ``config.factorize`` (default: every Linear/Conv2d but the first
+    and last) in place by U S Vᵀ layers at rank ``min(config.rank, m, n)`` (truncated SVD of
+    the dense init, rescaled with ``fedlrt_init = "scaled-svd"``); returns their names."""
+    names = list(config.factorize) if config.factorize is not None else None
+    if names is None:
+        names = default_factorizable(model)
+    if not names:
+        raise ValueError(
+            "FeDLRT found no layer to factorize (the default skips the first and last "
+            "Linear/Conv2d); pass factorize=[<layer names>], e.g. factorize=['fc'] for a "
+            "single-layer model"
+        )
+    names = check_factorizable(model, names)
+    for n in names:
+        layer = usv_from_dense(
+            model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
+        )
+        set_submodule(model, n, layer)
+    return names
+
+
+def _layers(module: nn.Module, names: list[str]) -> dict[str, USVLinear | USVConv2d]:
+    return {n: module.get_submodule(n) for n in names}  # type: ignore[misc]
+
+
+def _factor_keys(names: list[str]) -> set[str]:
+    return {f"{n}.{f}" for n in names for f in ("U", "S", "V")}
+
+
+def _dense_state(module: nn.Module, factor_keys: set[str]) -> dict[str, Tensor]:
+    """Every state_dict entry except the factors U, S, V (detached references)."""
+    return {k: v.detach() for k, v in module.state_dict().items() if k not in factor_keys}
+
+
+def _numel_float(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() for t in state.values() if t.is_floating_point())
+
+
+Factors = dict[str, tuple[Tensor, Tensor, Tensor]]
+
+
+def _message(
+    dense: dict[str, Tensor], factors: Factors, corrections: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """A message as one flat tensor dict: the dense state, ``<layer>.U/.S/.V`` and, for the
+    training phase with a correction, ``corr.<layer>``."""
+    out = dict(dense)
+    for n, (U, S, V) in factors.items():
+        out.update({f"{n}.U": U, f"{n}.S": S, f"{n}.V": V})
+    if corrections is not None:
+        out.update({f"corr.{n}": c for n, c in corrections.items()})
+    return out
+
+
+def _unpack(
+    message: dict[str, Tensor], names: list[str], factor_keys: set[str]
+) -> tuple[dict[str, Tensor], Factors, dict[str, Tensor] | None]:
+    """Inverse of :func:`_message`."""
+    dense = {k: v for k, v in message.items()
+             if k not in factor_keys and not k.startswith("corr.")}  # fmt: skip
+    factors = {n: (message[f"{n}.U"], message[f"{n}.S"], message[f"{n}.V"]) for n in names}
+    corr = {n: message[f"corr.{n}"] for n in names if f"corr.{n}" in message}
+    return dense, factors, (corr or None)
+
+
 @dataclass
 class _Augmented:
     """Server-side view of one layer during a round."""
@@ -194,80 +252,45 @@ class _Augmented:
     b: int  # new V columns
 
 
-class FeDLRT(FederatedAlgorithm):
-    """Federated dynamical low-rank training; see the module docstring for the round.
+@dataclass
+class _Round:
+    """What the server holds between the phases of one round."""
+
+    weights: list[float]
+    dense: dict[str, Tensor]
+    D: int
+    train_loss: float = 0.0
+    aug: dict[str, _Augmented] = field(default_factory=dict)
+    aug_factors: Factors = field(default_factory=dict)
+    corrections: list[dict[str, Tensor] | None] = field(default_factory=list)
+    client_ids: list[int] = field(default_factory=list)
+
+
+class FeDLRT(Strategy):
+    """FeDLRT's server; see the module docstring for the round.
 
     Args:
         model: the dense model built from the config; the layers named in ``config.factorize``
-            (default: every Linear/Conv2d but the first and last) are replaced in place by
-            U S Vᵀ layers initialized by truncated SVD at rank ``min(config.rank, m, n)``.
+            are replaced in place (:func:`fedlrt_factorize`).
         config: uses ``rank``, ``correction``, ``trunc_theta`` (ϑ), ``r_min``, ``r_max``,
-            ``local_steps`` (s*; 0 means ``local_epochs`` passes over the local data),
-            ``batch_size`` and ``factorize``; records its open choices in ``config.notes``.
-        loss_fn: mean per-sample loss ``loss_fn(outputs, targets)``; default :func:`default_loss`
-            (0.5‖ŷ − y‖² for floating targets, cross-entropy for integer ones). The attribute
-            ``loss_fn`` may be reassigned before the first round.
+            ``fedlrt_init``, ``fedlrt_weighting``, ``local_steps`` / ``local_epochs``,
+            ``batch_size`` and ``factorize``.
     """
 
     name = "fedlrt"
     phases = ("basis", "correction", "train")
 
-    def __init__(
-        self, model: nn.Module, config: TrainConfig, loss_fn: LossFn | None = None
-    ) -> None:
-        self._check_config(config)
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        check_config(config)
         self._template = copy.deepcopy(model)
-        names = list(config.factorize) if config.factorize is not None else None
-        if names is None:
-            names = default_factorizable(model)
-        if not names:
-            raise ValueError(
-                "FeDLRT found no layer to factorize (the default skips the first and last "
-                "Linear/Conv2d); pass factorize=[<layer names>], e.g. factorize=['fc'] for a "
-                "single-layer model"
-            )
-        names = check_factorizable(model, names)
-        for n in names:
-            layer = usv_from_dense(
-                model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
-            )
-            set_submodule(model, n, layer)
+        self.layer_names = fedlrt_factorize(model, config)
         super().__init__(model, config)
-        self.layer_names = names
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss
-        self._factor_keys = {f"{n}.{f}" for n in names for f in ("U", "S", "V")}
-        self._work: nn.Module | None = None
-        self._record_notes(config)
+        self._factor_keys = _factor_keys(self.layer_names)
+        self._round: _Round | None = None
 
-    # ------------------------------------------------------------------ setup
-
-    @staticmethod
-    def _check_config(config: TrainConfig) -> None:
-        if config.rank < 1:
-            raise ValueError(f"FeDLRT needs rank >= 1, got {config.rank}")
-        if config.r_min < 1 or config.r_max < config.r_min:
-            raise ValueError(
-                f"FeDLRT needs 1 <= r_min <= r_max, got r_min={config.r_min}, r_max={config.r_max}"
-            )
-        if not 0.0 <= config.trunc_theta < 1.0:
-            raise ValueError(f"trunc_theta (ϑ) must be in [0, 1), got {config.trunc_theta}")
-        if config.local_steps < 0 or (config.local_steps == 0 and config.local_epochs < 1):
-            raise ValueError(
-                f"FeDLRT needs local_steps > 0, or local_steps = 0 with local_epochs >= 1; got "
-                f"local_steps={config.local_steps}, local_epochs={config.local_epochs}"
-            )
-        if config.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-        if config.momentum != 0.0 or config.weight_decay != 0.0:
-            raise ValueError(
-                "FeDLRT takes plain SGD steps on the coefficients (the variance correction "
-                f"assumes it); set momentum=0 and weight_decay=0 (got {config.momentum}, "
-                f"{config.weight_decay})"
-            )
-
-    @staticmethod
-    def _record_notes(config: TrainConfig) -> None:
-        notes = {
+    def notes(self) -> dict[str, str]:
+        config = self.config
+        return {
             "fedlrt.init": f"{config.fedlrt_init}: factorized layers start at the truncated "
             "SVD of the dense init, rank min(rank, m, n)"
             + (", S rescaled to the dense init's Frobenius norm"
@@ -290,240 +313,32 @@ class FeDLRT(FederatedAlgorithm):
             "gradients, averaged grad_S L broadcast with the new columns",
             "fedlrt.train_loss": "weighted loss of the sampled clients at the round-start "
             "global point",
-        }
-        for key, value in notes.items():
-            config.notes.setdefault(key, value)
+        }  # fmt: skip
 
-    # ------------------------------------------------------------------ helpers
+    # ---- the round ---------------------------------------------------------------------------
+    def configure(
+        self, phase: str, round_idx: int, lr: float, clients: list[ClientData]
+    ) -> list[ClientTask]:
+        if phase == "basis":
+            return self._start(lr, clients)
+        r = self._current()
+        if phase == "correction":
+            if self.config.correction != "full":
+                return []
+            message = _message(r.dense, r.aug_factors)
+            return [ClientTask("correction", c.client_id, message, lr=lr) for c in clients]
+        if phase == "train":
+            return [ClientTask("train", c.client_id,
+                               _message(r.dense, r.aug_factors, r.corrections[i]), lr=lr)
+                    for i, c in enumerate(clients)]  # fmt: skip
+        raise ValueError(f"FeDLRT phases are {self.phases}, got {phase!r}")
 
-    def _layers(self, module: nn.Module) -> dict[str, USVLinear | USVConv2d]:
-        return {n: module.get_submodule(n) for n in self.layer_names}  # type: ignore[misc]
-
-    def _dense_state(self, module: nn.Module) -> dict[str, Tensor]:
-        """Every state_dict entry except the factors U, S, V (detached references)."""
-        return {k: v.detach() for k, v in module.state_dict().items() if k not in self._factor_keys}
-
-    @staticmethod
-    def _numel_float(state: dict[str, Tensor]) -> int:
-        return sum(t.numel() for t in state.values() if t.is_floating_point())
-
-    def _dtype(self) -> torch.dtype:
-        return self._layers(self.model)[self.layer_names[0]].S.dtype
-
-    def _prepare(self, data: ClientData) -> tuple[Tensor, Tensor]:
-        dtype = self._dtype()
-        x, y = data.inputs, data.targets
-        if x.is_floating_point():
-            x = x.to(dtype)
-        if y.is_floating_point():
-            y = y.to(dtype)
-        return x, y
-
-    def _load(
-        self,
-        dense: dict[str, Tensor],
-        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-    ) -> nn.Module:
-        """Load a message (dense state + factors) into the scratch client module."""
-        if self._work is None:
-            self._work = copy.deepcopy(self.model)
-        work = self._work
-        for name, layer in self._layers(work).items():
-            layer.set_factors(*factors[name])
-        with torch.no_grad():
-            for key, t in work.state_dict(keep_vars=True).items():
-                if key not in self._factor_keys:
-                    t.copy_(dense[key])
-        work.train()
-        return work
-
-    def _full_batch_grad(
-        self, module: nn.Module, x: Tensor, y: Tensor, wrt: list[Tensor]
-    ) -> tuple[float, list[Tensor]]:
-        """Mean loss over the whole local set and its gradient w.r.t. ``wrt`` (chunked)."""
-        n = x.shape[0]
-        grads = [torch.zeros_like(t) for t in wrt]
-        total = 0.0
-        for start in range(0, n, _CHUNK):
-            xb, yb = x[start : start + _CHUNK], y[start : start + _CHUNK]
-            loss = self.loss_fn(module(xb), yb)
-            if xb.shape[0] != n:
-                loss = loss * (xb.shape[0] / n)
-            gs = torch.autograd.grad(loss, wrt, allow_unused=True)
-            for acc, g in zip(grads, gs):
-                if g is not None:
-                    acc.add_(g)
-            total += float(loss.detach())
-        return total, grads
-
-    # ------------------------------------------------------------------ client side
-
-    def _client_basis_grads(
-        self,
-        dense: dict[str, Tensor],
-        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-        data: ClientData,
-    ) -> dict[str, object]:
-        """Phase 1: loss, ∇_U L_c, ∇_V L_c (and ∇_S L_c) at the global point, full local batch."""
-        work = self._load(dense, factors)
-        layers = self._layers(work)
-        wrt = [t for n in self.layer_names for t in (layers[n].U, layers[n].S, layers[n].V)]
-        for t in wrt:
-            t.requires_grad_(True)
-        x, y = self._prepare(data)
-        loss, grads = self._full_batch_grad(work, x, y, wrt)
-        if not math.isfinite(loss):
-            raise NonFiniteError(
-                f"client {data.client_id} got a non-finite loss ({loss}) at the global point",
-                client_id=data.client_id,
-            )
-        out: dict[str, object] = {"loss": loss}
-        for i, n in enumerate(self.layer_names):
-            out[n] = (grads[3 * i], grads[3 * i + 1], grads[3 * i + 2])  # G_U, G_S, G_V
-        return out
-
-    def _client_coef_grad(
-        self,
-        dense: dict[str, Tensor],
-        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-        data: ClientData,
-    ) -> dict[str, Tensor]:
-        """Phase 3 (full correction): ∇_S̃ L_c at the augmented start point, full local batch."""
-        work = self._load(dense, factors)
-        layers = self._layers(work)
-        wrt = []
-        for n in self.layer_names:
-            layers[n].U.requires_grad_(False)
-            layers[n].V.requires_grad_(False)
-            wrt.append(layers[n].S)
-        x, y = self._prepare(data)
-        _, grads = self._full_batch_grad(work, x, y, wrt)
-        return dict(zip(self.layer_names, grads))
-
-    def _client_train(
-        self,
-        dense: dict[str, Tensor],
-        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-        corrections: dict[str, Tensor] | None,
-        data: ClientData,
-        lr: float,
-        generator: torch.Generator,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Phase 4: s* SGD steps on S̃ (+ correction) and on the non-factorized parameters.
-
-        Returns the client's S̃_c per layer and its non-factorized state.
-        """
-        work = self._load(dense, factors)
-        layers = self._layers(work)
-        coefs = []
-        for n in self.layer_names:
-            layers[n].U.requires_grad_(False)
-            layers[n].V.requires_grad_(False)
-            coefs.append(layers[n].S)
-        others = [
-            p for k, p in work.named_parameters() if k not in self._factor_keys and p.requires_grad
-        ]
-        params = coefs + others
-        corr = [corrections[n] for n in self.layer_names] if corrections is not None else None
-        x, y = self._prepare(data)
-        n, cfg = x.shape[0], self.config
-        batches = batch_indices(
-            n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
-        )
-        for step, idx in enumerate(batches):
-            # a batch holding every sample is the full local batch: skip the reordering
-            xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
-            loss = self.loss_fn(work(xb), yb)
-            if not bool(torch.isfinite(loss.detach())):
-                value = float(loss.detach())
-                raise NonFiniteError(
-                    f"client {data.client_id} got a non-finite loss ({value}) at local step "
-                    f"{step + 1} of {len(batches)}", client_id=data.client_id,
-                )  # fmt: skip
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            with torch.no_grad():
-                for i, (p, g) in enumerate(zip(params, grads)):
-                    step = torch.zeros_like(p) if g is None else g
-                    if corr is not None and i < len(coefs):
-                        step = step + corr[i]
-                    p.sub_(lr * step)
-        s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
-        dense_out = {k: v.clone() for k, v in self._dense_state(work).items()}
-        check_finite_reply({**s_out, **dense_out}, data.client_id)
-        return s_out, dense_out
-
-    # ------------------------------------------------------------------ messages
-
-    def _message(
-        self,
-        dense: dict[str, Tensor],
-        factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-        corrections: dict[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """A message as one flat tensor dict: the dense state, ``<layer>.U/.S/.V`` and, for the
-        training phase with a correction, ``corr.<layer>``."""
-        out = dict(dense)
-        for n, (U, S, V) in factors.items():
-            out.update({f"{n}.U": U, f"{n}.S": S, f"{n}.V": V})
-        if corrections is not None:
-            out.update({f"corr.{n}": c for n, c in corrections.items()})
-        return out
-
-    def _unpack(self, message: dict[str, Tensor]) -> tuple[
-        dict[str, Tensor], dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, Tensor] | None
-    ]:
-        """Inverse of :meth:`_message`."""
-        dense = {k: v for k, v in message.items()
-                 if k not in self._factor_keys and not k.startswith("corr.")}  # fmt: skip
-        factors = {n: (message[f"{n}.U"], message[f"{n}.S"], message[f"{n}.V"])
-                   for n in self.layer_names}  # fmt: skip
-        corr = {n: message[f"corr.{n}"] for n in self.layer_names if f"corr.{n}" in message}
-        return dense, factors, (corr or None)
-
-    def client_work(
-        self, task: ClientTask, data: ClientData, generator: torch.Generator
-    ) -> ClientReply:
-        """The client's side of the three phases (module docstring).
-
-        ``basis``: message = global model; reply ``<layer>.GU/.GS/.GV`` (phase 1), metric
-        ``loss``. ``correction``: message = augmented model; reply ``<layer>.GS`` = ∇_S̃ L_c
-        (phase 3, full correction). ``train``: message = augmented model (+ ``corr.<layer>``);
-        reply ``<layer>.S`` = S̃_c and the client's non-factorized state (phase 4).
-        """
-        dense, factors, corr = self._unpack(task.message)
-        if task.phase == "basis":
-            out = self._client_basis_grads(dense, factors, data)
-            tensors = {}
-            for n in self.layer_names:
-                g_u, g_s, g_v = out[n]  # type: ignore[misc]
-                tensors.update({f"{n}.GU": g_u, f"{n}.GS": g_s, f"{n}.GV": g_v})
-            return ClientReply(tensors, {"loss": float(out["loss"])})  # type: ignore[arg-type]
-        if task.phase == "correction":
-            grads = self._client_coef_grad(dense, factors, data)
-            return ClientReply({f"{n}.GS": g for n, g in grads.items()})
-        if task.phase == "train":
-            s_out, dense_out = self._client_train(dense, factors, corr, data, task.lr, generator)
-            return ClientReply({**dense_out, **{f"{n}.S": s for n, s in s_out.items()}})
-        raise ValueError(f"FeDLRT phases are {self.phases}, got {task.phase!r}")
-
-    # ------------------------------------------------------------------ the round
-
-    def run_round(
-        self,
-        round_idx: int,
-        clients: list[ClientData],
-        lr: float,
-        generator: torch.Generator,
-        execute: Execute | None = None,
-    ) -> RoundStats:
-        """One FeDLRT round (module docstring) over the sampled ``clients`` at step size λ = lr;
-        every client computation goes through ``execute`` (default :meth:`client_work`)."""
+    def _start(self, lr: float, clients: list[ClientData]) -> list[ClientTask]:
+        """Phase 1's message (the global model) and the round's client weights."""
         if not clients:
-            raise ValueError("run_round needs at least one sampled client")
+            raise ValueError("a FeDLRT round needs at least one sampled client")
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
-        run = self._execute(execute)
-        correction = self.config.correction
         sizes = torch.tensor([c.size for c in clients], dtype=torch.float64)
         if bool((sizes <= 0).any()):
             raise ValueError("every sampled client needs at least one sample")
@@ -531,92 +346,86 @@ class FeDLRT(FederatedAlgorithm):
             weights = [1.0 / len(clients)] * len(clients)
         else:
             weights = (sizes / sizes.sum()).tolist()
-        glob_layers = self._layers(self.model)
-        dense = {k: v.clone() for k, v in self._dense_state(self.model).items()}
+        dense = {k: v.clone() for k, v in _dense_state(self.model, self._factor_keys).items()}
         factors = {
             n: (l.U.detach().clone(), l.S.detach().clone(), l.V.detach().clone())
-            for n, l in glob_layers.items()
+            for n, l in _layers(self.model, self.layer_names).items()
         }
-        D = self._numel_float(dense)
+        self._round = _Round(weights, dense, _numel_float(dense),
+                             aug_factors=factors)  # the round-start factors until step 2
+        message = _message(dense, factors)
+        return [ClientTask("basis", c.client_id, message, lr=lr) for c in clients]
 
-        # phase 1: basis gradients (and ∇_S L_c for the simplified correction)
-        message = self._message(dense, factors)
-        answers = [run(ClientTask("basis", c.client_id, message, lr=lr), c, generator)
-                   for c in clients]  # fmt: skip
+    def _current(self) -> _Round:
+        if self._round is None:
+            raise ValueError("a FeDLRT round starts with the phase 'basis'")
+        return self._round
+
+    def aggregate(
+        self, phase: str, tasks: list[ClientTask], replies: list[ClientReply],
+        clients: list[ClientData],
+    ) -> None:  # fmt: skip
+        r = self._current()
+        if phase == "basis":
+            self._augment(r, replies)
+        elif phase == "correction":
+            coef_grads = [{n: a.tensors[f"{n}.GS"] for n in self.layer_names} for a in replies]
+            mean = {n: sum(w * g[n] for w, g in zip(r.weights, coef_grads))
+                    for n in self.layer_names}  # fmt: skip
+            r.corrections = [{n: mean[n] - g[n] for n in self.layer_names} for g in coef_grads]
+        elif phase == "train":
+            r.client_ids = [t.client_id for t in tasks]
+            self._truncate(r, replies)
+        else:
+            raise ValueError(f"FeDLRT phases are {self.phases}, got {phase!r}")
+
+    def _augment(self, r: _Round, answers: list[ClientReply]) -> None:
+        """Steps 1-2 (and the simplified correction): average the basis gradients, augment."""
+        weights, factors = r.weights, r.aug_factors
         replies = [{"loss": a.metrics["loss"], **{
             n: (a.tensors[f"{n}.GU"], a.tensors[f"{n}.GS"], a.tensors[f"{n}.GV"])
             for n in self.layer_names}} for a in answers]  # fmt: skip
-        train_loss = sum(w * float(r["loss"]) for w, r in zip(weights, replies))
-        aug: dict[str, _Augmented] = {}
+        r.train_loss = sum(w * float(x["loss"]) for w, x in zip(weights, replies))
         grad_s_local: dict[str, list[Tensor]] = {}
         grad_s_mean: dict[str, Tensor] = {}
         for n in self.layer_names:
             U, S, V = factors[n]
-            g_u = sum(w * r[n][0] for w, r in zip(weights, replies))  # type: ignore[index]
-            g_v = sum(w * r[n][2] for w, r in zip(weights, replies))  # type: ignore[index]
-            grad_s_local[n] = [r[n][1] for r in replies]  # type: ignore[index]
+            g_u = sum(w * x[n][0] for w, x in zip(weights, replies))  # type: ignore[index]
+            g_v = sum(w * x[n][2] for w, x in zip(weights, replies))  # type: ignore[index]
+            grad_s_local[n] = [x[n][1] for x in replies]  # type: ignore[index]
             grad_s_mean[n] = sum(w * g for w, g in zip(weights, grad_s_local[n]))
-            # phase 2: augmentation
             new_u = augment_basis(U, g_u)
             new_v = augment_basis(V, g_v)
-            aug[n] = _Augmented(
-                U=torch.cat([U, new_u], dim=1),
-                V=torch.cat([V, new_v], dim=1),
-                r=S.shape[0],
-                a=new_u.shape[1],
-                b=new_v.shape[1],
-            )
+            r.aug[n] = _Augmented(U=torch.cat([U, new_u], dim=1), V=torch.cat([V, new_v], dim=1),
+                                  r=S.shape[0], a=new_u.shape[1], b=new_v.shape[1])  # fmt: skip
         aug_factors = {}
-        for n, A in aug.items():
+        for n, A in r.aug.items():
             S = factors[n][1]
             s_tilde = S.new_zeros(A.r + A.a, A.r + A.b)
             s_tilde[: A.r, : A.r] = S
             aug_factors[n] = (A.U, s_tilde, A.V)
-        aug_message = self._message(dense, aug_factors)
-
-        # phase 3: variance correction
-        corrections: list[dict[str, Tensor] | None]
-        if correction == "full":
-            coef_grads = []
-            for c in clients:
-                got = run(ClientTask("correction", c.client_id, aug_message, lr=lr), c, generator)
-                coef_grads.append({n: got.tensors[f"{n}.GS"] for n in self.layer_names})
-            mean = {n: sum(w * g[n] for w, g in zip(weights, coef_grads)) for n in self.layer_names}
-            corrections = [{n: mean[n] - g[n] for n in self.layer_names} for g in coef_grads]
-        elif correction == "simplified":
-            corrections = []
-            for ci in range(len(clients)):
+        r.aug_factors = aug_factors
+        if self.config.correction == "simplified":
+            r.corrections = []
+            for ci in range(len(answers)):
                 corr = {}
-                for n, A in aug.items():
+                for n, A in r.aug.items():
                     c_n = aug_factors[n][1].new_zeros(A.r + A.a, A.r + A.b)
                     c_n[: A.r, : A.r] = grad_s_mean[n] - grad_s_local[n][ci]
                     corr[n] = c_n
-                corrections.append(corr)
-        else:
-            corrections = [None] * len(clients)
+                r.corrections.append(corr)
+        else:  # "full" fills them in the correction phase
+            r.corrections = [None] * len(answers)
 
-        # phase 4: local coefficient training
-        results = []
-        for i, c in enumerate(clients):
-            task = ClientTask("train", c.client_id,
-                              self._message(dense, aug_factors, corrections[i]), lr=lr)  # fmt: skip
-            out = run(task, c, generator).tensors
-            s_c = {n: out[f"{n}.S"] for n in self.layer_names}
-            results.append((s_c, {k: out[k] for k in dense}))
-
-        if self.record is not None:
-            for c, (s_c, dense_c) in zip(clients, results):
-                self.record[c.client_id] = self._effective_state(
-                    dense_c, {n: (A.U, s_c[n], A.V) for n, A in aug.items()}
-                )
-
-        # phase 5: aggregation and truncation
-        new_dense = weighted_average([res[1] for res in results], weights)
-        ranks: dict[str, int] = {}
-        extra: dict[str, float] = {}
+    def _truncate(self, r: _Round, answers: list[ClientReply]) -> None:
+        """Step 5: weighted average of S̃_c and the dense state, SVD truncation, QR."""
+        results = [({n: a.tensors[f"{n}.S"] for n in self.layer_names},
+                    {k: a.tensors[k] for k in r.dense}) for a in answers]  # fmt: skip
+        new_dense = weighted_average([res[1] for res in results], r.weights)
+        glob_layers = _layers(self.model, self.layer_names)
         cfg = self.config
-        for n, A in aug.items():
-            s_bar = sum(w * res[0][n] for w, res in zip(weights, results))
+        for n, A in r.aug.items():
+            s_bar = sum(w * res[0][n] for w, res in zip(r.weights, results))
             P, sigma, Qh = torch.linalg.svd(s_bar, full_matrices=False)
             r_new = truncation_rank(sigma, cfg.trunc_theta, cfg.r_min, cfg.r_max)
             U_new = A.U @ P[:, :r_new]
@@ -625,25 +434,31 @@ class FeDLRT(FederatedAlgorithm):
             qv, rv = torch.linalg.qr(V_new)
             S_new = ru @ torch.diag(sigma[:r_new]) @ rv.T
             glob_layers[n].set_factors(qu, S_new, qv)
-            ranks[n] = r_new
-            extra[f"rank_pre/{n}"] = float(max(A.r + A.a, A.r + A.b))
         with torch.no_grad():
             for key, t in self.model.state_dict(keep_vars=True).items():
                 if key not in self._factor_keys:
                     t.copy_(new_dense[key])
 
-        # communication (per client; identical for every sampled client)
-        counts = self._count(aug, D, correction)
+    def update(self, round_idx: int, rng: torch.Generator) -> RoundStats:
+        r = self._current()
+        self._round = None
+        ranks = self.ranks()
+        extra = {f"rank_pre/{n}": float(max(A.r + A.a, A.r + A.b)) for n, A in r.aug.items()}
+        counts = self._count(r.aug, r.D, self.config.correction)
         extra.update({f"floats/{k}": float(v) for k, v in counts.items()})
         up = counts["up_phase1"] + counts["up_phase3"] + counts["up_phase5"]
         down = counts["down_phase1"] + counts["down_phase2"] + counts["down_phase3"]
         return RoundStats(
-            train_loss=float(train_loss),
-            floats_up={c.client_id: up for c in clients},
-            floats_down={c.client_id: down for c in clients},
+            train_loss=float(r.train_loss),
+            floats_up=dict.fromkeys(r.client_ids, up),
+            floats_down=dict.fromkeys(r.client_ids, down),
             ranks=ranks,
             extra=extra,
         )
+
+    def ranks(self) -> dict[str, int]:
+        layers = _layers(self.model, self.layer_names)
+        return {n: int(layer.S.shape[0]) for n, layer in layers.items()}
 
     def _count(self, aug: dict[str, _Augmented], D: int, correction: str) -> dict[str, int]:
         """Floats per client per phase; the formula of the module docstring."""
@@ -669,31 +484,29 @@ class FeDLRT(FederatedAlgorithm):
 
     def dense_floats(self) -> int:
         """Floats one dense FedAvg message of the same model carries (each way, per client)."""
-        return self._numel_float(self.effective_model().state_dict())
+        return _numel_float(self.effective_model().state_dict())
 
-    # ------------------------------------------------------------------ state
-
-    def _effective_state(
-        self, dense: dict[str, Tensor], factors: dict[str, tuple[Tensor, Tensor, Tensor]]
-    ) -> dict[str, Tensor]:
-        """The dense state_dict (keys of the original model) of non-factorized state ``dense``
-        and factors U S Vᵀ per layer (a client's Ũ S̃_c Ṽᵀ for update records)."""
-        layers = self._layers(self.model)
+    # ---- state -------------------------------------------------------------------------------
+    def client_effective(self, task: ClientTask, reply: ClientReply) -> dict[str, Tensor]:
+        """Ũ S̃_c Ṽᵀ (the task's augmented bases, the reply's coefficients) per factorized
+        layer and the client's non-factorized state, as a dense state_dict."""
+        dense, factors, _ = _unpack(task.message, self.layer_names, self._factor_keys)
         state = {}
         for key, ref in self._template.state_dict().items():
             prefix, _, leaf = key.rpartition(".")
-            if prefix in layers and leaf == "weight":
-                U, S, V = factors[prefix]
+            if prefix in factors and leaf == "weight":
+                U, _, V = factors[prefix]
+                S = reply.tensors[f"{prefix}.S"]
                 state[key] = (U @ S @ V.T).reshape(ref.shape).detach().clone()
             else:
-                state[key] = dense[key].detach().clone()
+                state[key] = reply.tensors[key].detach().clone()
         return state
 
     def effective_model(self) -> nn.Module:
         """A fresh dense copy of the original model with W = U S Vᵀ in each factorized layer."""
         dense = copy.deepcopy(self._template)
         fstate = self.model.state_dict()
-        layers = self._layers(self.model)
+        layers = _layers(self.model, self.layer_names)
         state = {}
         for key in dense.state_dict():
             prefix, _, leaf = key.rpartition(".")
@@ -718,6 +531,178 @@ class FeDLRT(FederatedAlgorithm):
                 f"FeDLRT state does not match the model: missing {missing}, unknown {unknown}; "
                 "load a state saved by FeDLRT.state_tensors() for the same model and factorize"
             )
-        for n, layer in self._layers(self.model).items():
+        for n, layer in _layers(self.model, self.layer_names).items():
             layer.set_factors(tensors[f"{n}.U"], tensors[f"{n}.S"], tensors[f"{n}.V"])
         self.model.load_state_dict(tensors)
+
+
+def check_config(config: TrainConfig) -> None:
+    """What FeDLRT needs beyond the config's own checks (one line each)."""
+    if config.momentum != 0.0 or config.weight_decay != 0.0:
+        raise ValueError(
+            "FeDLRT takes plain SGD steps on the coefficients (the variance correction "
+            f"assumes it); set momentum=0 and weight_decay=0 (got {config.momentum}, "
+            f"{config.weight_decay})"
+        )
+
+
+class FeDLRTClient(Client):
+    """FeDLRT's client: the three phases of the module docstring.
+
+    ``basis``: message = global model; reply ``<layer>.GU/.GS/.GV`` (step 1), metric
+    ``loss``. ``correction``: message = augmented model; reply ``<layer>.GS`` = ∇_S̃ L_c
+    (step 3, full correction). ``train``: message = augmented model (+ ``corr.<layer>``);
+    reply ``<layer>.S`` = S̃_c and the client's non-factorized state (step 4).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, task: Task) -> None:
+        super().__init__(model, config, task)
+        self.work = copy.deepcopy(model)
+        self.layer_names = fedlrt_factorize(self.work, config)
+        self._factor_keys = _factor_keys(self.layer_names)
+
+    def __call__(
+        self, task: ClientTask, data: ClientData, state: ClientState, rng: torch.Generator
+    ) -> tuple[ClientReply, ClientState]:
+        dense, factors, corr = _unpack(task.message, self.layer_names, self._factor_keys)
+        if task.phase == "basis":
+            loss, grads = self._basis_grads(dense, factors, data)
+            return ClientReply(grads, {"loss": loss}), state
+        if task.phase == "correction":
+            coef = self._coef_grad(dense, factors, data)
+            return ClientReply({f"{n}.GS": g for n, g in coef.items()}), state
+        if task.phase == "train":
+            s_out, dense_out = self._train(dense, factors, corr, data, task.lr, rng)
+            return ClientReply({**dense_out, **{f"{n}.S": s for n, s in s_out.items()}}), state
+        raise ValueError(f"FeDLRT phases are {FeDLRT.phases}, got {task.phase!r}")
+
+    def _prepare(self, data: ClientData) -> tuple[Tensor, Tensor]:
+        dtype = _layers(self.work, self.layer_names)[self.layer_names[0]].S.dtype
+        x, y = data.inputs, data.targets
+        if x.is_floating_point():
+            x = x.to(dtype)
+        if y.is_floating_point():
+            y = y.to(dtype)
+        return x, y
+
+    def _load(self, dense: dict[str, Tensor], factors: Factors) -> nn.Module:
+        """Load a message (dense state + factors) into the scratch client module."""
+        work = self.work
+        for name, layer in _layers(work, self.layer_names).items():
+            layer.set_factors(*factors[name])
+        with torch.no_grad():
+            for key, t in work.state_dict(keep_vars=True).items():
+                if key not in self._factor_keys:
+                    t.copy_(dense[key])
+        work.train()
+        return work
+
+    def _loss(self, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.task(self.task.forward(module, x), y)
+
+    def _full_batch_grad(
+        self, module: nn.Module, x: Tensor, y: Tensor, wrt: list[Tensor]
+    ) -> tuple[float, list[Tensor]]:
+        """Mean loss over the whole local set and its gradient w.r.t. ``wrt`` (chunked)."""
+        n = x.shape[0]
+        grads = [torch.zeros_like(t) for t in wrt]
+        total = 0.0
+        for start in range(0, n, _CHUNK):
+            xb, yb = x[start : start + _CHUNK], y[start : start + _CHUNK]
+            loss = self._loss(module, xb, yb)
+            if xb.shape[0] != n:
+                loss = loss * (xb.shape[0] / n)
+            gs = torch.autograd.grad(loss, wrt, allow_unused=True)
+            for acc, g in zip(grads, gs):
+                if g is not None:
+                    acc.add_(g)
+            total += float(loss.detach())
+        return total, grads
+
+    def _basis_grads(
+        self, dense: dict[str, Tensor], factors: Factors, data: ClientData
+    ) -> tuple[float, dict[str, Tensor]]:
+        """Step 1: loss, ∇_U L_c, ∇_S L_c, ∇_V L_c at the global point, full local batch."""
+        work = self._load(dense, factors)
+        layers = _layers(work, self.layer_names)
+        wrt = [t for n in self.layer_names for t in (layers[n].U, layers[n].S, layers[n].V)]
+        for t in wrt:
+            t.requires_grad_(True)
+        x, y = self._prepare(data)
+        loss, grads = self._full_batch_grad(work, x, y, wrt)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"client {data.client_id} got a non-finite loss ({loss}) at the global point",
+                client_id=data.client_id,
+            )
+        out = {}
+        for i, n in enumerate(self.layer_names):
+            out.update({f"{n}.GU": grads[3 * i], f"{n}.GS": grads[3 * i + 1],
+                        f"{n}.GV": grads[3 * i + 2]})  # fmt: skip
+        return loss, out
+
+    def _coef_grad(
+        self, dense: dict[str, Tensor], factors: Factors, data: ClientData
+    ) -> dict[str, Tensor]:
+        """Step 3 (full correction): ∇_S̃ L_c at the augmented start point, full local batch."""
+        work = self._load(dense, factors)
+        layers = _layers(work, self.layer_names)
+        wrt = []
+        for n in self.layer_names:
+            layers[n].U.requires_grad_(False)
+            layers[n].V.requires_grad_(False)
+            wrt.append(layers[n].S)
+        x, y = self._prepare(data)
+        _, grads = self._full_batch_grad(work, x, y, wrt)
+        return dict(zip(self.layer_names, grads))
+
+    def _train(
+        self,
+        dense: dict[str, Tensor],
+        factors: Factors,
+        corrections: dict[str, Tensor] | None,
+        data: ClientData,
+        lr: float,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Step 4: s* SGD steps on S̃ (+ correction) and on the non-factorized parameters.
+
+        Returns the client's S̃_c per layer and its non-factorized state.
+        """
+        work = self._load(dense, factors)
+        layers = _layers(work, self.layer_names)
+        coefs = []
+        for n in self.layer_names:
+            layers[n].U.requires_grad_(False)
+            layers[n].V.requires_grad_(False)
+            coefs.append(layers[n].S)
+        others = [
+            p for k, p in work.named_parameters() if k not in self._factor_keys and p.requires_grad
+        ]
+        params = coefs + others
+        corr = [corrections[n] for n in self.layer_names] if corrections is not None else None
+        x, y = self._prepare(data)
+        n, cfg = x.shape[0], self.config
+        batches = batch_indices(
+            n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
+        )
+        for step, idx in enumerate(batches):
+            # a batch holding every sample is the full local batch: skip the reordering
+            xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
+            loss = self._loss(work, xb, yb)
+            if not bool(torch.isfinite(loss.detach())):
+                value = float(loss.detach())
+                raise NonFiniteError(
+                    f"client {data.client_id} got a non-finite loss ({value}) at local step "
+                    f"{step + 1} of {len(batches)}", client_id=data.client_id,
+                )  # fmt: skip
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.no_grad():
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    step = torch.zeros_like(p) if g is None else g
+                    if corr is not None and i < len(coefs):
+                        step = step + corr[i]
+                    p.sub_(lr * step)
+        s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
+        dense_out = {k: v.clone() for k, v in _dense_state(work, self._factor_keys).items()}
+        return s_out, dense_out

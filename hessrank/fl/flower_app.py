@@ -38,5 +38,7 @@ def _main(grid: Any, context: Any) -> None:
         raise ValueError(f"flwr run needs --run-config entries {missing} (see docs/flower.md)")
     config = json.loads(Path(str(run_config["config"])).read_text())
     for_config = make_execute(grid, int(run_config.get("min-nodes", 1)))
+    settings = " ".join(f"{k}={run_config[k]!r}" for k in sorted(run_config))
+    command = ["flwr", "run", "(hessrank.fl.flower_app)", "--run-config", settings]
     train_many([(config, str(run_config["out"]))], progress=False, engine="flower",
-               execute_for=for_config)  # fmt: skip
+               execute_for=for_config, command=command)  # fmt: skip

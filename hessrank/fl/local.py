@@ -1,22 +1,27 @@
 """Client-side local training: mini-batch SGD over one client's data (McMahan et al., 2017).
 
-Every algorithm's client step goes through :func:`local_sgd`, so batching, shuffling and the
-optimizer are identical across FedAvg, FedLoRA, FedLoRU and their variants.
+Every algorithm's client step goes through :func:`local_sgd` (FeDLRT's coefficient steps
+through :func:`batch_indices`), so batching, shuffling and the optimizer are identical across
+FedAvg, FedProx, FedLoRA, FedLoRU and their variants and SCAFFOLD.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from hessrank.fl.base import ClientData, NonFiniteError
+from hessrank.fl.protocol import ClientData, NonFiniteError
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+if TYPE_CHECKING:
+    from hessrank.data.task import Task
+
+__all__ = ["LocalResult", "batch_indices", "local_sgd"]
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,18 @@ def _sgd_step(
     lr: float,
     momentum: float,
     weight_decay: float,
+    correction: Sequence[Tensor] | None = None,
 ) -> None:
-    """One SGD step in place, the same arithmetic as ``torch.optim.SGD`` (see local_sgd)."""
+    """One SGD step in place, the same arithmetic as ``torch.optim.SGD`` (see local_sgd), with
+    ``correction[i]`` added to parameter i's gradient (SCAFFOLD) when given."""
     for i, p in enumerate(params):
         if p.grad is None:
             continue
         g = p.grad
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
+        if correction is not None:
+            g = g.add(correction[i])
         if momentum != 0.0:
             if buffers[i] is None:
                 buffers[i] = g.detach().clone()
@@ -94,7 +103,7 @@ def local_sgd(
     model: nn.Module,
     params: Iterable[nn.Parameter],
     data: ClientData,
-    loss_fn: LossFn,
+    task: Task,
     *,
     lr: float,
     batch_size: int,
@@ -103,12 +112,16 @@ def local_sgd(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     generator: torch.Generator,
+    penalty: Callable[[], Tensor] | None = None,
+    correction: Sequence[Tensor] | None = None,
 ) -> LocalResult:
     """Train ``params`` of ``model`` in place by SGD on ``data`` (model in train mode).
 
-    Each step minimizes the batch-mean loss ``loss_fn(model(x_b), y_b)`` by the update of
-    ``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov):
-        g ← ∇ + wd·θ;  m ← g (first step) or μ·m + g;  θ ← θ − lr·m,
+    Each step minimizes the batch-mean loss L_B = ``task(task.forward(model, x_b), y_b)``
+    (+ ``penalty()``, FedProx's proximal term) by the update of ``torch.optim.SGD(lr,
+    momentum, weight_decay)`` (no dampening, no Nesterov), with a constant ``correction``
+    c_p added to each parameter's gradient (SCAFFOLD's c − c_i; none by default):
+        g ← ∇L_B + wd·θ + c_p;  m ← g (first step) or μ·m + g;  θ ← θ − lr·m,
     written out here because ``torch.optim`` imports torch._dynamo on its first step (seconds
     of start-up). The momentum buffer is fresh for every call, i.e. for every round. Batches
     come from :func:`batch_indices`. Parameters not in ``params`` get no update (their
@@ -130,7 +143,9 @@ def local_sgd(
         for step, idx in enumerate(batches):
             for p in params:
                 p.grad = None
-            loss = loss_fn(model(data.inputs[idx]), data.targets[idx])
+            loss = task(task.forward(model, data.inputs[idx]), data.targets[idx])
+            if penalty is not None:
+                loss = loss + penalty()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteError(
@@ -138,7 +153,7 @@ def local_sgd(
                     f"{step + 1} of {len(batches)}", client_id=data.client_id,
                 )  # fmt: skip
             loss.backward()
-            _sgd_step(params, buffers, lr, momentum, weight_decay)
+            _sgd_step(params, buffers, lr, momentum, weight_decay, correction)
             total += value
     finally:
         for p in params:

@@ -4,7 +4,9 @@
 :func:`hessrank.fl.train` that trained (a resumed run appends a session). A record has
 ``hessrank``, ``git_revision`` (None outside a git checkout), ``torch``, ``numpy``, ``python``,
 ``platform``, ``threads`` (``torch.get_num_threads()``), ``device``, ``dtype``, ``command``
-(the command as parsed), ``argv`` (``sys.argv``), ``dataset_fingerprint`` (see
+(the command as parsed), ``argv`` (``sys.argv``; the value of any flag whose name holds
+``token``, ``secret`` or ``password`` is replaced by ``<redacted>``: a Flower deployment
+starts its ServerApp with a session token), ``dataset_fingerprint`` (see
 :func:`dataset_fingerprint`), ``resumed_from`` (round or None), ``started`` and ``finished``
 (UTC ISO-8601; ``finished`` is None for a session that did not complete).
 """
@@ -23,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessrank.checkpoints import atomic_write_text
 from hessrank.fl.config import TrainConfig
+from hessrank.io import atomic_write_text
 
-__all__ = ["PROVENANCE_FILE", "dataset_fingerprint", "git_revision", "start_record"]
+__all__ = ["PROVENANCE_FILE", "dataset_fingerprint", "git_revision", "redacted", "start_record"]
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -51,6 +53,28 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + "+dirty" if dirty else rev) or None
+
+
+_SECRET_FLAGS = ("token", "secret", "password")
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret-bearing flags (``--token X``, ``--token=X``, any
+    flag naming a token, secret or password) replaced by ``<redacted>``."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("<redacted>")
+            hide = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        secret = flag.startswith("-") and any(w in flag.lower() for w in _SECRET_FLAGS)
+        if secret and eq:
+            out.append(f"{flag}=<redacted>")
+        else:
+            out.append(arg)
+            hide = secret
+    return out
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -85,8 +109,8 @@ def start_record(
         "threads": torch.get_num_threads(),
         "device": str(device),
         "dtype": config.dtype,
-        "command": list(command) if command is not None else list(sys.argv),
-        "argv": list(sys.argv),
+        "command": redacted(list(command) if command is not None else list(sys.argv)),
+        "argv": redacted(list(sys.argv)),
         "dataset": config.dataset,
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "resumed_from": resumed_from,

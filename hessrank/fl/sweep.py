@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from hessrank.checkpoints import atomic_write_text
-from hessrank.fl.base import NonFiniteError
 from hessrank.fl.config import TrainConfig
+from hessrank.fl.protocol import NonFiniteError
+from hessrank.io import atomic_write_text
 
 __all__ = ["sweep"]
 

@@ -164,6 +164,7 @@ def lanczos(
     seed: int = 0,
     tol: float | None = None,
     return_eigenvectors: bool = True,
+    until_converged: bool = False,
 ) -> EigenResult:
     """k extreme eigenpairs of each stacked symmetric operator by Lanczos.
 
@@ -175,10 +176,14 @@ def lanczos(
     Args:
         op: operator (J, p, p) or dense symmetric (p, p) / (J, p, p) tensor.
         k: number of Ritz pairs returned (k ≤ num_matvecs).
-        num_matvecs: Lanczos steps m (capped at p: m = p reconstructs the matrix exactly).
+        num_matvecs: Lanczos steps m (capped at p: m = p reconstructs the matrix exactly);
+            with ``until_converged`` the most steps taken.
         seed: seeds the start vector and any restart; same seed, same result.
         tol: convergence threshold on residual / max|θ| (default 1e-8 in float64, 1e-4 else).
         return_eigenvectors: also return Ritz vectors (J, p, k).
+        until_converged: stop as soon as the k selected Ritz pairs of every stacked operator
+            have converged (residual ≤ tol · max|θ|; checked after each step from the
+            tridiagonal, no extra product), at most ``num_matvecs`` steps.
     Returns:
         :class:`EigenResult` with residual norms β_m |e_mᵀ y_i| (some eigenvalue lies within
         that distance of θ_i), floored at the dtype's round-off eps·max|θ|·sqrt(p), and
@@ -201,9 +206,16 @@ def lanczos(
         )
     gen = make_generator(seed)
     start = random_block((J, p, 1), gen, kind="gaussian", dtype=op.dtype, device=op.device)
-    kr = lanczos_tridiagonal(
-        op, start, m, generator=restart_generator(seed), keep_basis=return_eigenvectors
-    )
+    if tol is None:
+        tol = 1e-8 if op.dtype == torch.float64 else 1e-4
+    if until_converged:
+        kr = _lanczos_until_converged(op, start[..., 0], m, k, which, tol,
+                                      restart_generator(seed))
+        m = kr.steps
+    else:
+        kr = lanczos_tridiagonal(
+            op, start, m, generator=restart_generator(seed), keep_basis=return_eigenvectors
+        )
     theta, Y, resid = ritz(kr)
     theta, Y, resid = theta[:, 0], Y[:, 0], resid[:, 0]  # b = 1
     idx = _order(theta, which)[:, :k]
@@ -212,8 +224,6 @@ def lanczos(
     # accurate than the operator's dtype, so it is floored at that round-off.
     floor = torch.finfo(op.dtype).eps * theta.abs().amax(dim=1, keepdim=True) * math.sqrt(p)
     res = torch.maximum(torch.gather(resid, 1, idx), floor)
-    if tol is None:
-        tol = 1e-8 if op.dtype == torch.float64 else 1e-4
     scale = theta.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     converged = res <= tol * scale
     vecs = None
@@ -230,6 +240,38 @@ def lanczos(
         which=which,
         eigenvectors=vecs,
     )
+
+
+def _lanczos_until_converged(op: Operator, start: Tensor, cap: int, k: int, which: str,
+                             tol: float, generator: torch.Generator) -> Krylov:
+    """Lanczos steps until the k pairs selected by ``which`` of every operator have residual
+    ≤ tol · max|θ| (floored at the dtype's round-off, as :func:`lanczos` reports it), or
+    ``cap`` steps; the run as a :class:`Krylov` with b = 1."""
+    J, p = start.shape
+    run = LanczosRecurrence(start, capacity=cap, generator=generator)
+    eps = torch.finfo(op.dtype).eps
+    while True:
+        V = torch.stack([run.next_vector(j) for j in range(J)])[..., None]
+        run.advance(op.matmat(V)[..., 0], np.ones(J, dtype=bool))
+        m = int(run.steps[0])
+        if m >= run.capacity:
+            break
+        if m < k:
+            continue
+        done = True
+        for j in range(J):
+            theta, resid = run.ritz(j)
+            sel = _order(torch.as_tensor(theta)[None], which)[0, :k].numpy()
+            top = float(np.abs(theta).max())
+            if not np.all(np.maximum(resid[sel], eps * top * math.sqrt(p)) <= tol * top):
+                done = False
+                break
+        if done:
+            break
+    m = int(run.steps[0])
+    alpha = torch.as_tensor(run.alpha[:, None, :m])
+    beta = torch.as_tensor(run.beta[:, None, :m])
+    return Krylov(alpha=alpha, beta=beta, basis=run.Q[:, None, :m], num_matvecs=m)
 
 
 class LanczosRecurrence:

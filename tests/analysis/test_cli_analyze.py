@@ -22,6 +22,7 @@ def test_bad_flags_exit_2_with_one_line(trained_run, capsys, flag, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_analyze_then_plot(trained_run, tmp_path, capsys):
     out = tmp_path / "an"
     argv = ["analyze", str(trained_run), "--rounds", "0:2:2", "--subjects", "server,clients",

@@ -69,7 +69,7 @@ def test_rank_regression_recovers_the_size_effect_at_fixed_entropy():
 
 def test_analyze_controls_on_a_run(trained_run):
     from hessrank.analysis.subjects import draw_subset
-    from hessrank.checkpoints import RunDir
+    from hessrank.fl.rundir import RunDir
 
     t = ct.analyze_controls(trained_run, rounds=[0, 2], matched_draws=2, nested_sizes=[10, 40],
                             nested_draws=1, matvecs=10, seed=0)

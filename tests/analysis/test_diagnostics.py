@@ -117,6 +117,7 @@ def test_diagnose_on_a_stack_names_every_subject(small):
         dg.diagnose(stackH, stackG, num_matvecs=20, subjects=names[:1])
 
 
+@pytest.mark.slow
 def test_run_diagnostics_on_a_trained_run(trained_run):
     t = dg.run_diagnostics(trained_run, seed=5, rounds=[0, 2],
                            subjects="server,subset:30x2", matvecs=12, density_probes=3)

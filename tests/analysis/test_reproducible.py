@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from hessrank.analysis.trajectory import analyze
 
@@ -28,6 +29,7 @@ def _cli(run: Path, out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "results.parquet")
 
 
+@pytest.mark.slow
 def test_two_fresh_processes_give_the_same_bits(trained_run, tmp_path):
     a = _cli(trained_run, tmp_path / "a").drop(columns=VOLATILE)
     b = _cli(trained_run, tmp_path / "b").drop(columns=VOLATILE)
@@ -38,6 +40,7 @@ def test_two_fresh_processes_give_the_same_bits(trained_run, tmp_path):
     assert ja["routes"] == jb["routes"] and ja["environment"]["threads"] == 1
 
 
+@pytest.mark.slow
 def test_rtol_spends_products_until_the_stderr_is_small(trained_run, tmp_path):
     loose = analyze(trained_run, rounds="2", subjects="server", matvecs=10, rtol=0.5,
                     out=tmp_path / "a", progress=False)

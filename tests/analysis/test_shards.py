@@ -8,10 +8,10 @@ import json
 import pandas as pd
 import pytest
 
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.store import RunMismatchError, merge_dirs
 from hessrank.analysis.trajectory import analyze
 from hessrank.cli import main
-from hessrank.plotting import load_table
 
 KW = dict(rounds="1,2", subjects="server,clients,subset:10x2",
           quantities="stable-rank,density", density_probes=2, matvecs=10, progress=False,
@@ -29,6 +29,7 @@ def serial(trained_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_shards_into_one_directory_equal_the_serial_table(trained_run, tmp_path, serial):
     out = tmp_path / "an"
     parts = [analyze(trained_run, out=out, shard=(i, 3), **KW) for i in (1, 2, 3)]
@@ -37,6 +38,7 @@ def test_shards_into_one_directory_equal_the_serial_table(trained_run, tmp_path,
     pd.testing.assert_frame_equal(_bits(out), _bits(serial), check_exact=True)
 
 
+@pytest.mark.slow
 def test_workers_equal_the_serial_table(trained_run, tmp_path, serial):
     out = tmp_path / "an"
     analyze(trained_run, out=out, workers=2, **KW)
@@ -69,6 +71,7 @@ def test_bad_shard_flags(trained_run, tmp_path, capsys):
         assert needle in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_limit_streams_products_and_keeps_the_numbers(trained_run, tmp_path):
     """--memory-mb below the linearizations' size: products are not kept and stream over
     micro-batches (the route says so); the values agree with the default route to 1e-9

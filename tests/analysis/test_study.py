@@ -56,6 +56,7 @@ min_effect = 0.1
 """
 
 
+@pytest.mark.slow
 def test_study_command_end_to_end(tmp_path, capsys):
     spec = tmp_path / "smoke.toml"
     spec.write_text(SPEC)
@@ -177,6 +178,7 @@ def test_bad_specs_fail_with_one_line(tmp_path, capsys, edit, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["centralized_digits", "federated_digits",
                                   "federated_digits_fedloru"])
 def test_committed_verdicts_follow_from_the_committed_tables(name):
@@ -220,6 +222,7 @@ def _fake_run(path, seed, rounds=(1, 2, 3, 4), clients=4, shared=True):
     return path
 
 
+@pytest.mark.slow
 def test_alignment_of_recorded_updates_feeds_inference(tmp_path):
     from hessrank.analysis.update_alignment import load_client_updates, pair_differences
 

@@ -31,6 +31,8 @@ from hessrank.analysis.theory import (
     reversal_table,
 )
 
+pytestmark = pytest.mark.slow  # every test here takes seconds (make check skips them)
+
 P = 1000
 
 

@@ -11,6 +11,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn.functional import cross_entropy
 
 import hessrank as hr
+from hessrank.data.task import RegressionTask
 from hessrank.linalg.stack import LinearCombination
 
 from .conftest import build_case
@@ -70,6 +71,7 @@ def small(request):
     return request.param, model, x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{}, {"hvp": "rev-rev", "block": "vmap"},
                                 {"hvp": "graph", "cache": False},
                                 {"hvp": "graph", "block": "vmap"}])
@@ -110,10 +112,10 @@ def test_mc_fisher_with_squared_error_averages_to_the_ggn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(300, 3, dtype=torch.float64), torch.randn(300, 2, dtype=torch.float64)
-    G = dense_ggn(model, nn.functional.mse_loss, x, y)
+    task = RegressionTask()
+    G = dense_ggn(model, task, x, y)
     V = _probes(G.shape[0], 2)
-    ops = [hr.FisherOperator(model, nn.functional.mse_loss, (x, y), kind="mc", seed=s)
-           for s in range(20)]
+    ops = [hr.FisherOperator(model, task, (x, y), kind="mc", seed=s) for s in range(20)]
     assert not torch.equal(ops[0].batches.targets[0], ops[1].batches.targets[0])
     mean = sum(op.matmat(V) for op in ops) / 20
     # E F = G for a Gaussian likelihood; 20 draws of 300 samples: a few % of ‖G V‖
@@ -254,10 +256,12 @@ def tiny_bert():
     try:
         import transformers
 
+        # pad_token_id=None: BERT's default 0 builds Embedding(padding_idx=0), whose
+        # reverse-mode gradient drops row 0 while forward mode (the GGN's jvp) keeps it
         config = transformers.BertConfig(
             vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=12, max_position_embeddings=12, num_labels=3,
-            attn_implementation="eager")
+            attn_implementation="eager", pad_token_id=None)
         model = transformers.BertForSequenceClassification(config)
     except Exception:  # noqa: BLE001 - e.g. a torchvision that does not match the CPU torch
         model = TinyAttention()
@@ -275,8 +279,10 @@ def _logit_ce(out, y):
 
 
 def test_dict_inputs_attention_model():
+    """The task reads ``.logits`` of a Hugging Face style output (the reference takes them by
+    hand)."""
     model, x, y = tiny_bert()
-    op = hr.HessianOperator(model, _logit_ce, (x, y), batch_size=4)
+    op = hr.HessianOperator(model, cross_entropy, (x, y), batch_size=4)
     assert op.num_samples == 10 and len(op.batches) == 3
     params = [q for q in model.parameters() if q.requires_grad]
     g = torch.autograd.grad(_logit_ce(model(**x), y), params, create_graph=True)
@@ -286,11 +292,11 @@ def test_dict_inputs_attention_model():
     ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, parts)])
     torch.testing.assert_close(op.matmat(V), ref, rtol=RTOL, atol=TOL)
     # streamed over micro-batches of dict inputs: the same operator
-    micro = hr.HessianOperator(model, _logit_ce, (x, y), batch_size=4, micro_batch_size=3)
+    micro = hr.HessianOperator(model, cross_entropy, (x, y), batch_size=4, micro_batch_size=3)
     assert micro.route["micro_batch"] == 3
     torch.testing.assert_close(micro.matmat(V), ref, rtol=RTOL, atol=TOL)
     # GGN on the logits: Jᵀ H_out J from the Jacobian of the logits
-    ggn = hr.GGNOperator(model, _logit_ce, (x, y))
+    ggn = hr.GGNOperator(model, cross_entropy, (x, y))
     named = dict(model.named_parameters())
     names = list(named)
     sizes = [named[n].numel() for n in names]
@@ -309,12 +315,12 @@ def test_dict_inputs_attention_model():
 def test_dict_inputs_federated_equals_separate():
     model, x, y = tiny_bert()
     data = [({k: t[a:b] for k, t in x.items()}, y[a:b]) for a, b in ((0, 3), (3, 10))]
-    F = hr.FederatedOperator(model, _logit_ce, data, "hessian")
+    F = hr.FederatedOperator(model, cross_entropy, data, "hessian")
     J, p, _ = F.shape
     V = torch.randn(J, p, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out = F.matmat(V)
     for c, d in enumerate(data):
-        torch.testing.assert_close(out[c], hr.HessianOperator(model, _logit_ce, d).matmat(V[c]),
+        torch.testing.assert_close(out[c], hr.HessianOperator(model, cross_entropy, d).matmat(V[c]),
                                    rtol=0, atol=TOL)
 
 

@@ -1,4 +1,4 @@
-"""FederatedHessian: each stacked slice equals its own HessianOperator; server = pooled data."""
+"""FederatedOperator: each stacked slice equals its own HessianOperator; server = pooled data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessrank.curvature import FederatedHessian, HessianOperator, dense_hessian
+from hessrank.curvature import FederatedOperator, HessianOperator, dense_hessian
 
 TOL = 1e-10  # float64 throughout: the slices are the same sums in a different order
 
@@ -26,7 +26,7 @@ def _pooled(data):
 
 def test_shape_and_names(setting):
     model, loss, data = setting
-    F = FederatedHessian(model, loss, data)
+    F = FederatedOperator(model, loss, data)
     p = sum(t.numel() for t in model.parameters())
     assert F.shape == (4, p, p)
     assert F.subject_names == ["client0", "client1", "client2", "server"]
@@ -35,7 +35,7 @@ def test_shape_and_names(setting):
 @pytest.mark.parametrize("k", [1, 3])
 def test_client_slices_equal_separate_operators(setting, k):
     model, loss, data = setting
-    F = FederatedHessian(model, loss, data)
+    F = FederatedOperator(model, loss, data)
     J, p, _ = F.shape
     V = torch.randn(J, p, k, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = F.matmat(V)
@@ -46,7 +46,7 @@ def test_client_slices_equal_separate_operators(setting, k):
 
 def test_server_slice_equals_pooled_operator_and_dense(setting):
     model, loss, data = setting
-    F = FederatedHessian(model, loss, data, batch_size=5)  # batching must not change H
+    F = FederatedOperator(model, loss, data, batch_size=5)  # batching must not change H
     J, p, _ = F.shape
     V = torch.randn(J, p, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     server = F.matmat(V)[-1]
@@ -59,7 +59,7 @@ def test_server_slice_equals_pooled_operator_and_dense(setting):
 def test_custom_weights_give_weighted_sum(setting):
     model, loss, data = setting
     w = [0.5, 0.25, 0.25]
-    F = FederatedHessian(model, loss, data, weights=w)
+    F = FederatedOperator(model, loss, data, weights=w)
     J, p, _ = F.shape
     V = torch.randn(J, p, 1, dtype=torch.float64)
     Hs = [dense_hessian(model, loss, d) for d in data]
@@ -70,6 +70,6 @@ def test_custom_weights_give_weighted_sum(setting):
 def test_bad_weights_are_rejected(setting):
     model, loss, data = setting
     with pytest.raises(ValueError, match="sum to 1"):
-        FederatedHessian(model, loss, data, weights=[0.5, 0.5, 0.5])
+        FederatedOperator(model, loss, data, weights=[0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="3 clients"):
-        FederatedHessian(model, loss, data, weights=[0.5, 0.5])
+        FederatedOperator(model, loss, data, weights=[0.5, 0.5])

@@ -31,6 +31,7 @@ def probe_block(p: int, k: int, seed: int = 0) -> torch.Tensor:
     ("rev-rev", "vmap", True), ("rev-rev", "loop", False), ("fwd-rev", "vmap", False),
     ("fwd-rev", "loop", False), ("auto", "auto", "auto"),
 ])
+@pytest.mark.slow
 def test_products_match_dense_hessian(case, hvp, block, cache):
     name, model, x, y = case
     H = dense_truth(name, model, x, y)
@@ -67,6 +68,7 @@ def test_client_hessians_average_to_pooled_hessian():
     torch.testing.assert_close(weighted, H, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_parameter_subset_is_the_sub_block():
     model, x, y = build_case("cnn")
     names = [n for n, _ in model.named_parameters()]
@@ -87,6 +89,7 @@ def test_parameter_subset_is_the_sub_block():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_stable_rank_within_one_percent_at_50_matvecs(case):
     name, model, x, y = case
     true = hr.exact_stable_rank(dense_truth(name, model, x, y))
@@ -253,6 +256,6 @@ def test_auto_calibration_skips_a_block_strategy_that_cannot_run():
     op.batches = raw
     V = torch.randn(op.shape[1], 3, dtype=torch.float64)
     out = op.matmat(V)
-    assert op.settings["block"] == "loop"
+    assert op.route["block"] == "loop"
     H = hr.dense_hessian(model, nn.functional.cross_entropy, (x, y))
     torch.testing.assert_close(out, H @ V, rtol=0, atol=1e-10)

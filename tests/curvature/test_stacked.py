@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hessrank.curvature import FederatedHessian, dense_hessian
+from hessrank.curvature import FederatedOperator, dense_hessian
 from hessrank.curvature.data import as_batches
 from hessrank.curvature.stacked import couples_samples, make_units, plan_unit_size
 
@@ -39,6 +39,7 @@ def _check_against_dense(F, model, loss, data, k, mode="eval"):
     torch.testing.assert_close(out[-1], Hserver @ V[-1], rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [None, 5])
 @pytest.mark.parametrize("k", [1, 3])
 def test_stacked_equals_dense_on_every_model(case, batch_size, k):
@@ -47,11 +48,11 @@ def test_stacked_equals_dense_on_every_model(case, batch_size, k):
     _, model, x, y = case
     data = _split(x[:42], y[:42])
     loss = nn.functional.cross_entropy
-    F = FederatedHessian(model, loss, data, strategy="stacked", batch_size=batch_size)
+    F = FederatedOperator(model, loss, data, strategy="stacked", batch_size=batch_size)
     assert F.strategy == "stacked"
     if batch_size is not None:
-        assert F.settings["unit_size"] <= batch_size
-        assert F.settings["units"] > len(data)
+        assert F.route["unit_size"] <= batch_size
+        assert F.route["units"] > len(data)
     _check_against_dense(F, model, loss, data, k)
 
 
@@ -61,8 +62,8 @@ def test_stacked_equals_per_client(case):
     loss = nn.functional.cross_entropy
     V = torch.randn(5, sum(t.numel() for t in model.parameters()), 2, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(4))
-    a = FederatedHessian(model, loss, data, strategy="stacked").matmat(V)
-    b = FederatedHessian(model, loss, data, strategy="per-client").matmat(V)
+    a = FederatedOperator(model, loss, data, strategy="stacked").matmat(V)
+    b = FederatedOperator(model, loss, data, strategy="per-client").matmat(V)
     torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
@@ -74,13 +75,13 @@ def test_custom_weights_parameter_subset_and_mse():
     data = _split(x, y, (4, 9, 17))
     loss = nn.functional.mse_loss
     w = [0.2, 0.3, 0.5]
-    F = FederatedHessian(model, loss, data, weights=w, params=["2.weight"], strategy="stacked",
+    F = FederatedOperator(model, loss, data, weights=w, params=["2.weight"], strategy="stacked",
                          batch_size=6)
     J, p, _ = F.shape
     assert p == 12
     V = torch.randn(J, p, 2, dtype=torch.float64)
     out = F.matmat(V)
-    F_ref = FederatedHessian(model, loss, data, weights=w, params=["2.weight"],
+    F_ref = FederatedOperator(model, loss, data, weights=w, params=["2.weight"],
                              strategy="per-client")
     torch.testing.assert_close(out, F_ref.matmat(V), rtol=0, atol=TOL)
 
@@ -90,7 +91,7 @@ def test_train_mode_without_batchnorm_is_stacked_and_exact():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
     x, y = torch.randn(42, 5, dtype=torch.float64), torch.randint(0, 3, (42,))
     data = _split(x, y)
-    F = FederatedHessian(model, nn.functional.cross_entropy, data, mode="train", batch_size=8,
+    F = FederatedOperator(model, nn.functional.cross_entropy, data, mode="train", batch_size=8,
                          strategy="stacked")
     _check_against_dense(F, model, nn.functional.cross_entropy, data, 1, mode="train")
 
@@ -100,10 +101,10 @@ def test_groups_under_a_small_budget_give_the_same_products(case):
     _, model, x, y = case
     data = _split(x[:42], y[:42])
     loss = nn.functional.cross_entropy
-    whole = FederatedHessian(model, loss, data, strategy="stacked", batch_size=4)
-    F = FederatedHessian(model, loss, data, strategy="stacked", batch_size=4,
+    whole = FederatedOperator(model, loss, data, strategy="stacked", batch_size=4)
+    F = FederatedOperator(model, loss, data, strategy="stacked", batch_size=4,
                          cache_budget_mb=2.5 * whole.route["unit_mb"])
-    assert F.settings["groups"] > 1
+    assert F.route["groups"] > 1
     V = torch.randn(*F.shape[:2], 2, dtype=torch.float64)
     torch.testing.assert_close(F.matmat(V), whole.matmat(V), rtol=0, atol=TOL)
 
@@ -119,13 +120,13 @@ def _small():
 def test_batchnorm_in_train_mode_falls_back_to_per_client():
     model, data = _small()
     assert couples_samples(model, "train") and not couples_samples(model, "eval")
-    F = FederatedHessian(model, nn.functional.cross_entropy, data, mode="train")
+    F = FederatedOperator(model, nn.functional.cross_entropy, data, mode="train")
     assert F.strategy == "per-client"
     assert "BatchNorm" in F.strategy_reason
     with pytest.raises(ValueError, match="strategy='stacked' cannot be used: BatchNorm"):
-        FederatedHessian(model, nn.functional.cross_entropy, data, mode="train",
+        FederatedOperator(model, nn.functional.cross_entropy, data, mode="train",
                          strategy="stacked")
-    F = FederatedHessian(model, nn.functional.cross_entropy, data)  # eval: running statistics
+    F = FederatedOperator(model, nn.functional.cross_entropy, data)  # eval: running statistics
     assert F.strategy == "stacked" and F.strategy_reason.startswith("auto: rule")
 
 
@@ -135,12 +136,12 @@ def test_auto_follows_a_rule_and_is_bit_identical(case):
     _, model, x, y = case
     data = _split(x[:42], y[:42])
     loss = nn.functional.cross_entropy
-    F = FederatedHessian(model, loss, data)
+    F = FederatedOperator(model, loss, data)
     assert F.strategy == "stacked" and F.route["strategy"] == "stacked"
     assert F.strategy_reason == "auto: rule (stacked applies)"
     assert len(F.clients) == len(data)
     _check_against_dense(F, model, loss, data, 2)
-    G = FederatedHessian(model, loss, data)
+    G = FederatedOperator(model, loss, data)
     assert G.route == F.route
     V = torch.randn(*F.shape[:2], 2, dtype=torch.float64)
     assert torch.equal(F.matmat(V), G.matmat(V))
@@ -152,7 +153,7 @@ def test_loss_that_is_not_a_per_sample_mean_falls_back():
     def batch_level(out, y):  # the square of a batch mean couples the samples
         return nn.functional.cross_entropy(out, y) ** 2
 
-    F = FederatedHessian(model, batch_level, data)
+    F = FederatedOperator(model, batch_level, data)
     assert F.strategy == "per-client"
     assert "per-sample" in F.strategy_reason
     # and the fallback is still the right operator
@@ -160,13 +161,13 @@ def test_loss_that_is_not_a_per_sample_mean_falls_back():
     H0 = dense_hessian(model, batch_level, data[0])
     torch.testing.assert_close(F.matmat(V)[0], H0 @ V[0], rtol=0, atol=TOL)
     with pytest.raises(ValueError, match="not a mean of per-sample losses"):
-        FederatedHessian(model, batch_level, data, strategy="stacked")
+        FederatedOperator(model, batch_level, data, strategy="stacked")
 
 
 def test_uncached_settings_use_per_client():
     model, data = _small()
     for kw in ({"cache": False}, {"hvp": "fwd-rev"}):
-        F = FederatedHessian(model, nn.functional.cross_entropy, data, **kw)
+        F = FederatedOperator(model, nn.functional.cross_entropy, data, **kw)
         assert F.strategy == "per-client" and "uncached" in F.strategy_reason
 
 
@@ -174,13 +175,13 @@ def test_bad_client_data_is_named():
     model, data = _small()
     bad = [data[0], data[1], (data[2][0][:0], data[2][1][:0])]
     with pytest.raises(ValueError, match="client 2: data is empty"):
-        FederatedHessian(model, nn.functional.cross_entropy, bad)
+        FederatedOperator(model, nn.functional.cross_entropy, bad)
     x = data[1][0].clone()
     x[3, 0] = float("nan")
     with pytest.raises(ValueError, match="client 1: the loss is not finite"):
-        FederatedHessian(model, nn.functional.cross_entropy, [data[0], (x, data[1][1])])
+        FederatedOperator(model, nn.functional.cross_entropy, [data[0], (x, data[1][1])])
     with pytest.raises(ValueError, match="strategy must be one of"):
-        FederatedHessian(model, nn.functional.cross_entropy, data, strategy="fast")
+        FederatedOperator(model, nn.functional.cross_entropy, data, strategy="fast")
 
 
 # ---- layout helpers ----------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessrank.fl.base import ClientData
+from hessrank.data.task import ClassificationTask
 from hessrank.fl.config import TrainConfig
-from hessrank.fl.fedavg import FedAvg, weighted_average
+from hessrank.fl.fedavg import weighted_average
 from hessrank.fl.local import batch_indices, local_sgd
+from hessrank.fl.loop import Federation
+from hessrank.fl.protocol import ClientData
 
 DT = torch.float64
 
@@ -41,18 +43,17 @@ def _config(**kw) -> TrainConfig:
 def test_one_client_equals_centralized_sgd():
     """Same batches, optimizer reset per round: FedAvg with K = 1 is plain SGD (float64)."""
     client = _client(0, 19, seed=1)  # 19: uneven last batch
-    cfg = _config(clients=1)
-    algo = FedAvg(_mlp(), cfg)
+    fed = Federation.build(_mlp(), _config(clients=1), ClassificationTask())
     ref = _mlp()
     g_fed, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for t in range(1, 4):
-        algo.run_round(t, [client], lr=0.1, generator=g_fed)
+        fed.round(t, [client], lr=0.1, rng=g_fed)
         opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
         for idx in batch_indices(19, 4, epochs=2, steps=0, generator=g_ref):
             opt.zero_grad()
             F.cross_entropy(ref(client.inputs[idx]), client.targets[idx]).backward()
             opt.step()
-    for (name, p), q in zip(algo.model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(fed.strategy.model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14, msg=name)
 
 
@@ -63,20 +64,19 @@ def test_local_steps_mode_takes_exactly_s_steps():
 
 def test_average_is_size_weighted_for_parameters_and_bn_buffers():
     clients = [_client(0, 12, seed=1), _client(1, 30, seed=2)]
-    cfg = _config(clients=2)
-    algo = FedAvg(_bn_net(), cfg)
+    fed = Federation.build(_bn_net(), _config(clients=2), ClassificationTask())
     gen = torch.Generator().manual_seed(0)
     g_ref = torch.Generator().manual_seed(0)
-    start = copy.deepcopy(algo.model)
-    stats = algo.run_round(1, clients, lr=0.1, generator=gen)
+    start = copy.deepcopy(fed.strategy.model)
+    stats = fed.round(1, clients, lr=0.1, rng=gen)
     finals = []
     for c in clients:  # clients are visited in order, drawing from one generator
         m = copy.deepcopy(start)
-        local_sgd(m, m.parameters(), c, F.cross_entropy, lr=0.1, batch_size=4, epochs=2,
+        local_sgd(m, m.parameters(), c, ClassificationTask(), lr=0.1, batch_size=4, epochs=2,
                   momentum=0.5, generator=g_ref)  # fmt: skip
         finals.append(m.state_dict())
     expected = weighted_average(finals, [12, 30])
-    got = algo.model.state_dict()
+    got = fed.strategy.model.state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-14, msg=key)
     assert "1.running_mean" in expected  # buffers are part of the average

@@ -1,7 +1,7 @@
 """FeDLRT (hessrank.fl.fedlrt) and its U S Vᵀ layers (hessrank.fl.dlrt_layers).
 
 Exactness tests run in float64. The runner is not involved: rounds are driven through
-``FeDLRT.run_round`` with hand-built ``ClientData``.
+``Federation.round`` (FeDLRT's strategy and client) with hand-built ``ClientData``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.datasets import load_dataset
-from hessrank.fl.base import ClientData
+from hessrank.data.datasets import load_dataset
+from hessrank.data.task import ClassificationTask, RegressionTask, Task
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear
 from hessrank.fl.fedlrt import FeDLRT, augment_basis, truncation_rank
+from hessrank.fl.loop import Federation
+from hessrank.fl.protocol import ClientData
 from hessrank.models import build_model
 
 FULL_BATCH = 10**9  # batch_size >= n_c: every local step is a full-batch gradient step
@@ -27,6 +29,11 @@ def _config(**kw) -> TrainConfig:
     base = dict(algo="fedlrt", local_steps=3, batch_size=FULL_BATCH, r_min=1, r_max=64)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _fed(net: nn.Module, config: TrainConfig, task: Task | None = None) -> Federation:
+    """FeDLRT's strategy and client on ``net`` (regression loss 0.5‖ŷ − y‖² by default)."""
+    return Federation.build(net, config, task if task is not None else RegressionTask())
 
 
 def _linear_net(d_in: int, d_out: int, seed: int = 0) -> nn.Module:
@@ -161,16 +168,16 @@ def test_one_client_full_correction_equals_centralized_gd_on_augmented_coefficie
     d_in, d_out, r, steps, lr, theta = 12, 9, 3, 4, 0.3, 0.05
     (client,) = _lsq_clients(1, 60, d_in, d_out, seed=3)
     net = _linear_net(d_in, d_out)
-    algo = FeDLRT(net, _config(rank=r, factorize=["0"], local_steps=steps, trunc_theta=theta))
+    algo = _fed(net, _config(rank=r, factorize=["0"], local_steps=steps, trunc_theta=theta))
     gen = torch.Generator().manual_seed(0)
     for t in range(3):
-        state = algo.state_tensors()
+        state = algo.strategy.state_tensors()
         w_ref, r_ref = _reference_round(
             state["0.U"], state["0.S"], state["0.V"], client.inputs, client.targets, lr, steps,
             theta,
         )  # fmt: skip
-        stats = algo.run_round(t, [client], lr, gen)
-        w = algo.effective_model()[0].weight.detach()
+        stats = algo.round(t, [client], lr, gen)
+        w = algo.strategy.effective_model()[0].weight.detach()
         # float64 rounding through a few QR/SVDs of 12 × 6 matrices: 1e-10 is ~1e5 · eps
         torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-10)
         assert stats.ranks["0"] == r_ref
@@ -195,7 +202,7 @@ def test_bases_orthonormal_and_ranks_within_bounds(
 ) -> None:
     d_out, d_in = shape
     clients = _lsq_clients(3, 40, d_in, d_out, seed=1, hetero=False)
-    algo = FeDLRT(
+    algo = _fed(
         _linear_net(d_in, d_out),
         _config(rank=rank, factorize=["0"], r_min=r_min, r_max=r_max, trunc_theta=theta,
                 correction="simplified"),
@@ -203,8 +210,8 @@ def test_bases_orthonormal_and_ranks_within_bounds(
     gen = torch.Generator().manual_seed(0)
     r_prev = min(rank, d_out, d_in)
     for t in range(6):
-        stats = algo.run_round(t, clients, 0.2, gen)
-        layer = algo.model.get_submodule("0")
+        stats = algo.round(t, clients, 0.2, gen)
+        layer = algo.strategy.model.get_submodule("0")
         assert _orth_err(layer.U) < 1e-6 and _orth_err(layer.V) < 1e-6
         pre = stats.extra["rank_pre/0"]
         assert pre <= min(2 * r_prev, max(d_out, d_in))
@@ -218,24 +225,24 @@ def test_default_factorization_of_an_mlp_with_biases_float32() -> None:
     torch.manual_seed(0)
     net = build_model("mlp", (16,), 4, hidden=(24, 24))
     keys = list(net.state_dict())
-    algo = FeDLRT(net, TrainConfig(algo="fedlrt", rank=4, local_steps=0, local_epochs=1,
-                                   batch_size=8, r_min=2, r_max=16))  # fmt: skip
-    assert len(algo.layer_names) == 1  # the hidden 24 × 24 layer; first and last stay dense
+    algo = _fed(net, TrainConfig(algo="fedlrt", rank=4, local_steps=0, local_epochs=1,
+                                 batch_size=8, r_min=2, r_max=16), ClassificationTask())
+    assert len(algo.strategy.layer_names) == 1  # the hidden 24 × 24 layer; first, last dense
     g = torch.Generator().manual_seed(0)
     clients = [
         ClientData(c, torch.randn(30, 16, generator=g), torch.randint(0, 4, (30,), generator=g))
         for c in range(3)
     ]
     gen = torch.Generator().manual_seed(0)
-    losses = [algo.run_round(t, clients, 0.1, gen).train_loss for t in range(8)]
-    assert losses[-1] < losses[0]  # cross-entropy by default for integer targets
-    dense = algo.effective_model()
+    losses = [algo.round(t, clients, 0.1, gen).train_loss for t in range(8)]
+    assert losses[-1] < losses[0]
+    dense = algo.strategy.effective_model()
     assert type(dense) is type(net) and list(dense.state_dict()) == keys
     x = torch.randn(5, 16)
-    torch.testing.assert_close(dense(x), algo.model(x), rtol=1e-5, atol=1e-5)
-    layer = algo.model.get_submodule(algo.layer_names[0])
+    torch.testing.assert_close(dense(x), algo.strategy.model(x), rtol=1e-5, atol=1e-5)
+    layer = algo.strategy.model.get_submodule(algo.strategy.layer_names[0])
     assert _orth_err(layer.U) < 1e-6 and _orth_err(layer.V) < 1e-6
-    assert "fedlrt.truncation" in algo.config.notes
+    assert "fedlrt.truncation" in algo.notes()
 
 
 # ------------------------------------------------------------------ convergence
@@ -247,13 +254,13 @@ def test_lowrank_lsq_loss_to_zero_and_true_rank_recovered() -> None:
     clients = [ClientData(c, x[idx], y[idx]) for c, idx in enumerate(torch.arange(800).chunk(4))]
     torch.manual_seed(0)
     net = build_model("linear", (20,), 20).double()
-    algo = FeDLRT(net, _config(rank=6, factorize=["fc"], local_steps=5, trunc_theta=0.05,
-                               correction="full"))  # fmt: skip
+    algo = _fed(net, _config(rank=6, factorize=["fc"], local_steps=5, trunc_theta=0.05,
+                             correction="full"))  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    start = _global_loss(algo.effective_model().fc.weight.detach(), clients)
+    start = _global_loss(algo.strategy.effective_model().fc.weight.detach(), clients)
     for t in range(15):
-        stats = algo.run_round(t, clients, 0.5, gen)
-    w = algo.effective_model().fc.weight.detach()
+        stats = algo.round(t, clients, 0.5, gen)
+    w = algo.strategy.effective_model().fc.weight.detach()
     # noise = 0 so min L = 0; the problem is well conditioned (E xxᵀ = I, σ(W*) ∈ [1, 2]) and
     # 75 GD steps at λ = 0.5 contract the error geometrically: measured 5.4 → 4e-15 (the
     # floor of the float32-rounded targets) by round 12, rank 3 from round 1 on.
@@ -265,6 +272,7 @@ def test_lowrank_lsq_loss_to_zero_and_true_rank_recovered() -> None:
     torch.testing.assert_close(w, ds.meta["W_star"].double(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_correction_beats_none_on_heterogeneous_clients() -> None:
     """Clients with different input scales and different W*_c: without correction, 5 local GD
     steps at λ = 0.3 drift towards each client's own minimizer and the average stalls above the
@@ -279,7 +287,7 @@ def test_full_correction_beats_none_on_heterogeneous_clients() -> None:
     l_star = _global_loss(xty @ torch.linalg.inv(xtx), clients)  # dense global minimum
     final = {}
     for correction in ("full", "simplified", "none"):
-        algo = FeDLRT(
+        algo = _fed(
             _linear_net(20, 20),
             _config(
                 rank=4, factorize=["0"], local_steps=5, trunc_theta=0.01, correction=correction
@@ -287,8 +295,9 @@ def test_full_correction_beats_none_on_heterogeneous_clients() -> None:
         )
         gen = torch.Generator().manual_seed(0)
         for t in range(20):
-            algo.run_round(t, clients, 0.3, gen)
-        final[correction] = _global_loss(algo.effective_model()[0].weight.detach(), clients)
+            algo.round(t, clients, 0.3, gen)
+        weight = algo.strategy.effective_model()[0].weight.detach()
+        final[correction] = _global_loss(weight, clients)
     # measured (seed 1): L* = 0.42164, full 0.42164, simplified 0.42907, none 0.51177
     assert final["full"] - l_star < 1e-3
     assert final["full"] < final["simplified"] < final["none"]
@@ -313,46 +322,46 @@ def test_communication_counts_follow_the_documented_formula(correction: str) -> 
     net = nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, m), nn.Tanh(),
                         nn.Linear(m, 3)).double()  # fmt: skip
     dense_floats = sum(p.numel() for p in net.parameters())
-    algo = FeDLRT(net, _config(rank=r, factorize=["2"], correction=correction, trunc_theta=0.0))
+    algo = _fed(net, _config(rank=r, factorize=["2"], correction=correction, trunc_theta=0.0))
     g = torch.Generator().manual_seed(0)
     clients = [
         ClientData(c, torch.randn(nc, 10, generator=g, dtype=torch.float64),
                    torch.randn(nc, 3, generator=g, dtype=torch.float64))
         for c, nc in enumerate([7, 12])
     ]  # fmt: skip
-    stats = algo.run_round(0, clients, 0.1, torch.Generator().manual_seed(0))
+    stats = algo.round(0, clients, 0.1, torch.Generator().manual_seed(0))
     assert stats.extra["rank_pre/2"] == r + 4
     d = dense_floats - m * n  # everything but the factorized weight: 2 dense layers, 3 biases
     up, down = _expected_floats(m, n, r, a=2, b=4, d=d, corr=correction)
     assert stats.floats_up == {0: up, 1: up}
     assert stats.floats_down == {0: down, 1: down}
-    assert algo.dense_floats() == dense_floats
+    assert algo.strategy.dense_floats() == dense_floats
 
 
 def test_state_tensors_round_trip_resumes_exactly() -> None:
     clients = _lsq_clients(3, 30, 12, 10, seed=2, hetero=True)
     cfg = dict(rank=3, factorize=["0"], local_steps=4, batch_size=8, trunc_theta=0.1)
 
-    def fresh() -> FeDLRT:
-        return FeDLRT(_linear_net(12, 10, seed=5), _config(**cfg))
+    def fresh() -> Federation:
+        return _fed(_linear_net(12, 10, seed=5), _config(**cfg))
 
     algo = fresh()
     gen = torch.Generator().manual_seed(0)
     for t in range(3):
-        algo.run_round(t, clients, 0.2, gen)
-    saved, gen_state = algo.state_tensors(), gen.get_state()
-    ref = [algo.run_round(t, clients, 0.2, gen) for t in range(3, 6)]
+        algo.round(t, clients, 0.2, gen)
+    saved, gen_state = algo.strategy.state_tensors(), gen.get_state()
+    ref = [algo.round(t, clients, 0.2, gen) for t in range(3, 6)]
     resumed = fresh()  # different ranks until the state is loaded
-    resumed.load_state_tensors(saved)
+    resumed.strategy.load_state_tensors(saved)
     gen2 = torch.Generator()
     gen2.set_state(gen_state)
-    again = [resumed.run_round(t, clients, 0.2, gen2) for t in range(3, 6)]
+    again = [resumed.round(t, clients, 0.2, gen2) for t in range(3, 6)]
     assert [s.ranks for s in again] == [s.ranks for s in ref]
     assert [s.train_loss for s in again] == [s.train_loss for s in ref]
-    for k, v in algo.state_tensors().items():
-        assert torch.equal(resumed.state_tensors()[k], v), k
+    for k, v in algo.strategy.state_tensors().items():
+        assert torch.equal(resumed.strategy.state_tensors()[k], v), k
     with pytest.raises(ValueError, match="missing"):
-        resumed.load_state_tensors({k: v for k, v in saved.items() if k != "0.S"})
+        resumed.strategy.load_state_tensors({k: v for k, v in saved.items() if k != "0.S"})
 
 
 def test_configuration_errors_say_what_to_do() -> None:
@@ -363,7 +372,7 @@ def test_configuration_errors_say_what_to_do() -> None:
         FeDLRT(_linear_net(4, 4), _config(factorize=None))
     with pytest.raises(ValueError, match="momentum=0"):
         FeDLRT(_linear_net(4, 4), _config(factorize=["0"], momentum=0.9))
-    with pytest.raises(ValueError, match="r_max must be >= r_min"):  # caught by the config
+    with pytest.raises(ValueError, match="'r_max' must be >= r_min"):  # caught by the config
         FeDLRT(_linear_net(4, 4), _config(factorize=["0"], r_min=5, r_max=2))
 
 
@@ -405,10 +414,10 @@ def test_scaled_svd_init_learns_where_plain_svd_stalls(tmp_path) -> None:
 def test_client_weighting(weighting: str) -> None:
     clients = _lsq_clients(2, 30, 6, 5, seed=4, hetero=True)
     clients[0] = ClientData(0, clients[0].inputs[:10], clients[0].targets[:10])  # n = 10, 30
-    algo = FeDLRT(_linear_net(6, 5), _config(rank=2, factorize=["0"], fedlrt_weighting=weighting))
-    w0 = algo.effective_model()[0].weight.detach()
+    algo = _fed(_linear_net(6, 5), _config(rank=2, factorize=["0"], fedlrt_weighting=weighting))
+    w0 = algo.strategy.effective_model()[0].weight.detach()
     losses = [_global_loss(w0, [c]) for c in clients]
-    stats = algo.run_round(1, clients, 0.1, torch.Generator().manual_seed(0))
+    stats = algo.round(1, clients, 0.1, torch.Generator().manual_seed(0))
     expected = 0.5 * sum(losses) if weighting == "uniform" else 0.25 * losses[0] + 0.75 * losses[1]
     assert stats.train_loss == pytest.approx(expected, rel=1e-12)
-    assert algo.config.notes["fedlrt.weighting"].startswith(weighting)
+    assert algo.notes()["fedlrt.weighting"].startswith(weighting)

@@ -1,13 +1,15 @@
-"""FedProx: the proof that an algorithm is one file plus a registry line and a config field."""
+"""FedProx: FedAvg's strategy with a client that adds the proximal term; mu = 0 is FedAvg."""
 
 from __future__ import annotations
 
 import torch
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.fl import train
-from hessrank.fl.config import ALGORITHMS
-from hessrank.fl.runner import algorithm_class
+from hessrank.fl.config import TrainConfig
+from hessrank.fl.fedavg import FedAvg
+from hessrank.fl.fedprox import ProxLocalSGD
+from hessrank.fl.registry import ALGORITHMS
+from hessrank.fl.rundir import read_checkpoint
 
 from .test_runner import tiny
 
@@ -18,7 +20,8 @@ def _final(run):
 
 
 def test_fedprox_is_registered_and_mu_zero_is_fedavg(tmp_path):
-    assert "fedprox" in ALGORITHMS and algorithm_class("fedprox").name == "fedprox"
+    entry = ALGORITHMS["fedprox"]
+    assert entry.classes(TrainConfig(algo="fedprox")) == (FedAvg, ProxLocalSGD)
     avg = _final(train(tiny(algo="fedavg", rounds=2), tmp_path / "a", progress=False))
     prox0 = _final(train(tiny(algo="fedprox", prox_mu=0.0, rounds=2), tmp_path / "p",
                          progress=False))  # fmt: skip

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hessrank.cli import main
-from hessrank.datasets import load_dataset
+from hessrank.data.datasets import load_dataset
 from hessrank.fl import RunDir
 
 

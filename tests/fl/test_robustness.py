@@ -10,25 +10,29 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save as st_save
 
-from hessrank.checkpoints import read_checkpoint
 from hessrank.cli import main
 from hessrank.fl import RunDir, TrainConfig, train
-from hessrank.fl.base import NonFiniteError
+from hessrank.fl.protocol import NonFiniteError
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import LOCK_FILE
+from hessrank.io import tensor_digest
 
 from .test_runner import tiny
 
 
 def _rewrite(path, change) -> None:
-    """Rewrite a checkpoint file after ``change(tensors)`` mutated its tensors."""
+    """Rewrite a checkpoint file after ``change(tensors)`` mutated its tensors, with the
+    content hash of the new tensors (a genuine checkpoint that holds bad values; a changed
+    file without its hash is refused earlier, tests/fl/test_identity.py)."""
     tensors, meta = read_checkpoint(path)
     change(tensors)
+    meta["content_sha256"] = tensor_digest(tensors)
     path.write_bytes(st_save(tensors, metadata=meta))
 
 
 @pytest.mark.parametrize("lr", [-1.0, 0.0, float("nan"), float("inf")])
 def test_bad_learning_rates_are_refused_before_any_work(tmp_path, lr):
-    with pytest.raises(ValueError, match="lr must be"):
+    with pytest.raises(ValueError, match="config key 'lr': input should be"):
         TrainConfig(lr=lr)
     out = tmp_path / "r"
     assert main(["train", "--out", str(out), "--lr", str(lr), "--quiet"]) != 0
@@ -69,6 +73,7 @@ def test_resume_from_non_finite_checkpoint_is_refused(tmp_path):
 
     def poison(t):
         t["state.fc1.weight"][0, 0] = float("nan")
+        t["model.fc1.weight"][0, 0] = float("nan")
 
     _rewrite(run.checkpoint_path(2), poison)
     with pytest.raises(ValueError, match="non-finite values .*refusing to resume"):
@@ -80,6 +85,7 @@ def test_resume_with_wrong_tensor_shape_is_one_line(tmp_path):
 
     def reshape(t):
         t["state.fc1.weight"] = torch.zeros(3, 3)
+        t["model.fc1.weight"] = torch.zeros(3, 3)
 
     _rewrite(run.checkpoint_path(2), reshape)
     with pytest.raises(ValueError, match=r"does not fit this run's model .*shape \(3, 3\)"):
@@ -108,14 +114,14 @@ def test_cuda_without_cuda_is_refused(tmp_path):
 
 
 def test_config_file_with_wrong_type(tmp_path, capsys):
-    with pytest.raises(ValueError, match="'clients' must be int, got str"):
+    with pytest.raises(ValueError, match="'clients': input should be a valid integer, got str"):
         TrainConfig.from_dict({"clients": "5"})
-    with pytest.raises(ValueError, match="'rank' must be int, got bool"):
+    with pytest.raises(ValueError, match="'rank': input should be a valid integer, got bool"):
         TrainConfig.from_dict({"rank": True})
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": "fast"}))
     assert main(["train", "--out", str(tmp_path / "r"), "--config", str(path)]) != 0
-    assert "'lr' must be float" in capsys.readouterr().err
+    assert "'lr': input should be a valid number, got str 'fast'" in capsys.readouterr().err
     path.write_text("{not json")
     assert main(["train", "--out", str(tmp_path / "r"), "--config", str(path)]) != 0
     assert "not valid JSON" in capsys.readouterr().err
@@ -125,7 +131,7 @@ def test_flags_checked_before_any_work(tmp_path):
     for bad in ({"batch_size": 0}, {"seed": 2**40}, {"momentum": 1.5}, {"partition": "x"}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="'model': unknown value 'vgg'"):
         train(tiny(model="vgg"), tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "config.json").exists()
 
@@ -183,3 +189,12 @@ def test_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "r"), "--model", "cnn",
                  "--dataset", "lowrank-lsq", "--partition", "iid", "--quiet"])  # fmt: skip
     assert code != 0 and "image inputs" in capsys.readouterr().err
+
+
+def test_provenance_never_records_a_session_token():
+    """A Flower deployment starts its ServerApp as ``flwr-serverapp --token SECRET``."""
+    from hessrank.fl.provenance import redacted
+
+    argv = ["flwr-serverapp", "--token", "abc123", "--insecure", "--auth-secret=xyz", "--lr", "1"]
+    assert redacted(argv) == ["flwr-serverapp", "--token", "<redacted>", "--insecure",
+                              "--auth-secret=<redacted>", "--lr", "1"]  # fmt: skip

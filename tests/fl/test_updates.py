@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hessrank.checkpoints import read_client_updates
 from hessrank.fl import RunDir, train
+from hessrank.fl.rundir import read_client_updates
 
 from .test_runner import tiny
 
@@ -19,7 +19,7 @@ def test_fedavg_one_client_one_step_update_is_minus_lr_grad(tmp_path):
     updates = read_client_updates(run.path, 1)
     assert list(updates) == [0]
     model = run.load_model(0)
-    (x, y), loss_fn = run.client_data()[0], run.loss_fn()
+    (x, y), loss_fn = run.client_data()[0], run.task()
     model.train()
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(loss_fn(model(x), y), list(params.values()))

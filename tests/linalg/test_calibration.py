@@ -65,6 +65,7 @@ def coverage(call, operators, quantity: str, budget: int) -> dict[str, tuple[flo
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_error_bars_cover_at_every_budget(operators, name):
     call, quantity, budgets = ESTIMATORS[name]

@@ -271,3 +271,22 @@ def test_nonsymmetric_and_nan_rejected_by_lanczos():
     A[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         lanczos(A, k=1, num_matvecs=4)
+
+
+def test_until_converged_stops_when_the_pairs_have_converged():
+    """Stops at the first step where the k selected pairs have residual ≤ tol·max|θ|, and
+    those eigenvalues are then within that residual of the truth (the steps before did not
+    qualify); with an unreachable tol it runs to the cap."""
+    lam = torch.cat([torch.tensor([50.0, -30.0, 20.0]), torch.linspace(-1, 1, 197)])
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    A = (q * lam) @ q.T
+    A = (A + A.T) / 2
+    res = lanczos(A, k=3, num_matvecs=150, tol=1e-6, seed=1, until_converged=True)
+    assert res.num_matvecs < 60 and res.converged.all()
+    truth = np.array([50.0, -30.0, 20.0])
+    assert np.all(np.abs(res.eigenvalues[0] - truth) <= res.residual_norms[0] + 1e-12)
+    shorter = lanczos(A, k=3, num_matvecs=res.num_matvecs - 1, tol=1e-6, seed=1)
+    assert not shorter.converged.all()
+    capped = lanczos(A, k=3, num_matvecs=20, tol=1e-30, seed=1, until_converged=True)
+    assert capped.num_matvecs == 20

@@ -16,6 +16,8 @@ import torch
 from hessrank.linalg import frobenius_sq
 from hessrank.linalg.deflated import MIN_PROBES
 
+pytestmark = pytest.mark.slow  # every test here takes seconds (make check skips them)
+
 SEEDS = range(100)
 
 

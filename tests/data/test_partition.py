@@ -1,4 +1,4 @@
-"""Tests of hessrank.fl.partition: cover, determinism, skew, errors, JSON."""
+"""Tests of hessrank.data.partition: cover, determinism, skew, errors, JSON."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hessrank.fl.partition import SCHEMES, Partition, make_partition
+from hessrank.data.partition import SCHEMES, Partition, make_partition
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes
+DRAWN = tuple(s for s in SCHEMES if s != "natural")  # the schemes that draw with the seed
 
 
 def _assert_disjoint_cover(part: Partition, n: int) -> None:
@@ -29,7 +30,7 @@ def _label_skew(part: Partition, labels: np.ndarray) -> float:
     return float((part.weights() * 0.5 * np.abs(local - glob).sum(1)).sum())
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", DRAWN)
 def test_disjoint_cover_and_determinism(scheme):
     a = make_partition(LABELS, 7, scheme, seed=3)
     b = make_partition(torch.as_tensor(LABELS), 7, scheme, seed=3)
@@ -84,7 +85,7 @@ def test_shards_give_few_labels_per_client():
 
 def test_too_many_clients_is_an_error():
     labels = np.arange(10) % 3
-    for scheme in SCHEMES:
+    for scheme in DRAWN:
         with pytest.raises(ValueError, match="at most 10 clients"):
             make_partition(labels, 11, scheme)
     with pytest.raises(ValueError, match="shards"):
@@ -94,7 +95,7 @@ def test_too_many_clients_is_an_error():
 def test_regression_targets_allow_only_iid():
     targets = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
     _assert_disjoint_cover(make_partition(targets, 5, "iid"), 50)
-    for scheme in ("dirichlet", "shards"):
+    for scheme in ("dirichlet", "shards", "natural"):
         with pytest.raises(ValueError, match="use scheme='iid'"):
             make_partition(targets, 5, scheme)
 
@@ -115,3 +116,24 @@ def test_json_roundtrip():
     assert all(b.dtype == np.int64 for b in back.indices)
     with pytest.raises(ValueError, match="lacks key"):
         Partition.from_json({"scheme": "iid"})
+
+
+# ---- natural: one client per group ----------------------------------------------------------
+def test_natural_gives_one_client_per_group_in_group_order():
+    groups = np.array([4, 0, 4, 9, 0, 0, 9, 4, 4])  # unequal groups, ids not contiguous
+    part = make_partition(groups, 3, "natural", seed=5)
+    _assert_disjoint_cover(part, len(groups))
+    assert [idx.tolist() for idx in part.indices] == [[1, 4, 5], [0, 2, 7, 8], [3, 6]]
+    assert part.params["groups"] == [0, 4, 9] and part.sizes() == [3, 4, 2]
+    # nothing is drawn: another seed gives the same clients; JSON round trip keeps them
+    assert make_partition(groups, 3, "natural", seed=6).to_json()["indices"] == \
+        part.to_json()["indices"]
+    back = Partition.from_json(json.loads(json.dumps(part.to_json())))
+    assert back.to_json() == part.to_json() and back.scheme == "natural"
+
+
+def test_natural_needs_one_client_per_group_and_min_size():
+    with pytest.raises(ValueError, match=r"hold 10 groups, not num_clients=7; pass num_clients=10"):
+        make_partition(LABELS, 7, "natural")
+    with pytest.raises(ValueError, match=r"client 1 got only 1 samples \(min_size=2\)"):
+        make_partition(np.array([0, 0, 1, 2, 2, 2]), 3, "natural", min_size=2)

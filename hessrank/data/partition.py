@@ -1,6 +1,8 @@
-"""Split a training set among federated clients: iid, Dirichlet label skew, label shards.
+"""Split a training set among federated clients: iid, Dirichlet label skew, label shards, or
+the data's own groups (natural: one client per group, e.g. a Shakespeare role).
 
-Dirichlet: Hsu, Qi & Brown (2019); shards: McMahan et al. (2017). Every training index goes to
+Dirichlet: Hsu, Qi & Brown (2019); shards: McMahan et al. (2017); natural: LEAF's
+(Caldas et al., 2018). Every training index goes to
 exactly one client, and a client with fewer than ``min_size`` samples is an error, never a
 silent skip.
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 __all__ = ["SCHEMES", "Partition", "make_partition"]
 
-SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards")
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "natural")
 """Names accepted by :func:`make_partition`."""
 
 MAX_DIRICHLET_ATTEMPTS = 100
@@ -32,13 +34,14 @@ class Partition:
     """Which training indices each client holds.
 
     Attributes:
-        scheme: "iid", "dirichlet" or "shards".
+        scheme: "iid", "dirichlet", "shards" or "natural".
         num_clients: K, the number of clients.
         seed: the seed the split was drawn with.
         indices: K sorted int64 arrays of indices into the training set; disjoint, and together
             they cover 0..N−1.
         params: the settings used (``num_samples``, ``min_size``, and ``alpha``/``attempts`` for
-            dirichlet or ``shards_per_client``/``num_shards`` for shards).
+            dirichlet, ``shards_per_client``/``num_shards`` for shards, ``groups`` — the group
+            id of each client — for natural).
 
     Equality is identity (``eq=False``); compare ``to_json()`` outputs for value equality.
     """
@@ -161,10 +164,13 @@ def make_partition(
     - ``shards``: indices sorted by label (random order within a class), cut into
       K·``shards_per_client`` near-equal shards; each client gets ``shards_per_client`` shards
       at random.
+    - ``natural``: ``labels`` are group ids (a Shakespeare role, a hetero-lsq group); client c
+      holds every sample of the c-th smallest group id, so K must equal the number of distinct
+      groups. Nothing is drawn (``seed`` is only recorded).
 
     Args:
-        labels: shape (N,) integer class labels; float or (N, d) targets (regression) allow
-            only ``iid``.
+        labels: shape (N,) integer class labels, or group ids for ``natural``; float or (N, d)
+            targets (regression) allow only ``iid``.
         num_clients: K >= 1.
         scheme: one of :data:`SCHEMES`.
         alpha: Dirichlet concentration (> 0), dirichlet only.
@@ -199,6 +205,20 @@ def make_partition(
         )
     rng = np.random.default_rng(seed)
     params: dict[str, Any] = {"num_samples": n, "min_size": min_size}
+
+    if scheme == "natural":
+        groups = np.unique(y)
+        if len(groups) != num_clients:
+            raise ValueError(
+                f"the natural partition gives one client per group and the labels hold "
+                f"{len(groups)} groups, not num_clients={num_clients}; pass num_clients="
+                f"{len(groups)} (or choose the groups in the dataset, e.g. shakespeare's roles=)"
+            )
+        parts = [np.flatnonzero(y == g) for g in groups]
+        _check_sizes(parts, min_size, "use a dataset option that drops small groups or a "
+                     "smaller min_size")  # fmt: skip
+        params["groups"] = [int(g) for g in groups]
+        return _finish(scheme, num_clients, seed, parts, params)
 
     if scheme == "iid":
         parts = _iid(n, num_clients, rng)

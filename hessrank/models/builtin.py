@@ -4,27 +4,25 @@ Module names are part of the checkpoint format (state_dict keys) and of per-laye
 selection, so they are fixed here: ``fc1, fc2, ..., out`` for the MLP, ``conv1, conv2, fc1,
 out`` for the CNN, ``stem.conv, stem.bn, stage1.0.conv1, ..., fc`` for the ResNets and ``fc``
 for the linear model. Construction draws from torch's global RNG only, so
-``torch.manual_seed(s)`` before :func:`build_model` fixes the initial weights.
+``torch.manual_seed(s)`` before building fixes the initial weights.
 
 Example:
     >>> _ = torch.manual_seed(0)
-    >>> model = build_model("cnn", (1, 8, 8), 10)
+    >>> model = FAMILIES["cnn"]((1, 8, 8), 10)
     >>> model(torch.zeros(4, 1, 8, 8)).shape
     torch.Size([4, 10])
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "BasicBlock", "ResNet", "build_model"]
+__all__ = ["FAMILIES", "BasicBlock", "ResNet"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -196,43 +194,12 @@ def _linear(input_shape: tuple[int, ...], num_outputs: int, *, bias: bool = Fals
     )
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "resnet8": _resnet8,
     "resnet18": _resnet18,
     "linear": _linear,
 }
-
-MODELS: tuple[str, ...] = tuple(_BUILDERS)
-"""Names accepted by :func:`build_model`."""
-
-
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_outputs: int, **kwargs: Any
-) -> nn.Module:
-    """Build a freshly initialized network (float32, training mode) from torch's global RNG.
-
-    Args:
-        name: one of :data:`MODELS`: "mlp", "cnn", "resnet8", "resnet18", "linear".
-        input_shape: per-sample input shape, (C, H, W) for images or (d,) for vectors.
-        num_outputs: number of classes, or d_out for regression.
-        **kwargs: mlp: ``hidden=(64, 64), activation="relu"|"tanh"``; cnn: ``channels=(16, 32),
-            hidden=64, activation``; resnet8/resnet18: ``width=16``; linear: ``bias=False``.
-    Returns:
-        An ``nn.Module`` mapping (n, *input_shape) to (n, num_outputs).
-    """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    if num_outputs < 1:
-        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}; pass the output size")
-    builder = _BUILDERS[name]
-    params = inspect.signature(builder).parameters.values()
-    allowed = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"model {name!r} takes no option(s) {', '.join(unknown)}; "
-            f"valid options: {', '.join(allowed)}"
-        )
-    return builder(tuple(int(s) for s in input_shape), int(num_outputs), **kwargs)
+"""The built-in families: name → builder(input_shape, num_outputs, **options); the registry
+(:mod:`hessrank.models.registry`) reads them from here."""

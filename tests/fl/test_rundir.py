@@ -6,9 +6,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
-from hessrank.checkpoints import RunDir, atomic_write_text, checkpoint_path
 from hessrank.fl import TrainConfig, train
+from hessrank.fl.rundir import RunDir, checkpoint_path, read_checkpoint
+from hessrank.io import atomic_write_text
 
 
 def _tiny(**kw) -> dict:
@@ -49,7 +51,7 @@ def test_reader_gives_data_partition_metrics(run_and_outputs):
     data = run.client_data()
     assert [len(y) for _, y in data] == run.partition().sizes()
     assert sum(len(y) for _, y in data) == len(run.dataset().train_y)
-    loss = run.loss_fn()(torch.zeros(2, 10), torch.tensor([0, 1]))
+    loss = run.task()(torch.zeros(2, 10), torch.tensor([0, 1]))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
     df = run.metrics()
     assert df["round"].tolist() == [0, 1, 2]
@@ -74,13 +76,19 @@ def test_corrupt_checkpoint_names_the_file(run_and_outputs, tmp_path):
         path.write_bytes(original)
 
 
-def test_key_mismatch_names_the_file(run_and_outputs, tmp_path):
+def test_checkpoint_of_another_config_names_the_file(run_and_outputs, tmp_path):
     run, _, _ = run_and_outputs
     copy_dir = tmp_path / "copy"
     shutil.copytree(run.path, copy_dir)
     cfg = TrainConfig.load(copy_dir / "config.json")
     cfg.model, cfg.model_kwargs = "linear", {}
     cfg.save(copy_dir / "config.json")
+    with pytest.raises(ValueError, match="round_00001.safetensors belongs to another run"):
+        RunDir(copy_dir).load_model(1)
+    path = checkpoint_path(copy_dir, 1)  # written before fingerprints: the keys do not match
+    tensors, meta = read_checkpoint(path)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "fingerprint")}
+    path.write_bytes(st_save(tensors, metadata=meta))
     with pytest.raises(ValueError, match="round_00001.safetensors does not match model 'linear'"):
         RunDir(copy_dir).load_model(1)
 
