@@ -19,6 +19,7 @@ import pandas as pd
 
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.protocol import NonFiniteError
+from hessrank.fl.runner import train
 from hessrank.io import atomic_write_text
 
 __all__ = ["sweep"]
@@ -31,8 +32,6 @@ def sweep(
 
     Returns the table written to ``out/sweep.csv`` with a ``best`` column.
     """
-    from hessrank.fl.runner import train
-
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for (algo, lr), cfg in configs.items():
