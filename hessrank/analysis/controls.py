@@ -1,4 +1,4 @@
-"""Controls that isolate sample size from label skew (DESIGN.md §6).
+"""Controls that isolate sample size from label skew (docs/design.md §6).
 
 A client differs from the server in two ways: fewer samples (n_c < N) and a skewed label
 histogram. The controls separate them:

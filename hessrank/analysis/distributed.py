@@ -1,4 +1,4 @@
-"""Data-parallel analysis under ``torchrun`` (issue 14, DESIGN.md §7).
+"""Data-parallel analysis under ``torchrun`` (issue 14, docs/design.md §7).
 
 When ``WORLD_SIZE`` > 1 is in the environment (``torchrun --nproc-per-node R -m hessrank
 analyze ...``), every rank runs the same analysis: the same units, the same seeds (so the

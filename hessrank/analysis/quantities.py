@@ -1,4 +1,4 @@
-"""Quantity → estimator → rows: the registry behind ``--quantities`` (DESIGN.md §6).
+"""Quantity → estimator → rows: the registry behind ``--quantities`` (docs/design.md §6).
 
 Each quantity names the estimator *family* that computes it and turns one entry of that
 estimator result's own ``rows()`` (one dict per stacked operator) into table rows

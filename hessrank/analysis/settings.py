@@ -1,4 +1,4 @@
-"""The settings of one trajectory analysis, typed and validated in one place (DESIGN.md §6).
+"""The settings of one trajectory analysis, typed and validated in one place (docs/design.md §6).
 
 :class:`AnalysisSettings` holds every choice of ``hessrank analyze`` (and of
 :func:`hessrank.analysis.trajectory.analyze`). :meth:`AnalysisSettings.validate` checks every

@@ -1,4 +1,5 @@
-"""What is analyzed: a hessrank run directory or a folder of ``state_dict`` files (DESIGN.md §6).
+"""What is analyzed: a hessrank run directory or a folder of ``state_dict`` files
+(docs/design.md §6).
 
 A *source* gives the saved rounds, each round's model, the clients' data, the test set and the
 loss, and says what it is by content:

@@ -1,6 +1,6 @@
 """The analysis directory: resumable units, one merged table, densities, provenance, a lock.
 
-Layout of ``OUT`` (DESIGN.md §6)::
+Layout of ``OUT`` (docs/design.md §6)::
 
     OUT/analysis.json         the run this directory belongs to (fingerprint) and one record
                               per call: settings, command, versions, threads, device, routes,

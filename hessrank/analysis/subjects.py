@@ -1,4 +1,4 @@
-"""Subjects of a Hessian analysis: whose loss is differentiated (DESIGN.md §6).
+"""Subjects of a Hessian analysis: whose loss is differentiated (docs/design.md §6).
 
 A *subject* is a data set at the global weights: the server (all training data, the pooled
 loss L = Σ_c (n_c/N) L_c), a client c (its partition, L_c), a random subset of n training

@@ -1,4 +1,4 @@
-"""Batch spectral analysis of a training trajectory, resumable and traceable (DESIGN.md §6).
+"""Batch spectral analysis of a training trajectory, resumable and traceable (docs/design.md §6).
 
 For each saved round and each *group* of subjects (:mod:`hessrank.analysis.subjects`) one
 stacked operator is built — server and clients together as one federated operator, the D draws
