@@ -1,6 +1,6 @@
 """Inference at the right level: paired differences, cluster bootstrap, multiplicity, verdicts.
 
-A *hypothesis* is a difference of means, estimated per training *phase* (DESIGN.md §6):
+A *hypothesis* is a difference of means, estimated per training *phase* (docs/design.md §6):
 
     client − server          per client c: srank(H_c) − srank(H)            (paired, one arm)
     n_small − n_large        mean over draws of size n_s − mean over draws of size n_l
