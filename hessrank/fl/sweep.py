@@ -26,9 +26,14 @@ __all__ = ["sweep"]
 
 
 def sweep(
-    configs: dict[tuple[str, float], TrainConfig], out: Path, *, progress: bool = True
+    configs: dict[tuple[str, float], TrainConfig],
+    out: Path,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Train every config (keyed by (algo, lr)) into ``out`` and pick each algorithm's best lr.
+    ``threads``: torch threads for every run (recorded in each run's provenance).
 
     Returns the table written to ``out/sweep.csv`` with a ``best`` column.
     """
@@ -38,7 +43,7 @@ def sweep(
         run_dir = out / f"{algo}_lr{lr:g}"
         row = {"algo": algo, "lr": lr, "run": str(run_dir), "diverged": False}
         try:
-            last = train(cfg, run_dir, progress=progress).metrics().iloc[-1]
+            last = train(cfg, run_dir, progress=progress, threads=threads).metrics().iloc[-1]
         except NonFiniteError:
             rows.append({**row, "diverged": True})
             continue
