@@ -166,8 +166,8 @@ class AnalysisSettings:
         parse_quantities(self.quantities or ())
         parse_subjects(self.subjects or ())
         if self.curvature not in CURVATURES:
-            raise ValueError(f"--curvature must be one of {', '.join(CURVATURES)}, got "
-                             f"{self.curvature!r}")
+            raise ValueError(f"--curvature {self.curvature}: unknown curvature "
+                             f"{self.curvature!r}; choose from {', '.join(CURVATURES)}")
 
         _int_at_least("--matvecs", self.matvecs, min_budget("stable_rank"),
                       f"({MIN_PROBES} residual probes for a calibrated error bar plus Lanczos "

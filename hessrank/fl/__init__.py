@@ -24,11 +24,12 @@ __all__ = ["RunDir", "TrainConfig", "run_fingerprint", "train"]
 
 
 def __getattr__(name: str) -> Any:
+    # PEP 562: the trainer (torch) is imported on first use, so the CLI's --help stays fast
     if name == "train":
         from hessrank.fl.runner import train
 
         return train
-    if name == "RunDir":
+    if name == "RunDir":  # PEP 562, as above
         from hessrank.fl.rundir import RunDir
 
         return RunDir

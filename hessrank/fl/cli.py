@@ -209,9 +209,11 @@ def _sweep(args: argparse.Namespace) -> int:
             configs[algo, lr] = build_config(args)
     if configs[args.algos[0], args.lrs[0]].validation_fraction <= 0:
         raise ValueError("hessrank sweep needs --validation-fraction > 0 to pick learning rates")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from hessrank.fl.sweep import sweep  # here: keeps `hessrank --help` free of torch
 
-    table = sweep(configs, Path(args.out), progress=not args.quiet)
+    table = sweep(configs, Path(args.out), progress=not args.quiet, threads=args.threads)
     print(table.to_string(index=False))
     return 0
 
@@ -234,6 +236,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
+    sweep.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch threads for every run (default: torch's own); recorded in "
+                            "each run's provenance.json")  # fmt: skip
     _add_field_flags(sweep, hints)
     sweep.set_defaults(func=_sweep)
     parser = subparsers.add_parser(
