@@ -21,6 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from hessrank.clikit import RawDescriptionHelpFormatter
+
 __all__ = ["register"]
 
 
@@ -34,7 +36,7 @@ class _HelpWithSpecFormat(argparse.Action):
         super().__init__(option_strings, dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from hessrank.analysis.spec import format_help
+        from hessrank.analysis.spec import format_help  # pydantic only when help is asked for
 
         parser.print_help()
         print("\n" + format_help())
@@ -44,14 +46,14 @@ class _HelpWithSpecFormat(argparse.Action):
 def _study(args: argparse.Namespace) -> int:
     # the work is imported here, not at registration: `hessrank study --help` stays fast
     if args.schema:
-        from hessrank.analysis.spec import json_schema
+        from hessrank.analysis.spec import json_schema  # keeps --help fast (pydantic)
 
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.spec is None:
         raise ValueError("give a study spec (TOML), e.g. experiments/configs/"
                          "centralized_digits.toml, or --schema")
-    from hessrank.analysis.spec import load_spec
+    from hessrank.analysis.spec import load_spec  # keeps --help fast (pydantic)
 
     spec = load_spec(args.spec)  # the whole spec, before anything trains
     if args.replicates is not None and args.replicates < 1:
@@ -61,7 +63,7 @@ def _study(args: argparse.Namespace) -> int:
               f"{args.replicates or spec.replicates} replicates)")
         return 0
     if args.plan:
-        from hessrank.analysis.study import format_plan, plan_study
+        from hessrank.analysis.study import format_plan, plan_study  # keeps --help fast
 
         pilot = args.pilot or args.out
         if pilot is None:
@@ -85,7 +87,7 @@ def _study(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from hessrank.analysis.study import format_verdicts, run_study
+    from hessrank.analysis.study import format_verdicts, run_study  # keeps --help fast
 
     command = "hessrank study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     with warnings.catch_warnings(record=True) as caught:
@@ -102,8 +104,6 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from hessrank.clikit import RawDescriptionHelpFormatter
-
     p = subparsers.add_parser(
         "study", help="replicated study: train, analyze, test hypotheses per training phase",
         description=__doc__, formatter_class=RawDescriptionHelpFormatter,
