@@ -213,8 +213,32 @@ class StudySpec(Table):
             if key not in valid:
                 raise ValueError(f"unknown key {key!r}{closest(key, valid)}; valid keys: "
                                  f"{', '.join(valid)}")
+        for key in ("subjects", "quantities", "params"):
+            value = v.get(key)
+            if value is not None and not (isinstance(value, str) or (
+                    isinstance(value, list) and all(isinstance(x, str) for x in value))):
+                raise ValueError(f"{key!r} must be a comma-separated string or a list of "
+                                 f"strings, got {value!r}")
+        rounds = v.get("rounds")
+        if rounds is not None and not (isinstance(rounds, str) or (isinstance(rounds, list) and all(
+                isinstance(r, int) and not isinstance(r, bool) for r in rounds))):
+            raise ValueError(f"'rounds' must be a list of rounds or \"start:stop:step\", got "
+                             f"{rounds!r}")
+        from hessrank.analysis.quantities import parse_quantities  # keeps --help fast (torch)
+        from hessrank.analysis.subjects import parse_subjects  # keeps --help fast (torch)
+
         try:
-            analysis_settings(v).validate()
+            settings = analysis_settings(v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"[analyze] holds a value of the wrong type: {err}") from None
+        # their parsers name the value, not the key
+        for key, parse in (("subjects", parse_subjects), ("quantities", parse_quantities)):
+            try:
+                parse(getattr(settings, key) or ())
+            except ValueError as err:
+                raise ValueError(f"{key!r}: {err}") from None
+        try:
+            settings.validate()
         except (TypeError, ValueError) as err:
             # the settings name command-line flags; a spec names keys
             raise ValueError(re.sub(r"--([a-z-]+)", lambda m: repr(m[1].replace("-", "_")),
@@ -241,6 +265,16 @@ class StudySpec(Table):
         config = self.train_config()
         rounds, every = config.rounds, config.save_every
         saved = set(range(0, rounds + 1, every)) | {rounds}
+        chosen = self.analyze.get("rounds")
+        if isinstance(chosen, str):
+            from hessrank.analysis.sources import select_rounds  # keeps --help fast (torch)
+
+            try:
+                select_rounds(chosen, sorted(saved))
+            except ValueError as err:
+                err = str(err).replace("bad --rounds", "bad value")
+                raise ValueError(f"[analyze] 'rounds': {err} (saved by [train]: rounds "
+                                 f"{rounds}, save_every {every})") from None
         for table, chosen in (("analyze", self.analyze.get("rounds")),
                               ("diagnostics", self.diagnostics and self.diagnostics.rounds)):
             if isinstance(chosen, list):

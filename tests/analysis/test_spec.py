@@ -93,6 +93,26 @@ def test_hypotheses_are_checked_against_what_the_study_computes():
         lambda r: r["inference"].__setitem__("method", "wald"))
 
 
+def test_analyze_values_name_their_key():
+    """[analyze] subjects, quantities and rounds: the parsers' messages name the value only, so
+    the spec names the key; a rounds string is checked against the rounds [train] saves."""
+    assert "[analyze]: 'subjects': unknown subject 'subset:50'" in _error(
+        lambda r: r["analyze"].__setitem__("subjects", "server,subset:50"))
+    assert "[analyze]: 'subjects' must be a comma-separated string" in _error(
+        lambda r: r["analyze"].__setitem__("subjects", 5))
+    assert "[analyze]: 'quantities': unknown quantity 'stable-rnak'" in _error(
+        lambda r: r["analyze"].__setitem__("quantities", "stable-rnak"))
+    assert "[analyze]: 'rounds' must be a list of rounds" in _error(
+        lambda r: r["analyze"].__setitem__("rounds", ["a"]))
+    assert "[analyze] 'rounds': bad value 'x'" in _error(
+        lambda r: r["analyze"].__setitem__("rounds", "x"))
+    assert "[analyze] 'rounds': rounds [7] have no checkpoint" in _error(
+        lambda r: r["analyze"].__setitem__("rounds", "0,7"))
+    raw = copy.deepcopy(BASE)
+    raw["analyze"]["rounds"] = "0:300:50"
+    assert spec.parse_spec(raw, where="spec.toml").analyze["rounds"] == "0:300:50"
+
+
 def test_committed_specs_are_valid():
     specs = sorted(CONFIGS.glob("*.toml"))
     assert specs
