@@ -178,6 +178,9 @@ def test_bad_specs_fail_with_one_line(tmp_path, capsys, edit, message):
     assert not (tmp_path / "o").exists()
 
 
+OLD_INFERENCE_MARK = "**Computed under the old inference (before issue 20); not rerun.**"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["centralized_digits", "federated_digits",
                                   "federated_digits_fedloru"])
@@ -188,6 +191,12 @@ def test_committed_verdicts_follow_from_the_committed_tables(name):
     root = Path(__file__).resolve().parents[2] / "experiments"
     spec = study.load_spec(root / "configs" / f"{name}.toml")
     res = root / "results" / name
+    if "method" not in pd.read_csv(res / "hypotheses.csv", nrows=1).columns:
+        # not rerun since issue 20: today's code cannot reproduce the old inference, so the
+        # directory must say what its verdicts are (FINDINGS renders them apart, as old)
+        assert OLD_INFERENCE_MARK in (res / "README.md").read_text()
+        assert not (res / "profile.csv").exists()
+        pytest.skip(f"{name} was computed under the old inference (marked in its README.md)")
     pairs = res / "update_pairs.parquet"
     got = study.infer(pd.read_parquet(res / "results.parquet"), spec, spec.last_round,
                       pd.read_parquet(pairs) if pairs.is_file() else None)
@@ -280,9 +289,41 @@ def test_committed_findings_are_rendered_from_the_committed_tables():
         "experiments/results/FINDINGS.md is stale: run python "
         "experiments/results/render_findings.py")
     assert "| `n50_minus_n500` | late |" in text and "**reversed**" in text
+    old = [p.parent.name for p in sorted(script.parent.glob("*/hypotheses.csv"))
+           if not mod.is_current(pd.read_csv(p))]
+    for name in old:  # each old study in a section of its own, marked as old
+        section = text.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert mod.OLD_INFERENCE in section and "verdict (old rule)" in section
     readme = mod.README.read_text()
     assert readme == mod.with_readme_block(readme, mod.readme_block()), (
         "README.md's findings block is stale: run python experiments/results/render_findings.py")
+
+
+def test_findings_render_an_old_inference_table_apart(tmp_path):
+    """A study not rerun since issue 20 keeps its old columns: FINDINGS and the README block
+    show it in its own table marked as old, never with the current verdicts' columns."""
+    import importlib.util
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "experiments" / "results"
+    mod_spec = importlib.util.spec_from_file_location("render_findings",
+                                                      results / "render_findings.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    new = pd.read_csv(results / "federated_digits" / "hypotheses.csv")
+    old = pd.read_csv(results / "federated_digits" / "hypotheses_before_issue20.csv")
+    assert mod.is_current(new) and not mod.is_current(old)
+    for name, table in (("a_new", new), ("b_old", old)):
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "hypotheses.csv", index=False)
+    text = mod.render(tmp_path)
+    first, second = text.split("## b_old\n")
+    assert mod.OLD_INFERENCE not in first and "adjusted CI" in first
+    assert mod.OLD_INFERENCE in second and "adjusted CI" not in second
+    assert f"| `{old['hypothesis'][0]}` | {old['phase'][0]} |" in second
+    assert "5 replicates" in second and "verdict (old rule)" in second
+    block = mod.readme_block(tmp_path)
+    assert block.count(mod.OLD_INFERENCE) == 1 and "**b_old**" in block
 
 
 def test_committed_diagnostic_tests_follow_from_the_committed_diagnostics():
