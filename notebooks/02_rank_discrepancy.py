@@ -164,7 +164,9 @@ for h in hypotheses.itertuples():
 # level (`experiments/results/*/hypotheses.csv`, explained in each `README.md`). Their
 # settings differ from this run's (printed below), so they do not test this run: they say
 # whether the pattern holds across runs of a similar recipe. Where this run's verdict and the
-# study's disagree, the study's is the one that speaks beyond one run.
+# study's disagree, the study's is the one that speaks beyond one run. A study not yet rerun
+# under the inference of issue 20 says so in the `study inference` column (its `README.md`
+# says why).
 
 # %%
 import pandas as pd
@@ -190,5 +192,7 @@ for label, refs in STUDIES.items():
             side.append({"this run": label, "phase": c.phase,
                          "verdict in this run": mine.get(c.phase, "–"),
                          "study": f"{study}: {name}", "study rounds": f"{c.round_lo}–{c.round_hi}",
-                         "study replicates": c.n_replicates, "study verdict": c.verdict})
+                         "study replicates": c.n_replicates, "study verdict": c.verdict,
+                         # a study not rerun since issue 20 has no method column
+                         "study inference": getattr(c, "method", "old (before issue 20)")})
 pd.DataFrame(side)
