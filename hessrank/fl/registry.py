@@ -103,8 +103,8 @@ class AdapterOptions:
 
     adapters: Literal["peft"] | None = option(
         None, "peft: LoRA adapters from PEFT on the frozen base W0 of an hf-* model (random "
-        "init, or pretrained from model_kwargs' model_path); only the adapters are trained, "
-        "sent, averaged and merged (default: hessrank's own LoRA layers)")  # fmt: skip
+        "init, or pretrained: --model-path DIR); only the adapters are trained, sent, "
+        "averaged and merged (default: hessrank's own LoRA layers)")  # fmt: skip
     lora_targets: Literal["attention", "mlp", "attention+mlp"] | None = option(
         None, "projections that get adapters with --adapters peft (default: attention)")
 
