@@ -187,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     table = run.metrics()  # a damaged or lost history is one line (ValueError)
     last = table.iloc[-1].to_dict() if len(table) else {}
-    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
+    score = "test_accuracy" if last.get("test_accuracy") is not None else "test_loss"  # LM
+    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", score)})
     print(f"{run.path}: {len(run.rounds())} checkpoints, {summary}")
     return 0
 

@@ -176,6 +176,7 @@ def test_model_path_gives_the_frozen_base(tmp_path, capsys):
             "--clients", "3", "--model", "hf-gpt2", "--model-path", str(tmp_path / "gpt2"),
             "--rank", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "8"]
     assert main(argv) == 0
+    assert "test loss" in capsys.readouterr().out  # a language model has no test accuracy
     run = RunDir(out)
     assert run.config.model_kwargs == {"model_path": str(tmp_path / "gpt2")}
     base = run.checkpoint(1).model
