@@ -22,7 +22,9 @@ accounting.
 The server is FedAvg's strategy with the message restricted to the adapters; the client is
 FedAvg's :class:`~hessrank.fl.fedavg.LocalSGD` unchanged (it trains exactly the parameters
 that require gradients: the adapters). Checkpoints hold the PEFT model's state (base and
-adapters under PEFT's names), so a run's adapters can be analyzed as adapters.
+adapters under PEFT's names), so a run's adapters can be analyzed as adapters; recorded
+updates (``record_updates``) are in the same keys: A_c − A and B_c − B of each client, zero
+for every base tensor.
 """
 
 from __future__ import annotations
