@@ -2,10 +2,11 @@
 
 - Every ```python block runs (in order, sharing one namespace, in a scratch directory), and
   when a ```text block follows it, that block is exactly what it printed.
-- The bring-your-own-run walk-through (between ``<!-- byo:start -->`` and
-  ``<!-- byo:end -->``) runs as a user would: its ``# my_run.py`` block is written to that
-  file, its shell commands run with the installed ``python`` and ``hessrank`` in a scratch
-  directory (no ``PYTHONPATH``), its last python block prints the text block after it.
+- The walk-throughs (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` for NAME in
+  :data:`WALKTHROUGHS`: bring your own run, a language model) run as a user would: a
+  ``# my_run.py`` block is written to that file, the shell commands run with the installed
+  ``python`` and ``hessrank`` in a scratch directory (no ``PYTHONPATH``), the last python
+  block prints the text block after it.
 - Every command in a ```bash block is one the code accepts: ``hessrank ...`` and
   ``python -m hessrank.demo ...`` lines parse with the real parsers (every flag exists, every
   value has the right type), ``make X`` names a Makefile target, ``papermill NB.ipynb ...``
@@ -35,18 +36,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 _FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
-BYO = ("<!-- byo:start -->", "<!-- byo:end -->")
-"""Markers of the walk-through that :func:`test_bring_your_own_run_walkthrough` runs."""
+WALKTHROUGHS = ("byo", "lm")
+"""Names of the walk-throughs run as a user would (:func:`test_bring_your_own_run_walkthrough`,
+:func:`test_language_model_walkthrough`)."""
 
 
-def _byo_span(text: str) -> tuple[int, int]:
-    start = text.find(BYO[0])
-    return (start, text.find(BYO[1], start)) if start >= 0 else (-1, -1)
+def _span(text: str, name: str = "byo") -> tuple[int, int]:
+    begin, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    start = text.find(begin)
+    return (start, text.find(end, start)) if start >= 0 else (-1, -1)
 
 
 def _outside_byo(text: str, found: list) -> list:
-    a, b = _byo_span(text)
-    return [blk for blk in found if not (a <= blk.start < b)]
+    """The blocks outside every walk-through."""
+    spans = [_span(text, name) for name in WALKTHROUGHS]
+    return [blk for blk in found if not any(a <= blk.start < b for a, b in spans)]
 
 
 @dataclass(frozen=True)
@@ -215,12 +219,13 @@ def test_the_checker_rejects_what_the_cli_rejects():
     ]
 
 
-def byo_walkthrough(text: str) -> tuple[str, list[str], str, Block]:
-    """(my_run.py's source, the shell commands, the report snippet, its output block)."""
-    a, b = _byo_span(text)
+def byo_walkthrough(text: str, name: str = "byo") -> tuple[str | None, list[str], str, Block]:
+    """(my_run.py's source or None, the shell commands, the report snippet, its output
+    block) of walk-through ``name``."""
+    a, b = _span(text, name)
     found = [blk for blk in blocks(text) if a <= blk.start < b]
-    module = next(blk.body for blk in found if blk.lang == "python"
-                  and blk.body.startswith("# my_run.py"))
+    module = next((blk.body for blk in found if blk.lang == "python"
+                   and blk.body.startswith("# my_run.py")), None)  # fmt: skip
     shell = next(blk.body for blk in found if blk.lang == "bash")
     cmds = [ln for ln in shell.replace("\\\n", " ").splitlines() if ln.strip()]
     pairs = [(blk, found[i + 1]) for i, blk in enumerate(found[:-1])
@@ -229,10 +234,11 @@ def byo_walkthrough(text: str) -> tuple[str, list[str], str, Block]:
     return module, cmds, report.body, shown
 
 
-def run_byo(workdir: Path, text: str) -> str:
-    """Run the walk-through in ``workdir`` as a user would; what the report printed."""
-    module, cmds, report, _ = byo_walkthrough(text)
-    (workdir / "my_run.py").write_text(module)
+def run_byo(workdir: Path, text: str, name: str = "byo") -> str:
+    """Run walk-through ``name`` in ``workdir`` as a user would; what the report printed."""
+    module, cmds, report, _ = byo_walkthrough(text, name)
+    if module is not None:
+        (workdir / "my_run.py").write_text(module)
     bindir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PATH=bindir + os.pathsep + env.get("PATH", ""), OMP_NUM_THREADS="1")
@@ -262,6 +268,20 @@ def test_bring_your_own_run_walkthrough(tmp_path):
     assert abs(last["skewed"] - last["iid"]) > 0.2, last
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_language_model_walkthrough(tmp_path):
+    """The README's language-model section (FedLoRU with PEFT adapters on Shakespeare roles,
+    then the adapters' curvature) runs from a user's folder and prints what the README shows;
+    only adapter floats travel."""
+    text = README.read_text()
+    printed = run_byo(tmp_path, text, "lm")
+    shown = byo_walkthrough(text, "lm")[3]
+    assert printed == shown.body, (
+        "README.md's language-model output is stale; rerun `PYTHONPATH=. python "
+        f"tests/test_readme.py --write`\n--- README\n{shown.body}--- printed\n{printed}")
+
+
 def _write(path: Path) -> int:
     """Replace every python example's output block with what it prints now."""
     import tempfile
@@ -273,10 +293,12 @@ def _write(path: Path) -> int:
         if shown is not None:
             body_start = text.index("\n", shown.start) + 1
             text = text[:body_start] + printed + text[shown.end - 3:]
-    if _byo_span(text)[0] >= 0:
+    for name in WALKTHROUGHS:
+        if _span(text, name)[0] < 0:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            printed = run_byo(Path(tmp), text)
-        shown = byo_walkthrough(text)[3]
+            printed = run_byo(Path(tmp), text, name)
+        shown = byo_walkthrough(text, name)[3]
         body_start = text.index("\n", shown.start) + 1
         text = text[:body_start] + printed + text[shown.end - 3:]
     path.write_text(text)

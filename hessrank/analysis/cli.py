@@ -144,7 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--clients", type=int, default=None,
                    help="number of iid clients (with --dataset)")
     a.add_argument("--data-root", default=None, help="local data folder (mnist, cifar10, ...)")
-    a.add_argument("--params", default=None, help="comma list of parameter names (default all)")
+    a.add_argument("--params", default=None,
+                   help="comma list of parameter names, fnmatch patterns ('*.attn.*') or "
+                   "groups: adapters (the LoRA adapters), all (every parameter, frozen base "
+                   "included) (default: every trainable parameter — the adapters of a run "
+                   "with --adapters peft)")  # fmt: skip
     a.add_argument("--batch-size", type=int, default=None, help="split data into batches")
     a.add_argument("--dtype", default=None, help="float32 or float64 (default: as trained)")
     a.add_argument("--device", default=d["device"], help="cpu or cuda")

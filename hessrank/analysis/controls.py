@@ -144,6 +144,12 @@ def control_groups(client_data: Sequence[tuple[Tensor, Tensor]], *, matched_draw
                                    index=tuple(range(len(subjects)))))
 
     if matched_draws > 0:
+        if y.ndim > 1:  # label_matched_indices would match flattened token positions
+            raise ValueError(
+                f"matched controls draw subsets with a client's class-label histogram, one "
+                f"label per sample; these targets have shape {tuple(y.shape)} (a sequence per "
+                "sample): set matched_draws to 0 (nested controls and subset subjects work)"
+            )
         size_m = size_matched_indices(len(y), sizes, matched_draws, seed)
         label_m = label_matched_indices(y.numpy(), [d[1].numpy() for d in client_data],
                                         matched_draws, seed)

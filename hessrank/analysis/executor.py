@@ -63,6 +63,7 @@ from hessrank.analysis.subjects import (
     realize,
 )
 from hessrank.analysis.units import UnitRunner
+from hessrank.curvature.params import select_params
 
 __all__ = ["Call", "Executor", "Outcome", "Pool", "Serial", "Torchrun", "executor_for"]
 
@@ -341,8 +342,10 @@ class Pool:
 
 # ---- checks and bookkeeping -------------------------------------------------------------------
 def _check_params(source: Source, rounds: list[int], params: Sequence[str] | None) -> None:
-    """Unknown parameter names are an error before any work (checked on the first round whose
-    model loads; a round that does not load is reported when it is analyzed)."""
+    """Unknown parameter names, groups matching nothing (``adapters`` of a model without
+    adapters) and patterns matching nothing are an error before any work (checked on the
+    first round whose model loads; a round that does not load is reported when it is
+    analyzed)."""
     if not params:
         return
     for r in rounds:
@@ -350,11 +353,10 @@ def _check_params(source: Source, rounds: list[int], params: Sequence[str] | Non
             model = source.load_model(r)
         except (ValueError, OSError, RuntimeError):
             continue
-        named = [n for n, p in model.named_parameters() if p.requires_grad]
-        bad = [p for p in params if p not in named]
-        if bad:
-            raise ValueError(f"unknown parameter {bad[0]!r} in --params; valid names: "
-                             f"{', '.join(named)}")
+        try:
+            select_params(model, params)
+        except ValueError as err:
+            raise ValueError(f"--params: {err}") from None
         return
 
 

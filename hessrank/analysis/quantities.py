@@ -174,11 +174,12 @@ def _alignment_settings(s: AnalysisSettings) -> dict[str, Any]:
 def _alignment(model: Any, task: Any, client_data: Any, s: AnalysisSettings) -> list[Row]:
     # the alignment metrics import torch: loaded when a unit runs, which keeps --help fast
     from hessrank.analysis.alignment import gradient_alignment
+    from hessrank.curvature.params import select_params
 
     layers = None
     if s.params:
         named = dict(model.named_parameters())
-        layers = [n for n in s.params if named[n].ndim >= 2]
+        layers = [n for n in select_params(model, s.params) if named[n].ndim >= 2]
     table = gradient_alignment(model, task, client_data, ranks=list(s.alignment_ranks),
                                layers=layers, mode=s.mode, batch_size=s.batch_size)
     return [{"quantity": "alignment", "k": int(t.rank), "layer": str(t.layer),
