@@ -63,6 +63,7 @@ def summarize(table: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame,
     by majority of clients; with the text that reports them."""
     import numpy as np
 
+    # here: `hessrank --help` imports this module, and these import torch
     from hessrank.analysis.inference import client_vs_server_summary
 
     per_round = client_vs_server_summary(table)
@@ -101,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    # here: `hessrank --help` imports this module, and these import torch
+    from hessrank.analysis.plotting import plot_all
     from hessrank.analysis.trajectory import analyze
     from hessrank.fl import train
-    from hessrank.plotting import plot_all
 
     torch.set_num_threads(args.threads)
     bars = sys.stderr.isatty()  # tqdm bars on a terminal only; a log gets the step lines

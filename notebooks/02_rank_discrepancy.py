@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -18,11 +23,17 @@
 #
 # The notebook estimates stable ranks (± estimator stderr) of the server, every client and
 # random subsets at every saved round of a run, and tests both parts **per training phase**
-# (first / middle / last third of the saved rounds) with bootstrap confidence intervals over
-# the independent units (clients for part 1, subset draws for part 2). Rounds of one run are
-# not independent evidence: they are averaged within a phase, never counted. The verdict
-# can be *supported*, *reversed* or *inconclusive* per phase — "holds early, reverses late"
-# is a possible answer (it is what a centralized digits MLP shows).
+# (first / middle / last third of the saved rounds) with confidence intervals over the units
+# of the run (clients for part 1, subset draws for part 2). Rounds of one run are not
+# independent evidence: they are averaged within a phase, never counted. The verdict can be
+# *supported*, *reversed*, *negligible* or *inconclusive* per phase — "holds early, reverses
+# late" is a possible answer (it is what a centralized digits MLP shows).
+#
+# **This notebook describes one run.** Its units (clients, subset draws) vary within that one
+# run, so its verdicts say what happened in this run, not what the training recipe does: a
+# new seed or partition can change them. The evidence for the recipe is the replicated
+# studies in `experiments/results/` (`hessrank study`); section 6 shows their verdicts beside
+# this run's.
 
 # %% tags=["parameters"]
 RUN_DIR = None  # a run directory (hessrank train); None: train the figures' FedLoRU federation
@@ -84,7 +95,7 @@ per_round[["round", "phase", "server", "client_mean", "client_min", "client_max"
            "frac_clients_above", "ratio", "z"]].round(3)
 
 # %%
-from hessrank.plotting import plot_ratio, plot_stable_rank
+from hessrank.analysis.plotting import plot_ratio, plot_stable_rank
 
 fig_dir = run.path / "nb02_figures"
 for path in plot_stable_rank(sr, fig_dir)[:1] + plot_ratio(sr, fig_dir)[:1]:
@@ -108,9 +119,11 @@ agg.round(2)
 # - part 2: log srank of each subset draw, averaged over the phase's rounds, at the smallest
 #   and the largest subset size; the draws are the units (a difference of two arms).
 #
-# `test_hypotheses`: bootstrap over the units (one replicate here: one run), percentile CI,
-# Holm adjustment across all (hypothesis × phase) tests, verdict supported / reversed /
-# inconclusive against the minimum effect.
+# `test_hypotheses` with one replicate (one run): the units of this run are the sample
+# (t-test over clients; Welch's t over the draws of two sizes; `sampling_unit` = unit), Holm
+# adjustment across all (hypothesis × phase) tests, and the four verdicts against the minimum
+# effect δ: supported / reversed when a one-sided test rejects θ ≤ +δ / θ ≥ −δ, negligible
+# when the equivalence test rejects |θ| ≥ δ, else inconclusive.
 
 # %%
 from hessrank.analysis.inference import (
@@ -127,16 +140,59 @@ units = {
 }
 hypotheses = test_hypotheses(units, min_effect=dict.fromkeys(units, MIN_EFFECT), seed=SEED,
                              transform=dict.fromkeys(units, "log"))
-hypotheses[["hypothesis", "phase", "num_rounds", "estimate", "ci_low", "ci_high",
-            "p_adjusted", "n_units", "verdict"]].round(4)
+hypotheses[["hypothesis", "phase", "num_rounds", "estimate", "ci_low_adjusted",
+            "ci_high_adjusted", "p_adjusted", "n_units", "sampling_unit", "verdict"]].round(4)
 
 # %% [markdown]
-# ## 5. Verdict (computed from the table above)
+# ## 5. Verdict of this run (computed from the table above)
 
 # %%
 if SIZE == "smoke":
     print("SMOKE RUN: the verdicts below come from tiny settings and are not results.")
+print(f"ONE RUN ({run.config.algo}, seed {run.config.seed}): verdicts over the units of this "
+      "run; they describe this run, not the training recipe (section 6).")
 for h in hypotheses.itertuples():
     print(f"(a) {h.hypothesis:>18} | {h.phase:>6} ({h.num_rounds} rounds): log-ratio estimate "
-          f"{h.estimate:+.3f}, 95% CI [{h.ci_low:+.3f}, {h.ci_high:+.3f}] over {h.n_units} "
-          f"units, Holm-adjusted p {h.p_adjusted:.3g} -> {h.verdict}")
+          f"{h.estimate:+.3f}, adjusted CI [{h.ci_low_adjusted:+.3f}, {h.ci_high_adjusted:+.3f}]"
+          f" over {h.n_units} units of this run, Holm-adjusted p {h.p_adjusted:.3g} -> "
+          f"{h.verdict} in this run")
+
+# %% [markdown]
+# ## 6. This run beside the replicated studies
+#
+# The committed studies replicate training (seed, partition, probes) and test at the replicate
+# level (`experiments/results/*/hypotheses.csv`, explained in each `README.md`). Their
+# settings differ from this run's (printed below), so they do not test this run: they say
+# whether the pattern holds across runs of a similar recipe. Where this run's verdict and the
+# study's disagree, the study's is the one that speaks beyond one run. A study not yet rerun
+# under the inference of issue 20 says so in the `study inference` column (its `README.md`
+# says why).
+
+# %%
+import pandas as pd
+
+from hessrank.analysis.spec import load_spec
+
+STUDIES = {  # this notebook's hypothesis -> (study, its hypothesis)
+    "client > server": [("federated_digits_fedloru", "client_minus_server"),
+                        ("federated_digits", "client_minus_server")],
+    f"n={small} > n={large}": [("centralized_digits", "n50_minus_n500")],
+}
+KEYS = ("algo", "clients", "rounds", "partition", "dirichlet_alpha")
+print("this run:", {k: getattr(run.config, k) for k in KEYS})
+side = []
+for label, refs in STUDIES.items():
+    mine = hypotheses[hypotheses["hypothesis"] == label].set_index("phase")["verdict"]
+    for study, name in refs:
+        spec = load_spec(nbtools.ROOT / "experiments" / "configs" / f"{study}.toml")
+        print(f"{study}:", {k: spec.train.get(k, "(default)") for k in KEYS})
+        committed = pd.read_csv(nbtools.ROOT / "experiments" / "results" / study
+                                / "hypotheses.csv")
+        for c in committed[committed["hypothesis"] == name].itertuples():
+            side.append({"this run": label, "phase": c.phase,
+                         "verdict in this run": mine.get(c.phase, "–"),
+                         "study": f"{study}: {name}", "study rounds": f"{c.round_lo}–{c.round_hi}",
+                         "study replicates": c.n_replicates, "study verdict": c.verdict,
+                         # a study not rerun since issue 20 has no method column
+                         "study inference": getattr(c, "method", "old (before issue 20)")})
+pd.DataFrame(side)

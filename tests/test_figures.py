@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -97,7 +98,7 @@ def test_theory_figure_fast(tmp_path):
     assert set(frame["source"]) == {"monte carlo", "prediction"}
     assert frame.groupby(["model", "source"]).size().nunique() == 1
     assert (tmp_path / "o" / "theory_model.png") in paths
-    assert not (tmp_path / "w").exists()
+    assert not list((tmp_path / "w").rglob("*.safetensors"))  # no training
 
 
 def test_wrapper_without_checkout_says_where_the_pipeline_is(tmp_path, monkeypatch, capsys):
@@ -108,3 +109,47 @@ def test_wrapper_without_checkout_says_where_the_pipeline_is(tmp_path, monkeypat
     assert rc == 2
     err = capsys.readouterr().err
     assert "experiments/figures/" in err and "source checkout" in err
+
+
+def test_fast_run_never_overwrites_the_committed_figures(tmp_path, monkeypatch, capsys):
+    """Issue 19.6: `hessrank figures --fast` wrote its smoke figures into paper_figures/."""
+    from experiments.figures.make_figures import _ROOT, default_out
+
+    committed = _ROOT / "paper_figures"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    rc = main(["figures", "--fast", "--only", "theory_model", "--out", str(committed),
+               "--work", str(tmp_path / "w"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
+    assert default_out(True) == Path("runs") / "paper_figures_fast"
+    monkeypatch.chdir(tmp_path)  # without --out, a fast run goes to the gitignored runs/
+    paths = make_figures(fast=True, only="theory_model", work=tmp_path / "w")
+    assert all(p.is_relative_to(Path("runs") / "paper_figures_fast") for p in paths)
+
+
+def test_unchanged_figures_are_not_rewritten_and_paths_are_relative(tmp_path, capsys):
+    """Issue 19.6: make figures rewrote tracked files whose content had not changed (timings,
+    PDF dates) and its README carried the absolute paths of the machine that made it; it
+    was silent for minutes in theory_model."""
+    out, work = tmp_path / "o", tmp_path / "w"
+    make_figures(out, fast=True, only="theory_model", work=work, progress=True)
+    said = capsys.readouterr().err
+    assert "theory_model: model 1/3" in said and "n = 25" in said and "done in" in said
+    stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    make_figures(out, fast=True, only="theory_model", work=work)
+    again = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert again == stamps  # same bytes, not even touched
+    assert (work / "timings.json").is_file()  # the times go to the work directory
+    text = (out / "README.md").read_text() + (out / "theory_model.json").read_text()
+    assert str(tmp_path) not in text and "took" not in text
+
+
+def test_committed_readme_carries_no_absolute_paths():
+    import re
+
+    from experiments.figures.make_figures import _ROOT
+
+    text = "".join(p.read_text() for p in (_ROOT / "paper_figures").glob("*.[jm][sd]*"))
+    assert not re.findall(r"(?<![\w.~])/(?:work|home|tmp|root|Users|mnt)/", text)

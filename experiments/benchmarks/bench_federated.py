@@ -1,6 +1,6 @@
 """Joint FederatedOperator versus K + 1 separate HessianOperator analyses, same budget.
 
-The question (DESIGN.md §3): is one stacked (K+1, p, p) operator — one pass over client c's
+The question (docs/design.md §3): is one stacked (K+1, p, p) operator — one pass over client c's
 data pushes both H_c's and the server's tangents — cheaper than analysing every client and the
 server (pooled data) one by one? Both sides compute the stable rank of all K + 1 Hessians with
 40 matvecs each, same seed, same data (scikit-learn digits, iid split among K clients), same

@@ -21,6 +21,10 @@ other work at the start (``_timing.busy_cores``).
 
     python experiments/benchmarks/bench_trajectory.py          # full: writes results/trajectory.md
     python experiments/benchmarks/bench_trajectory.py --fast   # 5 clients, 3 rounds: prints only
+    python experiments/benchmarks/bench_trajectory.py --base OLD --repeats 3
+        # before/after: the same analysis with OLD's code and with this checkout's, in rounds
+        # (order alternating), medians and the median per-round ratio after/before;
+        # writes results/trajectory_before_after.md
 
 ``--fast`` writes a file only when ``--out`` is given, so a smoke test never overwrites the
 reported result. ``--workdir DIR`` keeps the run there (retrained from scratch and re-analyzed
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import shlex
 import shutil
@@ -57,6 +62,7 @@ import _timing  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = HERE / "results" / "trajectory.md"
+BEFORE_AFTER = HERE / "results" / "trajectory_before_after.md"
 MATVECS = 40
 TARGET_MINUTES = 10.0
 """How this report reads "finishes in minutes": under ten minutes of wall clock."""
@@ -107,16 +113,17 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_analysis(run_dir: Path, threads: int, seed: int) -> Analysis:
-    """Time one fresh ``hessrank analyze`` process (any earlier analysis output is removed,
-    since the analysis skips units it finds done)."""
+def run_analysis(run_dir: Path, threads: int, seed: int, code: Path = REPO) -> Analysis:
+    """Time one fresh ``hessrank analyze`` process of ``code`` (a checkout; any earlier
+    analysis output is removed, since the analysis skips units it finds done)."""
     out = run_dir / "analysis"
     shutil.rmtree(out, ignore_errors=True)
     argv = analyze_argv(run_dir, out, threads, seed)
+    env = {**os.environ, "PYTHONPATH": str(code)}
     cpu0 = children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hessrank.cli", *argv], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hessrank.cli", *argv], cwd=code,
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     cpu = children_cpu() - cpu0
     if proc.returncode != 0:
@@ -227,6 +234,61 @@ def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, bu
     return "\n".join(parts)
 
 
+def before_after(base: Path, repeats: int, threads: int, seed: int, fast: bool,
+                 out: Path | None, command: str) -> str:
+    """Time the analysis with ``base``'s code and with this checkout's, interleaved."""
+    size = FAST if fast else FULL
+    busy = _timing.busy_cores()
+    config = train_config(size["clients"], size["rounds"], seed)
+    codes = {"before": base.resolve(), "after": REPO}
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="bench_trajectory_") as tmp:
+        run_dir = Path(tmp) / "run"
+        run, _ = train_run(config, run_dir)
+        tables = {}
+        for r in range(repeats):
+            order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+            for name in order:
+                a = run_analysis(run_dir, threads, seed, codes[name])
+                times[name].append(a.wall)
+                tables[name] = a.table
+                print(f"round {r}: {name} {a.wall:.1f} s", flush=True)
+    key = ["round", "subject", "quantity", "k"]
+    same = tables["before"].sort_values(key)["value"].to_numpy()
+    same = bool((same == tables["after"].sort_values(key)["value"].to_numpy()).all())
+    ratios = [a / b for a, b in zip(times["after"], times["before"])]
+    busy_after = _timing.busy_cores()
+    rows = [[name, f"{_timing.median(times[name]):.1f}",
+             " / ".join(f"{t:.1f}" for t in times[name])] for name in ("before", "after")]
+    base_rev = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip() or str(base)
+    new_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+    ratio = _timing.median(ratios)
+    text = "\n".join([
+        "# Trajectory analysis before / after: the same command, two checkouts",
+        "",
+        f"{datetime.date.today()} — {_timing.machine_line(threads)}; other work kept "
+        f"{busy:.1f} cores busy at the start and {busy_after:.1f} at the end (a shared "
+        "machine: contenders interleaved, order alternating each round, medians reported).",
+        f"Produced by `{command}`; before = {base_rev}, after = {new_rev}. Each contender: a "
+        f"fresh `hessrank {shlex.join(analyze_argv(Path('RUN'), Path('OUT'), threads, seed))}` "
+        f"process on {config.clients} clients × {config.rounds + 1} checkpoints of the run "
+        "described in `trajectory.md`, timed from start to exit.",
+        "",
+        _timing.markdown_table(["code", "median wall s", "per round s"], rows),
+        "",
+        f"After / before: median of the per-round ratios {ratio:.3f} "
+        f"({', '.join(f'{x:.3f}' for x in ratios)}); the tables' values are "
+        f"{'bit-identical' if same else 'NOT identical'}.",
+        "",
+    ])
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (target: 2 cores)")
@@ -237,8 +299,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the run here (default: a temporary directory, removed)")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="another checkout: time its analysis against this one's, interleaved "
+                         f"(writes {BEFORE_AFTER.relative_to(REPO)})")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of before/after (--base)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.base is not None:
+        command = shlex.join(["python", "experiments/benchmarks/bench_trajectory.py",
+                              *(argv if argv is not None else sys.argv[1:])])
+        out = args.out if args.out is not None or args.fast else BEFORE_AFTER
+        print(before_after(args.base, args.repeats, args.threads, args.seed, args.fast, out,
+                           command.replace(str(args.base), "OLD")))
+        return 0
     out = args.out if args.out is not None or args.fast else RESULTS
     size = FAST if args.fast else FULL
     command = shlex.join(["python", "experiments/benchmarks/bench_trajectory.py",

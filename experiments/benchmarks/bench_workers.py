@@ -20,6 +20,9 @@ data-parallel ``torchrun`` launch).
 
     python experiments/benchmarks/bench_workers.py            # writes results/workers.md
     python experiments/benchmarks/bench_workers.py --fast     # prints only (unless --out)
+    python experiments/benchmarks/bench_workers.py --base OLD # before/after, interleaved:
+        # every contender with OLD's code and with this checkout's, back to back (order
+        # alternating), medians and median per-round ratios; writes results/workers_before_after.md
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from bench_trajectory import train_config, train_run  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = HERE / "results" / "workers.md"
+BEFORE_AFTER = HERE / "results" / "workers_before_after.md"
 FULL = {"clients": 20, "rounds": 20, "matvecs": 10, "repeats": 3}
 """The issue's size: 21 checkpoints of the 20-client run."""
 FAST = {"clients": 2, "rounds": 4, "matvecs": 10, "repeats": 1}
@@ -65,14 +69,16 @@ def argv_of(name: str, run_dir: Path, out: Path, matvecs: int) -> list[str]:
             "2", "-m", "hessrank", *common, "--threads", "1"]
 
 
-def timed(argv: list[str], out: Path, fresh: bool = True) -> tuple[float, pd.DataFrame]:
-    """Wall seconds of one CLI process (``fresh``: OUT removed first) and its table."""
+def timed(argv: list[str], out: Path, fresh: bool = True, code: Path = REPO
+          ) -> tuple[float, pd.DataFrame]:
+    """Wall seconds of one CLI process of ``code`` (a checkout; ``fresh``: OUT removed
+    first) and its table."""
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)}
     env.pop("WORLD_SIZE", None)
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(argv, cwd=code, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -109,6 +115,59 @@ def check_tables(tables: dict[str, pd.DataFrame]) -> str:
             "(tests/analysis/test_torchrun.py).")
 
 
+def before_after(base: Path, size: dict, repeats: int, seed: int, out_md: Path | None,
+                 command: str) -> str:
+    """Every contender with ``base``'s code and with this checkout's, back to back."""
+    busy = _timing.busy_cores()
+    config = train_config(size["clients"], size["rounds"], seed)
+    codes = {"before": base.resolve(), "after": REPO}
+    times = {(n, c): [] for n in CONTENDERS for c in codes}
+    with tempfile.TemporaryDirectory(prefix="bench_workers_") as tmp:
+        run_dir = Path(tmp) / "run"
+        run, _ = train_run(config, run_dir)
+        for r in range(repeats):
+            k = r % len(CONTENDERS)
+            for name in CONTENDERS[k:] + CONTENDERS[:k]:
+                for c in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                    out = Path(tmp) / f"{name}_{c}"
+                    wall, _ = timed(argv_of(name, run_dir, out, size["matvecs"]), out,
+                                    code=codes[c])
+                    times[(name, c)].append(wall)
+                    print(f"round {r}: {name} {c} {wall:.1f} s", flush=True)
+    busy_after = _timing.busy_cores()
+    rows = []
+    for name in CONTENDERS:
+        b, a = times[(name, "before")], times[(name, "after")]
+        ratios = [x / y for x, y in zip(a, b)]
+        rows.append([f"`{name}`", f"{_timing.median(b):.1f}", f"{_timing.median(a):.1f}",
+                     f"{_timing.median(ratios):.3f}", " / ".join(f"{x:.2f}" for x in ratios)])
+    base_rev = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip() or str(base)
+    new_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([
+        "# `hessrank analyze` contenders before / after: two checkouts, interleaved",
+        "",
+        f"{when} — {_timing.machine_line(2)}; other work kept {busy:.1f} cores busy at the "
+        f"start and {busy_after:.1f} at the end (a shared machine: each contender's before "
+        "and after run back to back, order alternating, contenders rotated, medians).",
+        "",
+        f"Produced by `{command}`; before = {base_rev}, after = {new_rev}. Run and contenders "
+        f"as in `workers.md`: {config.clients} clients, {config.rounds + 1} checkpoints, "
+        f"`--matvecs {size['matvecs']}`.",
+        "",
+        _timing.markdown_table(["contender", "before median s", "after median s",
+                                "after / before (median of per-round ratios)",
+                                "per-round ratios"], rows),
+        "",
+    ])
+    if out_md is not None:
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--fast", action="store_true", help="5 checkpoints, one round")
@@ -116,9 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None,
                     help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="another checkout: every contender before (its code) and after "
+                         f"(this one), interleaved; writes {BEFORE_AFTER.relative_to(REPO)}")
     args = ap.parse_args(argv)
     size = FAST if args.fast else FULL
     repeats = args.repeats or size["repeats"]
+    if args.base is not None:
+        command = shlex.join(["python", "experiments/benchmarks/bench_workers.py",
+                              *(argv if argv is not None else sys.argv[1:])])
+        out_md = args.out if args.out is not None or args.fast else BEFORE_AFTER
+        print(before_after(args.base, size, repeats, args.seed, out_md,
+                           command.replace(str(args.base), "OLD")))
+        return 0
     out_md = args.out if args.out is not None or args.fast else RESULTS
     command = shlex.join(["python", "experiments/benchmarks/bench_workers.py",
                           *(argv if argv is not None else sys.argv[1:])])

@@ -3,6 +3,9 @@ training runs and the stable-rank analysis of the FedLoRU run."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +101,20 @@ class Context:
     def runs(self) -> Path:
         return self.work / self.scale.name / f"seed{self.seed}"
 
+    def say(self, message: str) -> None:
+        """One progress line (``[figures] HH:MM:SS message``) when progress is on: a long
+        figure reports where it is instead of staying silent."""
+        if self.progress:
+            print(f"[figures] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr,
+                  flush=True)
+
+    def shown(self, path: str | Path) -> str:
+        """A path under the work directory as the committed files show it, ``WORK/...``:
+        never the absolute path of the machine that made the figures (the work directory
+        only caches runs; any gives the same figures)."""
+        return "WORK/" + Path(os.path.relpath(Path(path).resolve(),
+                                              self.work.resolve())).as_posix()
+
 
 @dataclass
 class Made:
@@ -138,6 +155,8 @@ def train_run(ctx: Context, config: dict[str, Any], name: str):
 
     key = f"run:{name}"
     if key not in ctx.cache:
+        ctx.say(f"training (or reusing) {name}: {config['algo']}, {config['clients']} clients, "
+                f"{config['rounds']} rounds")
         ctx.cache[key] = train(config, ctx.runs / name, progress=ctx.progress)
     return ctx.cache[key]
 
@@ -151,9 +170,10 @@ def spectra(ctx: Context) -> tuple[pd.DataFrame, dict[str, Any]]:
         run = train_run(ctx, digits_config("fedloru", s, ctx.seed), "digits_fedloru")
         subjects = ["server", "clients", *(f"subset:{n}x{s.subset_draws}"
                                            for n in s.subset_sizes)]
-        settings = {"run": str(run.path), "subjects": ",".join(subjects),
+        settings = {"run": ctx.shown(run.path), "subjects": ",".join(subjects),
                     "quantities": "stable-rank", "matvecs": s.matvecs, "seed": ctx.seed,
                     "rounds": "all saved"}
+        ctx.say(f"analyzing {ctx.shown(run.path)}: stable rank of {', '.join(subjects)}")
         table = analyze(run.path, subjects=subjects, quantities=("stable-rank",),
                         matvecs=s.matvecs, seed=ctx.seed, out=run.path / "analysis_spectra",
                         progress=ctx.progress)

@@ -27,6 +27,7 @@ def alignment(ctx: Context) -> Made:
     saved = run.rounds()
     rounds = sorted({saved[0], saved[len(saved) // 4], saved[len(saved) // 2], saved[-1]})
     ranks = [*s.alignment_ranks, None]
+    ctx.say(f"analyzing {ctx.shown(run.path)}: gradient alignment at rounds {rounds}")
     table = analyze(run.path, rounds=rounds, subjects="clients", quantities=("alignment",),
                     seed=ctx.seed, out=run.path / "analysis_alignment", progress=ctx.progress,
                     alignment_ranks=ranks)
@@ -79,7 +80,7 @@ def alignment(ctx: Context) -> Made:
         f"{df[df['rank'] == 0]['value'].max():.3f}."
     )
     configs = {"train": digits_config("fedloru", s, ctx.seed),
-               "analyze": {"run": str(run.path), "rounds": rounds, "subjects": "clients",
+               "analyze": {"run": ctx.shown(run.path), "rounds": rounds, "subjects": "clients",
                            "quantities": "alignment",
                            "alignment_ranks": [*s.alignment_ranks, "full"]}}
     return Made(df, fig, configs, reading)

@@ -31,9 +31,16 @@ def theory(ctx: Context) -> Made:
 
     s = ctx.scale
     rows = []
-    for name, params in MODELS.items():
+    for i, (name, params) in enumerate(MODELS.items()):
         model = SpikedModel(dim=s.theory_dim, **params)
-        mc = monte_carlo_stable_rank(model, s.theory_ns, draws=s.theory_draws, seed=ctx.seed)
+        parts = []
+        for j, n in enumerate(s.theory_ns):  # draws are keyed by (seed, n, draw): per n alike
+            ctx.say(f"theory_model: model {i + 1}/{len(MODELS)} ({name}), n = {n} "
+                    f"({j + 1}/{len(s.theory_ns)}): {s.theory_draws} dense eigensolves of "
+                    f"p = {s.theory_dim}")
+            parts.append(monte_carlo_stable_rank(model, [n], draws=s.theory_draws,
+                                                 seed=ctx.seed))
+        mc = pd.concat(parts, ignore_index=True)
         for n, sub in mc.groupby("n"):
             v = sub["stable_rank"].to_numpy()
             rows.append({"model": name, "n": int(n), "source": "monte carlo",

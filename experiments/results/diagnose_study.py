@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute nothing: combine the replicates already diagnosed in --out")
     args = ap.parse_args(argv)
     spec = study.load_spec(args.spec)
-    if not spec.diagnostics:
+    if spec.diagnostics is None:
         print(f"{args.spec} has no [diagnostics] section", file=sys.stderr)
         return 2
     R = args.replicates or spec.replicates
     out = Path(args.out)
-    conf = dict(spec.diagnostics)
-    rounds = conf.pop("rounds", spec.analyze.get("rounds"))
+    conf = spec.diagnostics_kwargs()
+    rounds = conf.pop("rounds", None) or spec.analyze.get("rounds")
     frames = []
     todo = [] if args.combine else range(args.start, R)
     if args.combine:
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)
     atomic_write_text(out / "diagnostics.csv", table.to_csv(index=False))
-    tests = dg.reversal_tests(table, phases=study.phases_of(spec),
-                              last_round=int(spec.train["rounds"]),
-                              seed=int(spec.inference.get("seed", spec.seed)))
+    seed = spec.inference.seed if spec.inference.seed is not None else spec.seed
+    tests = dg.reversal_tests(table, phases=study.phases_of(spec), last_round=spec.last_round,
+                              alpha=spec.inference.alpha, adjust=spec.inference.adjust,
+                              seed=seed)
     atomic_write_text(out / "diagnostics_tests.csv", tests.to_csv(index=False))
     print(f"-> {out / 'diagnostics.csv'} and {out / 'diagnostics_tests.csv'}")
     return 0

@@ -4,14 +4,20 @@
     python experiments/results/render_findings.py --check    # exit 1 if either is out of date
 
 For every study directory ``experiments/results/NAME/`` holding a ``hypotheses.csv`` (spec
-``experiments/configs/NAME.toml``): each verdict with its estimate, CI, phase, rounds,
-replicates and whether it is settled (the same verdict on the even- and odd-indexed
-checkpoints alone); with a ``diagnostics_tests.csv``, the reversal diagnostics (n_small −
+``experiments/configs/NAME.toml``): each verdict with its estimate, marginal and adjusted
+intervals, phase, rounds, replicates and its checkpoint-grid checks
+(:mod:`hessrank.analysis.grid`); with a ``hypotheses_before_issue20.csv``, the verdicts the
+same study gave before issue 20 (5 replicates, percentile bootstrap, the former verdict rule)
+beside today's; with a ``diagnostics_tests.csv``, the reversal diagnostics (n_small −
 n_large of each ingredient of H = GGN + residual); with a ``diagnostics.csv``, per-round
 means of the diagnostics (:func:`hessrank.analysis.diagnostics.summarize`). Nothing in the
 output is typed by hand: edit the tables (by rerunning the study), then rerun this script.
 The README's findings block (between ``<!-- findings:start -->`` and ``<!-- findings:end -->``)
 is the verdict table of every study, rendered by :func:`readme_block`.
+
+A study whose ``hypotheses.csv`` still has the columns of the inference before issue 20 (no
+``method`` column: it was not rerun) is rendered as such, in its own table with the old
+columns and a line saying so, never mixed with the current verdicts.
 """
 
 from __future__ import annotations
@@ -42,23 +48,88 @@ def _rounds(lo, hi) -> str:
     return f"{int(lo)}" if int(lo) == int(hi) else f"{int(lo)}–{int(hi)}"
 
 
-def _verdict_table(hyp: pd.DataFrame, settled: bool = True) -> list[str]:
+def is_current(hyp: pd.DataFrame) -> bool:
+    """Whether a verdict table comes from the current inference (issue 20's columns)."""
+    return {"method", "ci_low_adjusted", "ci_high_adjusted"} <= set(hyp.columns)
+
+
+OLD_INFERENCE = ("**Computed under the old inference** (before issue 20), not rerun: "
+                 "two-stage percentile cluster bootstrap over replicates and units, Holm, "
+                 "and the former verdict rule (*supported* / *reversed* when the adjusted "
+                 "p-value of θ = 0 lay below α and the estimate beyond ±δ; no *negligible* "
+                 "verdict; the bootstrap's floor on p). Not comparable with the verdicts of "
+                 "the current inference; why the study was not rerun is in its directory's "
+                 "`README.md`.")
+
+
+def _old_table(hyp: pd.DataFrame) -> list[str]:
+    """A verdict table of the inference before issue 20 (its own columns)."""
     level = round(100 * (1 - float(hyp["alpha"].iloc[0])))
-    cols = ["hypothesis", "phase", "rounds", "estimate", f"{level} % CI", "p (adjusted)",
-            "replicates", "min effect", "verdict"] + (
-                ["settled (even / odd grid)"] if settled else [])
+    cols = ["hypothesis", "phase", "rounds", "estimate", f"{level} % CI (percentile)",
+            "p (adjusted)", "replicates", "min effect", "verdict (old rule)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in hyp.itertuples(index=False):
+        lines.append("| " + " | ".join([
+            f"`{r.hypothesis}`", r.phase, _rounds(r.round_lo, r.round_hi), _num(r.estimate),
+            f"[{_num(r.ci_low)}, {_num(r.ci_high)}]", f"{r.p_adjusted:.2g}",
+            f"{int(r.n_replicates)}", f"{r.min_effect:g}", f"{r.verdict}"]) + " |")
+    return lines
+
+
+def _old_about(hyp: pd.DataFrame) -> str:
+    reps = sorted(set(int(n) for n in hyp["n_replicates"]))
+    return (f"{reps[0] if len(reps) == 1 else f'{reps[0]}–{reps[-1]}'} replicates; "
+            + OLD_INFERENCE)
+
+
+def _verdict_table(hyp: pd.DataFrame, checks: bool = True) -> list[str]:
+    level = round(100 * (1 - float(hyp["alpha"].iloc[0])))
+    cols = ["hypothesis", "phase", "rounds", "estimate", f"{level} % CI",
+            "adjusted CI (confidence)", "p (adjusted)", "replicates", "min effect",
+            "verdict"] + (["grid check", "sign change in phase"] if checks else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in hyp.itertuples(index=False):
         cells = [f"`{r.hypothesis}`", r.phase, _rounds(r.round_lo, r.round_hi),
                  _num(r.estimate), f"[{_num(r.ci_low)}, {_num(r.ci_high)}]",
+                 f"[{_num(r.ci_low_adjusted)}, {_num(r.ci_high_adjusted)}] "
+                 f"({100 * r.confidence_adjusted:.2f} %)",
                  f"{r.p_adjusted:.2g}", f"{int(r.n_replicates)}", f"{r.min_effect:g}",
                  f"**{r.verdict}**"]
-        if settled:
-            grids = " / ".join(v if isinstance(v, str) and v else "–"
-                               for v in (r.verdict_even_grid, r.verdict_odd_grid))
-            cells.append(("yes" if bool(r.settled) else "no") + f" ({grids})")
+        if checks:
+            cells += [r.grid_check, "yes" if bool(r.sign_change) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _before_table(hyp: pd.DataFrame, before: pd.DataFrame) -> list[str]:
+    """Today's verdict beside the one of the study's tables before issue 20."""
+    old = before.set_index(["hypothesis", "phase"])
+    lines = ["| hypothesis | phase | before: replicates | before: verdict | now: replicates | "
+             "now: verdict | changed |", "|---|---|---|---|---|---|---|"]
+    for r in hyp.itertuples(index=False):
+        key = (r.hypothesis, r.phase)
+        was = old.loc[key] if key in old.index else None
+        v_old = "–" if was is None else str(was["verdict"])
+        n_old = "–" if was is None else f"{int(was['n_replicates'])}"
+        lines.append(f"| `{r.hypothesis}` | {r.phase} | {n_old} | {v_old} | "
+                     f"{int(r.n_replicates)} | {r.verdict} | "
+                     f"{'yes' if v_old != r.verdict else 'no'} |")
+    return lines
+
+
+def _about(hyp: pd.DataFrame) -> str:
+    adjust = "Benjamini–Hochberg" if hyp["adjust"].iloc[0] == "bh" else "Holm"
+    methods = ", ".join(sorted(set(hyp["method"])))
+    reps = sorted(set(int(n) for n in hyp["n_replicates"]))
+    return (f"{'–'.join(str(n) for n in (reps[0], reps[-1])) if len(reps) > 1 else reps[0]} "
+            f"replicates; method `{methods}` (t-test on the replicate statistics, R − 1 "
+            f"degrees of freedom); {adjust} over the {len(hyp)} tests at α = "
+            f"{float(hyp['alpha'].iloc[0]):g}. Verdicts: *supported* / *reversed* when a "
+            "one-sided test rejects θ ≤ +δ / θ ≥ −δ, *negligible* when the equivalence test "
+            "rejects |θ| ≥ δ, else *inconclusive*; each is read from the adjusted interval "
+            "(above +δ, below −δ, inside ±δ). *Grid check*: the verdict on two interleaved "
+            "halves of the phase's checkpoints; *sign change*: the per-round effect lies above "
+            "0 at one round of the phase and below at another.")
 
 
 def _summary_table(diag: pd.DataFrame) -> list[str]:
@@ -93,24 +164,33 @@ def render(root: Path = ROOT) -> str:
     for study in sorted(p.parent for p in root.glob("*/hypotheses.csv")):
         name = study.name
         hyp = pd.read_csv(study / "hypotheses.csv")
+        if not is_current(hyp):
+            out += [f"## {name}", "",
+                    f"Spec `experiments/configs/{name}.toml`, tables in "
+                    f"`experiments/results/{name}/`. {_old_about(hyp)}", ""]
+            out += _old_table(hyp) + [""]
+            continue
         out += [f"## {name}", "",
                 f"Spec `experiments/configs/{name}.toml`, tables in "
-                f"`experiments/results/{name}/`. {int(hyp['n_replicates'].max())} replicates; "
-                f"{hyp['adjust'].iloc[0].upper() if hyp['adjust'].iloc[0] == 'bh' else 'Holm'}"
-                f" over the {len(hyp)} tests; transform "
-                f"{', '.join(sorted(set(hyp['transform'])))} (differences of logs are log "
-                "ratios). A verdict is *settled* when the even- and the odd-indexed checkpoints "
-                "alone give the same verdict (their verdicts in parentheses; – : that grid has "
-                "no checkpoint in the phase).", ""]
+                f"`experiments/results/{name}/` (every column explained in its `README.md`). "
+                f"{_about(hyp)} Transform {', '.join(sorted(set(hyp['transform'])))} "
+                "(differences of logs are log ratios).", ""]
         out += _verdict_table(hyp) + [""]
+        before = study / "hypotheses_before_issue20.csv"
+        if before.is_file():
+            out += ["### Verdicts before issue 20", "",
+                    "The committed tables before issue 20 (5 replicates; two-stage percentile "
+                    "bootstrap; supported/reversed when p(θ = 0) < α after Holm and the "
+                    "estimate lay beyond ±δ) beside today's.", ""]
+            out += _before_table(hyp, pd.read_csv(before)) + [""]
         tests = study / "diagnostics_tests.csv"
         if tests.is_file():
             dt = pd.read_csv(tests)
             out += ["### Reversal diagnostics: n_small − n_large of each ingredient", "",
                     "H = GGN + residual; `*_srank`: difference of log stable ranks; "
                     "`residual_share`: of ‖R‖_F²/‖H‖_F²; `negative_mass`: of "
-                    "Σ_{λ<0} λ² / Σ λ² (SLQ).", ""]
-            out += _verdict_table(dt, settled=False) + [""]
+                    "Σ_{λ<0} λ² / Σ λ² (SLQ). Same tests and verdicts as above, one family.", ""]
+            out += _verdict_table(dt, checks=False) + [""]
         diag = study / "diagnostics.csv"
         if diag.is_file():
             out += ["### Diagnostics per round", ""]
@@ -123,10 +203,19 @@ def readme_block(root: Path = ROOT) -> str:
     out = [START, ""]
     for study in sorted(p.parent for p in root.glob("*/hypotheses.csv")):
         hyp = pd.read_csv(study / "hypotheses.csv")
-        out += [f"**{study.name}** ({int(hyp['n_replicates'].max())} replicates, spec "
-                f"`experiments/configs/{study.name}.toml`; generated by "
-                "`experiments/results/render_findings.py`, with the reversal diagnostics in "
-                "[`experiments/results/FINDINGS.md`](experiments/results/FINDINGS.md)):", ""]
+        if not is_current(hyp):
+            out += [f"**{study.name}** (spec `experiments/configs/{study.name}.toml`; tables "
+                    f"in `experiments/results/{study.name}/`; generated by "
+                    "`experiments/results/render_findings.py`). " + _old_about(hyp), ""]
+            out += _old_table(hyp) + [""]
+            continue
+        out += [f"**{study.name}** (spec `experiments/configs/{study.name}.toml`; "
+                f"`hessrank study experiments/configs/{study.name}.toml --replicates "
+                f"{int(hyp['n_replicates'].max())}`; generated by "
+                "`experiments/results/render_findings.py`, with the reversal diagnostics and "
+                "the verdicts before issue 20 in "
+                "[`experiments/results/FINDINGS.md`](experiments/results/FINDINGS.md)). "
+                f"{_about(hyp)}", ""]
         out += _verdict_table(hyp) + [""]
     return "\n".join(out + [END])
 

@@ -1,4 +1,4 @@
-"""Gradient alignment across clients, full and rank-r (hypothesis (b) of DESIGN.md §1).
+"""Gradient alignment across clients, full and rank-r (hypothesis (b) of docs/design.md).
 
 For a weight matrix W (a conv kernel viewed as out × (in·k·k)) and client gradients
 G_c = ∇_W L_c(θ), the alignment at rank r is the mean pairwise cosine similarity

@@ -1,4 +1,4 @@
-"""Controls that isolate sample size from label skew (DESIGN.md §6).
+"""Controls that isolate sample size from label skew (docs/design.md, analysis).
 
 A client differs from the server in two ways: fewer samples (n_c < N) and a skewed label
 histogram. The controls separate them:
@@ -36,6 +36,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+
+from hessrank.analysis.settings import probe_seed
+from hessrank.analysis.store import COLUMNS
+from hessrank.analysis.subjects import Subject, SubjectGroup, build_operator, draw_subset
+from hessrank.fl.rundir import RunDir
+from hessrank.io import atomic_write_bytes, atomic_write_text
+from hessrank.linalg import stable_rank
 
 __all__ = [
     "CONTROL_KINDS",
@@ -122,8 +129,6 @@ def control_groups(client_data: Sequence[tuple[Tensor, Tensor]], *, matched_draw
     (kind, client) or per nested draw — a stack of equal-size operators. Returns
     (groups, info) with info: subject name → {"client": c or −1, "label_entropy": H}.
     """
-    from hessrank.analysis.subjects import Subject, SubjectGroup
-
     x = torch.cat([d[0] for d in client_data])
     y = torch.cat([d[1] for d in client_data])
     sizes = [int(d[1].shape[0]) for d in client_data]
@@ -139,6 +144,12 @@ def control_groups(client_data: Sequence[tuple[Tensor, Tensor]], *, matched_draw
                                    index=tuple(range(len(subjects)))))
 
     if matched_draws > 0:
+        if y.ndim > 1:  # label_matched_indices would match flattened token positions
+            raise ValueError(
+                f"matched controls draw subsets with a client's class-label histogram, one "
+                f"label per sample; these targets have shape {tuple(y.shape)} (a sequence per "
+                "sample): set matched_draws to 0 (nested controls and subset subjects work)"
+            )
         size_m = size_matched_indices(len(y), sizes, matched_draws, seed)
         label_m = label_matched_indices(y.numpy(), [d[1].numpy() for d in client_data],
                                         matched_draws, seed)
@@ -169,13 +180,6 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     when ``out`` is given, and reused from there by a call with the same settings and
     checkpoints.
     """
-    from hessrank.analysis.settings import probe_seed
-    from hessrank.analysis.subjects import build_operator
-    from hessrank.analysis.trajectory import COLUMNS
-    from hessrank.fl.rundir import RunDir
-    from hessrank.io import atomic_write_bytes, atomic_write_text
-    from hessrank.linalg import stable_rank
-
     run = RunDir(run_dir)
     settings = {"rounds": [int(r) for r in rounds], "matched_draws": int(matched_draws),
                 "nested_sizes": sorted(int(n) for n in nested_sizes),
@@ -221,8 +225,6 @@ def subject_label_entropy(table: pd.DataFrame, client_data: Sequence[tuple[Tenso
     """Label entropy of each row's subject of an ``analyze`` table: clients from their data,
     the server from all of it, subset draws re-drawn from ``data_seed`` (the same indices
     ``analyze`` used), controls from their ``label_entropy`` column. NaN otherwise."""
-    from hessrank.analysis.subjects import draw_subset
-
     y = torch.cat([d[1] for d in client_data]).numpy()
     per_client = [label_entropy(d[1]) for d in client_data]
     server = label_entropy(y)

@@ -26,7 +26,7 @@ Per (round, subject) three numbers explain a stable rank srank(H) = ‖H‖_F² 
 
 Every function returns tidy rows (:data:`COLUMNS`): one row per (subject, part, quantity).
 Across replicates, :func:`reversal_tests` asks of each ingredient whether the small-n excess
-reverses (n_small − n_large with the study's cluster bootstrap and verdict rule) and
+reverses (n_small − n_large with the study's tests and four verdicts) and
 :func:`summarize` gives per-round means.
 
 Example:
@@ -50,7 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hessrank.analysis.inference import jackknife
+from hessrank.analysis import inference as inf
+from hessrank.analysis.subjects import build_operator, parse_subjects, realize
+from hessrank.fl.rundir import RunDir
 from hessrank.linalg import DensityResult, lanczos, spectral_density, stable_rank
 from hessrank.linalg.operator import Operator, as_operator
 from hessrank.linalg.stack import LinearCombination
@@ -147,7 +149,7 @@ def negative_mass(density: DensityResult) -> tuple[np.ndarray, np.ndarray]:
     vals, errs = [], []
     for j in range(num.shape[0]):
         pairs = np.column_stack([num[j], den[j]])
-        v, se = jackknife(pairs, statistic=lambda a: a[:, 0].mean() / a[:, 1].mean())
+        v, se = inf.jackknife(pairs, statistic=lambda a: a[:, 0].mean() / a[:, 1].mean())
         vals.append(v)
         errs.append(se)
     return np.array(vals), np.array(errs)
@@ -257,9 +259,6 @@ def run_diagnostics(run_dir: str | Path, *, seed: int = 0, rounds: Sequence[int]
     """
     from tqdm.auto import tqdm
 
-    from hessrank.analysis.subjects import build_operator, parse_subjects, realize
-    from hessrank.fl.rundir import RunDir
-
     run = RunDir(run_dir)
     saved = run.rounds()
     chosen = saved if rounds is None else [int(r) for r in rounds]
@@ -316,14 +315,13 @@ def _with_derived(table: pd.DataFrame) -> pd.DataFrame:
 
 def reversal_tests(table: pd.DataFrame, *, phases=None, last_round: int | None = None,
                    small: int = 50, large: int = 500, alpha: float = 0.05,
-                   adjust: str = "holm", num_resamples: int = 4000,
+                   adjust: str = "holm", method: str = "t", num_resamples: int = 4000,
                    seed: int = 0) -> pd.DataFrame:
     """n_small − n_large of each diagnostic of :data:`REVERSAL_TESTS` per phase, by
-    :func:`hessrank.analysis.inference.test_hypotheses` (replicates, then subset draws; one
-    Holm family). Answers "does the GGN alone also reverse?" (ggn_srank) and "does the part
-    of H that the GGN misses grow at small n?" (residual_share, negative_mass)."""
-    from hessrank.analysis import inference as inf
-
+    :func:`hessrank.analysis.inference.test_hypotheses` (by default the t-test on the
+    replicate statistics, four verdicts; one family). Answers "does the GGN alone also
+    reverse?" (ggn_srank) and "does the part of H that the GGN misses grow at small n?"
+    (residual_share, negative_mass)."""
     t = _with_derived(table)
     units, deltas, transforms = {}, {}, {}
     for name, part, quantity, transform, delta in REVERSAL_TESTS:
@@ -331,8 +329,8 @@ def reversal_tests(table: pd.DataFrame, *, phases=None, last_round: int | None =
         units[name] = inf.subset_size_units(sub, small, large, quantity, transform)
         deltas[name], transforms[name] = delta, transform
     return inf.test_hypotheses(units, min_effect=deltas, phases=phases, last_round=last_round,
-                               alpha=alpha, adjust=adjust, num_resamples=num_resamples,
-                               seed=seed, transform=transforms)
+                               alpha=alpha, adjust=adjust, method=method,
+                               num_resamples=num_resamples, seed=seed, transform=transforms)
 
 
 SUMMARY_QUANTITIES = (

@@ -1,4 +1,4 @@
-"""Data-parallel analysis under ``torchrun`` (issue 14, DESIGN.md §7).
+"""Data-parallel analysis under ``torchrun`` (docs/design.md, scale).
 
 When ``WORLD_SIZE`` > 1 is in the environment (``torchrun --nproc-per-node R -m hessrank
 analyze ...``), every rank runs the same analysis: the same units, the same seeds (so the
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from hessrank.data.inputs import slice_inputs
 
 __all__ = ["Ranks", "from_environment", "launched_world", "shard_bounds", "shard_pair"]
 
@@ -92,14 +94,15 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def shard_pair(pair: tuple[Tensor, Tensor], rank: int, world: int,
-               what: str = "a subject") -> tuple[Tensor, Tensor]:
-    """Rank ``rank``'s contiguous slice of an (inputs, targets) pair. Raises ValueError on
-    every rank alike when some rank's slice would be empty (n < world)."""
+def shard_pair(pair: tuple[Any, Tensor], rank: int, world: int,
+               what: str = "a subject") -> tuple[Any, Tensor]:
+    """Rank ``rank``'s contiguous slice of an (inputs, targets) pair (inputs any structure of
+    :mod:`hessrank.data.inputs`). Raises ValueError on every rank alike when some rank's slice
+    would be empty (n < world)."""
     x, y = pair
     n = int(y.shape[0])
     if n < world:
         raise ValueError(f"{what} has {n} samples, fewer than the {world} ranks: every rank "
                          "needs at least one; use fewer processes")
     a, b = shard_bounds(n, rank, world)
-    return x[a:b], y[a:b]
+    return slice_inputs(x, a, b), y[a:b]

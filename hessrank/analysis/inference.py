@@ -1,6 +1,7 @@
-"""Inference at the right level: paired differences, cluster bootstrap, multiplicity, verdicts.
+"""Inference at the right level: replicate statistics, minimum-effect and equivalence tests,
+multiplicity, verdicts.
 
-A *hypothesis* is a difference of means, estimated per training *phase* (DESIGN.md §6):
+A *hypothesis* is a difference of means, estimated per training *phase* (docs/design.md §6):
 
     client − server          per client c: srank(H_c) − srank(H)            (paired, one arm)
     n_small − n_large        mean over draws of size n_s − mean over draws of size n_l
@@ -13,65 +14,93 @@ statistic of replicate i is
 
     d_i = mean_{u ∈ arm a} x̄_u − mean_{u ∈ arm b} x̄_u          (x̄_u: phase mean of unit u)
 
-and the estimate is θ̂ = mean_i d_i (replicates weigh equally). Its uncertainty comes from a
-two-stage (cluster) bootstrap (Davison & Hinkley 1997, §3.8): draw R replicates with
-replacement, then, inside every drawn replicate, its units with replacement, arm by arm. The
-percentile interval of θ* is the CI; the two-sided bootstrap p-value of θ = 0 is
+and the estimate is θ̂ = mean_i d_i (replicates weigh equally). The replicates are the
+independent evidence, so the default (``method = "t"``, :func:`replicate_t`) is the t-test on
+the d_i with R − 1 degrees of freedom: se = sd(d_i)/√R, exact p-values (no resampling floor).
+It was chosen by measurement, not by name: ``experiments/benchmarks/bench_inference.py``
+simulates studies with a replicate effect over replicate counts, unit counts and shares of
+variance between replicates, and ``experiments/benchmarks/results/inference.md`` holds the
+coverage and false-positive rate of every candidate in every cell. The alternatives stay
+available: ``bootstrap-t`` (:func:`bootstrap_t`), ``percentile`` (:func:`cluster_bootstrap`,
+the default before that measurement) and ``mixedlm`` (:func:`mixed_model`).
 
-    p = min(1, 2·min(#{θ* ≤ 0} + 1, #{θ* ≥ 0} + 1) / (B + 1)),
+Verdicts (δ > 0: the minimum effect, stated in the spec before the run, in the units of the
+difference after the transform). Three one-sided tests per row, each at α/2:
 
-the smallest α whose percentile CI excludes 0 (so p < α ⟺ the (1−α) CI excludes 0, up to the
-+1). Resampling both stages makes the interval slightly conservative when replicates differ
-little; with fewer than ~5 replicates the replicate stage undercovers (the study warns).
+    supported     rejects H0: θ ≤ +δ                       (the effect exceeds δ)
+    reversed      rejects H0: θ ≥ −δ                       (the effect is below −δ)
+    negligible    TOST rejects H0: |θ| ≥ δ (both θ ≤ −δ and θ ≥ +δ rejected)
+    inconclusive  none of them, after the multiplicity adjustment
 
-Multiplicity: the p-values of all tests of one study (hypotheses × phases) are adjusted
-together, by Holm (default) or Benjamini–Hochberg (``statsmodels`` ``multipletests``).
+Running each test at α/2 makes a row's verdict readable from one interval: supported iff its
+(1 − α) interval lies above +δ, reversed iff below −δ, negligible iff inside (−δ, +δ); a
+false verdict needs that interval to miss θ, so a row errs with probability ≤ α. The row's
+p-value is twice the smallest of its three one-sided p-values (:class:`Claim`).
 
-Verdict rule (stated up front, with a minimum effect δ > 0 per hypothesis, in the units of
-the difference after the transform):
+Multiplicity: the rows of one study (hypotheses × phases) form one family, adjusted by Holm
+(family-wise error, default) or Benjamini–Hochberg (``statsmodels`` ``multipletests``); a
+row gets its claim when its adjusted p-value is below α. Each row carries two intervals: the
+marginal (1 − α) interval (``ci_low``, ``ci_high``) and the adjusted one, at the level the
+procedure decided that row at (:func:`adjusted_levels`: α/(K − j + 1) at Holm's step j); the
+verdict is read from the adjusted one.
 
-    supported     p_adjusted < α  and  θ̂ ≥ +δ
-    reversed      p_adjusted < α  and  θ̂ ≤ −δ
-    inconclusive  otherwise (not significant after adjustment, or smaller than δ)
-
-Draw counts: :func:`required_units` is the power rule n = 2 (z_{1−α/2} + z_{power})² σ² / δ²
-units per arm for a two-arm difference (half that for one arm), with σ the between-unit SD.
+Planning columns (:mod:`hessrank.analysis.planning`): replicates needed for 80 % power
+from the observed between- and within-replicate variances.
 
 Example:
     >>> rng = np.random.default_rng(0)
-    >>> reps = [(rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 20)) for _ in range(4)]
-    >>> r = cluster_bootstrap(reps, seed=0)
-    >>> bool(r.ci_low > 0)
-    True
+    >>> reps = [(rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 20)) for _ in range(6)]
+    >>> r = replicate_t(reps)
+    >>> r.n_replicates, r.df, bool(r.interval(0.95)[0] > 0)
+    (6, 5.0, True)
+    >>> verdict(r, min_effect=0.1)
+    'supported'
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from hessrank.analysis import planning
+
 __all__ = [
+    "ADJUSTMENTS",
+    "COLUMN_DOCS",
     "HYPOTHESES_COLUMNS",
+    "METHODS",
+    "UNIT_COLUMNS",
     "VERDICTS",
-    "BootstrapResult",
+    "Claim",
+    "Inference",
     "Phase",
     "adjust_pvalues",
+    "adjusted_levels",
     "alignment_units",
     "assign_phases",
+    "bootstrap_t",
+    "claim",
     "client_server_units",
     "client_vs_server_summary",
     "cluster_bootstrap",
+    "decide",
     "default_phases",
+    "infer_one",
     "jackknife",
+    "mixed_model",
     "offdiag_mean_jackknife",
-    "phases_by_loss",
     "phase_unit_means",
-    "required_units",
+    "phases_by_loss",
+    "replicate_statistics",
+    "replicate_t",
+    "replicates_of",
     "subset_size_units",
     "test_hypotheses",
     "transform_values",
@@ -79,18 +108,63 @@ __all__ = [
     "verdict",
 ]
 
-VERDICTS = ("supported", "reversed", "inconclusive")
+VERDICTS = ("supported", "reversed", "negligible", "inconclusive")
 
-HYPOTHESES_COLUMNS = [
-    "hypothesis", "phase", "round_lo", "round_hi", "num_rounds", "estimate", "ci_low",
-    "ci_high", "p_value", "p_adjusted", "n_replicates", "n_units", "min_effect", "alpha",
-    "adjust", "transform", "units_needed", "verdict",
-]
-"""Columns of ``hypotheses.csv``. ``n_units``: units per replicate summed over replicates and
-arms. ``units_needed``: the power rule's units per arm and replicate (:func:`required_units`)
-for δ at α and 80 % power, from the observed between-unit SD (NaN when it cannot be computed)."""
+COLUMN_DOCS = {
+    "hypothesis": "the hypothesis's name in the spec",
+    "phase": "the training phase (its rounds: round_lo to round_hi)",
+    "round_lo": "first analyzed round in the phase",
+    "round_hi": "last analyzed round in the phase",
+    "num_rounds": "analyzed rounds in the phase; each unit's rounds are averaged first "
+                  "(rounds of one run are not independent evidence)",
+    "n_replicates": "R, the replicates with data in every arm (independent training runs)",
+    "n_units": "units (clients, subset draws, layers) summed over replicates and arms",
+    "min_effect": "δ, the smallest effect that matters, fixed in the spec before the run "
+                  "(in the units of the transformed difference)",
+    "alpha": "the family's level: family-wise error (holm) or false discovery rate (bh)",
+    "adjust": "the multiplicity adjustment over all rows of the study (holm or bh)",
+    "method": "how θ and its uncertainty were estimated: t = t-test on the replicate "
+              "statistics with R − 1 degrees of freedom (the default); bootstrap-t, "
+              "percentile (two-stage cluster bootstrap), mixedlm (statsmodels MixedLM)",
+    "sampling_unit": "replicate: the replicates are the sample (the verdict speaks for the "
+                     "training recipe); unit: one replicate only, its units are the sample "
+                     "(the verdict speaks for that one run)",
+    "transform": "applied to each value before the difference (log: a difference of logs, "
+                 "i.e. a log ratio)",
+    "estimate": "θ̂, the mean over replicates of the replicate statistic d_i = mean(arm a) − "
+                "mean(arm b) (or mean(arm a) for a paired difference)",
+    "stderr": "standard error of θ̂ (t: sd(d_i)/√R)",
+    "df": "degrees of freedom of the t reference (R − 1; inf: normal; empty: bootstrap)",
+    "ci_low": "marginal (1 − alpha) interval, lower end (this row alone, no adjustment)",
+    "ci_high": "marginal (1 − alpha) interval, upper end",
+    "confidence_adjusted": "the confidence of the adjusted interval: 1 − the level at which "
+                           "the multiplicity procedure decided this row (Holm: α/(K − j + 1) "
+                           "at its step j of K; bh: α·r/K with r rejections)",
+    "ci_low_adjusted": "adjusted interval, lower end: the verdict is read from it (above +δ: "
+                       "supported; below −δ: reversed; inside ±δ: negligible)",
+    "ci_high_adjusted": "adjusted interval, upper end",
+    "p_supported": "one-sided p-value of H0: θ ≤ +δ (unadjusted)",
+    "p_reversed": "one-sided p-value of H0: θ ≥ −δ (unadjusted)",
+    "p_negligible": "equivalence (TOST) p-value of H0: |θ| ≥ δ, the larger of the two "
+                    "one-sided p-values (unadjusted)",
+    "p_value": "the row's p-value: twice the smallest of p_supported, p_reversed, "
+               "p_negligible (each test runs at α/2), capped at 1",
+    "p_adjusted": "p_value adjusted over all rows of the study (adjust); the row gets its "
+                  "claim when p_adjusted < alpha",
+    "verdict": "supported, reversed, negligible or inconclusive: the four verdicts",
+    "replicates_needed": "replicates for 80 % power at this study's units per replicate, "
+                         "from this row's between- and within-replicate variances, at "
+                         "Holm's first-step level α/K (hessrank.analysis.planning); empty "
+                         "with one replicate",
+    "replicates_needed_unlimited_units": "the same with unlimited units per replicate (the "
+                                         "between-replicate variance alone): no number of "
+                                         "units per replicate brings the need below it",
+}
+"""Every column of ``hypotheses.csv`` written by :func:`test_hypotheses`, in order, with what
+it means (the sidecar README of a study is generated from it)."""
 
-_CHUNK = 1 << 22  # resampled indices held at once by the bootstrap
+HYPOTHESES_COLUMNS = list(COLUMN_DOCS)
+"""Columns of :func:`test_hypotheses` (the study adds its grid columns after them)."""
 
 UNIT_COLUMNS = ["replicate", "round", "arm", "unit", "value"]
 """Columns of a *units frame*: one value per (replicate, round, arm, unit); arm "a" or "b"."""
@@ -262,30 +336,185 @@ def phase_unit_means(units: pd.DataFrame, rounds: Sequence[int]) -> pd.DataFrame
     return sub.groupby(["replicate", "arm", "unit"], as_index=False)["value"].mean()
 
 
-# ---- the bootstrap ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BootstrapResult:
-    """Two-stage bootstrap of a difference of means (module doc).
+# ---- replicate statistics ---------------------------------------------------------------------
+Replicates = Sequence[tuple[np.ndarray, "np.ndarray | None"]]
+"""Per replicate: (values of arm a, values of arm b or None), one value per unit (already
+averaged over the rounds of a phase)."""
 
-    estimate: θ̂ = mean over replicates of d_i.  ci_low, ci_high: percentile CI at
-    ``confidence``.  p_value: two-sided bootstrap p-value of θ = 0.  stderr: SD of θ*.
-    n_replicates, n_units: replicates and units (summed over replicates and arms) used.
-    num_resamples, seed: B and the seed of the resampling.
+
+def _clean(replicates: Replicates) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    reps = [(np.asarray(a, dtype=float), None if b is None else np.asarray(b, dtype=float))
+            for a, b in replicates]
+    reps = [(a, b) for a, b in reps if a.size and (b is None or b.size)]
+    if not reps:
+        raise ValueError("inference needs at least one replicate with units in every arm")
+    return reps
+
+
+def replicate_statistics(replicates: Replicates) -> np.ndarray:
+    """d_i = mean(a_i) − mean(b_i) (or mean(a_i) for one arm), one per replicate."""
+    return np.array([a.mean() - (0.0 if b is None else b.mean()) for a, b in _clean(replicates)])
+
+
+def _num_units(reps) -> int:
+    return int(sum(a.size + (0 if b is None else b.size) for a, b in reps))
+
+
+# ---- one test's inference, whatever the method ------------------------------------------------
+@dataclass(frozen=True)
+class Inference:
+    """The estimate θ̂ of one test and what every verdict needs from it (module doc).
+
+    estimate: θ̂ = mean_i d_i.  stderr: its standard error (method's own; for the bootstrap
+    methods the SD of the replicate statistics / √R).  df: degrees of freedom of the t
+    reference (R − 1 for ``t``; Welch's for one replicate; inf for ``mixedlm``; NaN for the
+    bootstrap methods, which use their resampled distribution).  sampling_unit: "replicate",
+    or "unit" when a single replicate forces inference over its units (then the result speaks
+    for that run only).  draws: the bootstrap distribution (θ* for ``percentile``, t* for
+    ``bootstrap-t``), None otherwise.
     """
 
+    method: str
     estimate: float
-    ci_low: float
-    ci_high: float
-    p_value: float
     stderr: float
+    df: float
     n_replicates: int
     n_units: int
-    confidence: float
-    num_resamples: int
-    seed: int
+    sampling_unit: str = "replicate"
+    num_resamples: int = 0
+    seed: int = 0
+    draws: np.ndarray | None = field(default=None, repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    # one-sided p-values --------------------------------------------------------------------
+    def p_above(self, theta0: float) -> float:
+        """p-value of H0: θ ≤ θ0 against θ > θ0 (small: evidence that θ exceeds θ0)."""
+        return self._one_sided(float(theta0), upper=True)
+
+    def p_below(self, theta0: float) -> float:
+        """p-value of H0: θ ≥ θ0 against θ < θ0."""
+        return self._one_sided(float(theta0), upper=False)
+
+    def p_two_sided(self, theta0: float = 0.0) -> float:
+        """2 · min(p_above, p_below), at most 1: the smallest α whose (1 − α) interval
+        excludes θ0."""
+        return min(1.0, 2 * min(self.p_above(theta0), self.p_below(theta0)))
+
+    def interval(self, confidence: float) -> tuple[float, float]:
+        """Two-sided interval at ``confidence`` (equal tails)."""
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        tail = (1 - confidence) / 2
+        if self.method == "percentile":
+            lo, hi = np.quantile(self.draws, [tail, 1 - tail], method="inverted_cdf")
+            return float(lo), float(hi)
+        if self.method == "bootstrap-t":
+            q_lo, q_hi = np.quantile(self.draws, [tail, 1 - tail], method="inverted_cdf")
+            return (float(self.estimate - q_hi * self.stderr),
+                    float(self.estimate - q_lo * self.stderr))
+        q = _t_quantile(1 - tail, self.df)
+        half = q * self.stderr if self.stderr > 0 else 0.0
+        return float(self.estimate - half), float(self.estimate + half)
+
+    def _one_sided(self, theta0: float, upper: bool) -> float:
+        if not np.isfinite(self.estimate):
+            return float("nan")
+        if self.method == "percentile":  # share of θ* on the null side, +1 (never 0)
+            d = self.draws
+            k = np.sum(d <= theta0) if upper else np.sum(d >= theta0)
+            return float((k + 1) / (d.size + 1))
+        if self.stderr == 0 or not np.isfinite(self.stderr):
+            if self.estimate == theta0 or not np.isfinite(self.stderr):
+                return 1.0
+            return 0.0 if (self.estimate > theta0) == upper else 1.0
+        t_obs = (self.estimate - theta0) / self.stderr
+        if self.method == "bootstrap-t":  # share of t* at least as extreme, +1
+            d = self.draws
+            k = np.sum(d >= t_obs) if upper else np.sum(d <= t_obs)
+            return float((k + 1) / (d.size + 1))
+        return float(_t_sf(t_obs, self.df) if upper else _t_sf(-t_obs, self.df))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "draws"}
+
+
+def _t_sf(x: float, df: float) -> float:
+    return float(stats.norm.sf(x) if np.isinf(df) else stats.t.sf(x, df))
+
+
+def _t_quantile(q: float, df: float) -> float:
+    return float(stats.norm.ppf(q) if np.isinf(df) else stats.t.ppf(q, df))
+
+
+# ---- the methods ------------------------------------------------------------------------------
+def replicate_t(replicates: Replicates) -> Inference:
+    """The t-test on replicate statistics (the default; chosen by
+    ``experiments/benchmarks/results/inference.md``).
+
+    With R ≥ 2 replicates: θ̂ = mean d_i, se = sd(d_i)/√R, reference t with R − 1 degrees of
+    freedom. Exact when the d_i are normal with one variance (a balanced design), whatever
+    the share of variance between replicates; units inside a replicate enter only through
+    d_i, so their number and their correlation do not matter.
+
+    With one replicate the replicate level cannot be seen: the units of that replicate are
+    the sample (one arm: one-sample t over units, df = n − 1; two arms: Welch's t), and
+    ``sampling_unit`` says "unit": the result describes that run, not the training recipe.
+    """
+    reps = _clean(replicates)
+    R, n_units = len(reps), _num_units(reps)
+    if R >= 2:
+        d = replicate_statistics(reps)
+        return Inference("t", float(d.mean()), float(d.std(ddof=1) / math.sqrt(R)),
+                         float(R - 1), R, n_units)
+    a, b = reps[0]
+    if a.size < 2 or (b is not None and b.size < 2):
+        nan = float("nan")
+        return Inference("t", float(a.mean() - (0 if b is None else b.mean())), nan, nan, 1,
+                         n_units, "unit")
+    va = a.var(ddof=1) / a.size
+    if b is None:
+        return Inference("t", float(a.mean()), float(math.sqrt(va)), float(a.size - 1), 1,
+                         n_units, "unit")
+    vb = b.var(ddof=1) / b.size
+    se2 = va + vb
+    df = se2**2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1)) if se2 > 0 else float("nan")
+    return Inference("t", float(a.mean() - b.mean()), float(math.sqrt(se2)), float(df), 1,
+                     n_units, "unit")
+
+
+def bootstrap_t(replicates: Replicates, *, num_resamples: int = 4000,
+                seed: int = 0) -> Inference:
+    """Studentized cluster bootstrap (bootstrap-t; Davison & Hinkley 1997, §5.2.1).
+
+    Whole replicates are resampled with replacement (a replicate's units travel with it, so
+    only d_i matters): t* = (θ̂* − θ̂) / se* with se* = sd(d*)/√R; the interval is
+    [θ̂ − q*_{1−a/2} se, θ̂ − q*_{a/2} se] and the one-sided p-value of θ ≤ θ0 is
+    (#{t* ≥ (θ̂ − θ0)/se} + 1)/(B + 1). A resample of R copies of one replicate has se* = 0
+    and t* = ±∞ (kept: it is part of the resampling distribution). Needs R ≥ 2.
+    """
+    reps = _clean(replicates)
+    R = len(reps)
+    if R < 2:
+        raise ValueError("bootstrap-t resamples replicates and needs at least 2; use method 't'")
+    _check_resamples(num_resamples)
+    d = replicate_statistics(reps)
+    est, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(R))
+    rng = np.random.default_rng(seed)
+    star = d[rng.integers(0, R, size=(int(num_resamples), R))]
+    mean = star.mean(axis=1)
+    se_star = star.std(axis=1, ddof=1) / math.sqrt(R)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = (mean - est) / se_star
+    t_star[np.isnan(t_star)] = 0.0  # 0/0: a resample equal to the data's mean, no spread
+    return Inference("bootstrap-t", est, se, float("nan"), R, _num_units(reps),
+                     num_resamples=int(num_resamples), seed=int(seed), draws=t_star)
+
+
+def _check_resamples(num_resamples: int) -> None:
+    if int(num_resamples) < 100:
+        raise ValueError(f"num_resamples must be >= 100, got {num_resamples}")
+
+
+_CHUNK = 1 << 22  # resampled indices held at once by the two-stage bootstrap
 
 
 def _resampled_means(values: np.ndarray, shape: tuple[int, int],
@@ -303,53 +532,97 @@ def _resampled_means(values: np.ndarray, shape: tuple[int, int],
     return out
 
 
-def cluster_bootstrap(
-    replicates: Sequence[tuple[np.ndarray, np.ndarray | None]],
-    *,
-    num_resamples: int = 4000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> BootstrapResult:
-    """Two-stage bootstrap CI and p-value of θ = mean_i (mean a_i − mean b_i) (module doc).
+def cluster_bootstrap(replicates: Replicates, *, num_resamples: int = 4000,
+                      seed: int = 0) -> Inference:
+    """Two-stage percentile bootstrap (Davison & Hinkley 1997, §3.8): the former default,
+    kept as an option (``method = "percentile"``).
 
-    Args:
-        replicates: per replicate, (values of arm a, values of arm b or None) — one value per
-            unit (already averaged over the rounds of a phase). Arm b None: θ = mean of a.
-        num_resamples: B. The p-value cannot go below 2/(B+1).
-        confidence: level of the percentile CI.
-        seed: seeds the resampling.
-    Returns:
-        :class:`BootstrapResult`.
+    Draw R replicates with replacement, then inside every drawn replicate its units with
+    replacement, arm by arm; θ* is the mean of the drawn replicates' statistics. The interval
+    is the percentile interval of θ*, the one-sided p-value of θ ≤ θ0 is
+    (#{θ* ≤ θ0} + 1)/(B + 1) (never below 1/(B + 1)). Measured in
+    ``experiments/benchmarks/results/inference.md``: it undercovers when replicates differ
+    (resampling R of R replicates underestimates their spread by (R − 1)/R, and the percentile
+    interval of a few clusters is too short) and overcovers when they do not (the unit stage
+    counts the within-replicate variance twice).
     """
-    reps = [(np.asarray(a, dtype=float), None if b is None else np.asarray(b, dtype=float))
-            for a, b in replicates]
-    reps = [(a, b) for a, b in reps if a.size and (b is None or b.size)]
-    if not reps:
-        raise ValueError("the bootstrap needs at least one replicate with units in every arm")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if num_resamples < 100:
-        raise ValueError(f"num_resamples must be >= 100, got {num_resamples}")
+    reps = _clean(replicates)
+    _check_resamples(num_resamples)
     rng = np.random.default_rng(seed)
     R, B = len(reps), int(num_resamples)
-    d = np.array([a.mean() - (0.0 if b is None else b.mean()) for a, b in reps])
-    estimate = float(d.mean())
-    # W[i, b, j]: replicate i's statistic under an independent unit resample for slot j of
-    # bootstrap sample b; slot j of sample b holds replicate pick[b, j].
-    W = np.empty((R, B, R))
-    for i, (a, b) in enumerate(reps):
-        W[i] = _resampled_means(a, (B, R), rng)
-        if b is not None:
-            W[i] -= _resampled_means(b, (B, R), rng)
+    d = replicate_statistics(reps)
+    # slot j of bootstrap sample b holds replicate pick[b, j], with its own unit resample:
+    # only the picked (replicate, slot) pairs are drawn
     pick = rng.integers(0, R, size=(B, R)) if R > 1 else np.zeros((B, 1), dtype=int)
-    theta = W[pick, np.arange(B)[:, None], np.arange(R)[None, :]].mean(axis=1)
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(theta, [tail, 1 - tail])
-    below, above = int(np.sum(theta <= 0)), int(np.sum(theta >= 0))
-    p = min(1.0, 2 * (min(below, above) + 1) / (B + 1))
-    n_units = sum(a.size + (0 if b is None else b.size) for a, b in reps)
-    return BootstrapResult(estimate, float(lo), float(hi), float(p), float(theta.std(ddof=1)),
-                           R, int(n_units), float(confidence), B, int(seed))
+    slots = np.empty(pick.shape)
+    for i, (a, b) in enumerate(reps):
+        chosen = pick == i
+        count = int(chosen.sum())
+        if count == 0:
+            continue
+        means = _resampled_means(a, (count, 1), rng)[:, 0]
+        if b is not None:
+            means -= _resampled_means(b, (count, 1), rng)[:, 0]
+        slots[chosen] = means
+    theta = slots.mean(axis=1)
+    return Inference("percentile", float(d.mean()), float(theta.std(ddof=1)), float("nan"), R,
+                     _num_units(reps), "replicate" if R > 1 else "unit", B, int(seed), theta)
+
+
+def mixed_model(replicates: Replicates) -> Inference:
+    """Linear mixed model with units nested in replicates (statsmodels ``MixedLM``, REML).
+
+    One arm: x_ij = θ + b_i + e_ij with b_i ~ N(0, σ_b²), e_ij ~ N(0, σ_w²). Two arms:
+    x_ij = μ + θ·[j in arm a] + b_i + c_i·[j in arm a] + e_ij (a random replicate effect on the
+    difference too). θ̂ and its Wald standard error as statsmodels reports them, with a normal
+    reference (df = inf). Needs R ≥ 2; a fit that fails gives NaN.
+    """
+    import statsmodels.formula.api as smf
+
+    reps = _clean(replicates)
+    R = len(reps)
+    if R < 2:
+        raise ValueError("the mixed model needs at least 2 replicates; use method 't'")
+    rows = []
+    for i, (a, b) in enumerate(reps):
+        rows += [(i, 1.0, v) for v in a]
+        if b is not None:
+            rows += [(i, 0.0, v) for v in b]
+    frame = pd.DataFrame(rows, columns=["replicate", "in_a", "value"])
+    two_arms = reps[0][1] is not None
+    formula = "value ~ in_a" if two_arms else "value ~ 1"
+    term = "in_a" if two_arms else "Intercept"
+    nan = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notes: a failed fit is reported as NaN
+        try:
+            model = smf.mixedlm(formula, frame, groups=frame["replicate"],
+                                re_formula="~in_a" if two_arms else "1")
+            fit = model.fit(reml=True)
+            est, se = float(fit.fe_params[term]), float(fit.bse_fe[term])
+        except (np.linalg.LinAlgError, ValueError):
+            est, se = nan, nan
+    if not np.isfinite(se):
+        est, se = nan, nan
+    return Inference("mixedlm", est, se, float("inf"), R, _num_units(reps))
+
+
+METHODS = ("t", "bootstrap-t", "percentile", "mixedlm")
+"""Values of ``method`` (:func:`infer_one`); ``t`` is the default."""
+
+
+def infer_one(replicates: Replicates, method: str = "t", *, num_resamples: int = 4000,
+              seed: int = 0) -> Inference:
+    """:class:`Inference` of one test by ``method`` (:data:`METHODS`)."""
+    if method == "t":
+        return replicate_t(replicates)
+    if method == "bootstrap-t":
+        return bootstrap_t(replicates, num_resamples=num_resamples, seed=seed)
+    if method == "percentile":
+        return cluster_bootstrap(replicates, num_resamples=num_resamples, seed=seed)
+    if method == "mixedlm":
+        return mixed_model(replicates)
+    raise ValueError(f"unknown inference method {method!r}; valid: {', '.join(METHODS)}")
 
 
 def jackknife(values: np.ndarray, statistic=np.mean) -> tuple[float, float]:
@@ -384,58 +657,139 @@ def offdiag_mean_jackknife(D: np.ndarray) -> tuple[float, float]:
     return full, float(math.sqrt((K - 1) / K * np.sum((loo - loo.mean()) ** 2)))
 
 
-# ---- multiplicity, power, verdicts -----------------------------------------------------------
-def adjust_pvalues(pvalues: Sequence[float], method: str = "holm") -> np.ndarray:
-    """Adjusted p-values across the tests of one study: "holm" (family-wise error) or "bh"
-    (Benjamini–Hochberg false discovery rate), via statsmodels ``multipletests``."""
-    from statsmodels.stats.multitest import multipletests
+# ---- claims, multiplicity, verdicts -----------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """The three one-sided tests of one row against its minimum effect δ (module doc).
 
-    names = {"holm": "holm", "bh": "fdr_bh"}
-    if method not in names:
-        raise ValueError(f"unknown adjustment {method!r}; use holm or bh")
-    p = np.asarray(pvalues, dtype=float)
-    if p.size == 0:
-        return p
-    return multipletests(p, method=names[method])[1]
+    p_supported: H0 θ ≤ +δ.  p_reversed: H0 θ ≥ −δ.  p_negligible: TOST of H0 |θ| ≥ δ, the
+    larger of the p-values of θ ≤ −δ and θ ≥ +δ.  claim: the one of the three with the smallest
+    p-value.  p_value = min(1, 2 · that p-value): each test is run at α/2, so the row makes
+    its claim exactly when its (1 − α) interval lies above +δ, below −δ or inside ±δ.
+    """
+
+    p_supported: float
+    p_reversed: float
+    p_negligible: float
+    claim: str
+    p_value: float
 
 
-def verdict(estimate: float, p_adjusted: float, min_effect: float, alpha: float = 0.05) -> str:
-    """supported / reversed / inconclusive by the rule of the module doc."""
-    if min_effect <= 0:
+def claim(result: Inference, min_effect: float) -> Claim:
+    """The :class:`Claim` of one test against δ = ``min_effect`` > 0."""
+    if not min_effect > 0:
         raise ValueError(f"min_effect must be > 0 (state the smallest effect that matters), "
                          f"got {min_effect}")
-    if not (p_adjusted < alpha) or not np.isfinite(estimate):
-        return "inconclusive"
-    if estimate >= min_effect:
-        return "supported"
-    if estimate <= -min_effect:
-        return "reversed"
-    return "inconclusive"
+    d = float(min_effect)
+    p = {"supported": result.p_above(d), "reversed": result.p_below(-d),
+         "negligible": max(result.p_above(-d), result.p_below(d))}
+    if not all(np.isfinite(v) for v in p.values()):
+        return Claim(*p.values(), "inconclusive", float("nan"))
+    best = min(p, key=p.get)
+    return Claim(p["supported"], p["reversed"], p["negligible"], best, min(1.0, 2 * p[best]))
 
 
-def required_units(sd: float, min_effect: float, *, alpha: float = 0.05, power: float = 0.8,
-                   arms: int = 2) -> int:
-    """Power rule: units per arm to detect a difference δ with a two-sided z-test,
+def adjust_pvalues(pvalues: Sequence[float], method: str = "holm") -> np.ndarray:
+    """Adjusted p-values across the tests of one study: "holm" (family-wise error, Holm 1979)
+    or "bh" (false discovery rate, Benjamini & Hochberg 1995). NaN stays NaN (and does not
+    count as a test). With p_(1) ≤ … ≤ p_(K):
 
-        n = arms · (z_{1−α/2} + z_{power})² σ² / δ²        (arms = 2: difference of two means,
-                                                             arms = 1: a paired mean)
-    rounded up (at least 2)."""
-    if min_effect <= 0 or not np.isfinite(sd):
-        raise ValueError(f"required_units needs min_effect > 0 and a finite sd, got {min_effect}"
-                         f" and {sd}")
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    return max(2, math.ceil(arms * (z * sd / min_effect) ** 2))
+        holm   p̃_(j) = max_{i ≤ j} min(1, (K − i + 1) p_(i))
+        bh     p̃_(j) = min_{i ≥ j} min(1, K p_(i) / i)
+
+    (statsmodels' ``multipletests`` gives the same numbers, checked in the tests; it runs
+    ``gc.collect()`` on every call, which costs seconds in a study's many families.)
+    """
+    if method not in ADJUSTMENTS:
+        raise ValueError(f"unknown adjustment {method!r}; use holm or bh")
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    K = ok.size
+    if K == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    ps = p[order]
+    i = np.arange(1, K + 1)
+    if method == "holm":
+        adj = np.maximum.accumulate(np.minimum(1.0, (K - i + 1) * ps))
+    else:
+        adj = np.minimum.accumulate(np.minimum(1.0, K * ps / i)[::-1])[::-1]
+    out[order] = adj
+    return out
 
 
-def _units_needed(means: pd.DataFrame, min_effect: float, alpha: float) -> float:
-    """Power rule from the pooled within-replicate between-unit SD of the arms with ≥ 2 units."""
-    groups = [g["value"].to_numpy() for _, g in means.groupby(["replicate", "arm"])]
-    var = [np.var(g, ddof=1) for g in groups if g.size >= 2]
-    if not var:
-        return float("nan")
-    arms = means["arm"].nunique()
-    return float(required_units(float(np.sqrt(np.mean(var))), min_effect, alpha=alpha,
-                                arms=2 if arms == 2 else 1))
+ADJUSTMENTS = {"holm": "holm", "bh": "fdr_bh"}
+"""``adjust`` values → the statsmodels ``multipletests`` method of the same adjustment."""
+
+
+def adjusted_levels(pvalues: Sequence[float], alpha: float, method: str = "holm") -> np.ndarray:
+    """The level α_k at which row k is decided, so that "p_adjusted < α" ⟺ "p_k < α_k".
+
+    Holm: rows sorted by p; the row at step j (1-based) of K is tested at α/(K − j + 1) while
+    every earlier step rejected; from the first step that does not reject on, every row keeps
+    that step's level. BH: α·max(r, 1)/K for every row, r the number of rejections (the
+    level of Benjamini & Yekutieli's 2005 FCR-adjusted intervals). The (1 − α_k) interval of a
+    row is the one its verdict is read from (``ci_low_adjusted``/``ci_high_adjusted``).
+    """
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    K = ok.size
+    if K == 0:
+        return out
+    if method == "bh":
+        r = int(np.sum(adjust_pvalues(p[ok], "bh") < alpha))
+        out[ok] = alpha * max(r, 1) / K
+        return out
+    if method != "holm":
+        raise ValueError(f"unknown adjustment {method!r}; use holm or bh")
+    order = ok[np.argsort(p[ok], kind="stable")]
+    stopped = None  # the level of the first step that did not reject
+    for j, k in enumerate(order, start=1):
+        step = alpha / (K - j + 1)
+        if stopped is None and p[k] < step:
+            out[k] = step
+            continue
+        stopped = step if stopped is None else stopped
+        out[k] = stopped
+    return out
+
+
+def verdict(result: Inference, min_effect: float, alpha: float = 0.05) -> str:
+    """The verdict of one test alone (no multiplicity): its claim when the claim's p-value is
+    below α, else inconclusive (module doc)."""
+    c = claim(result, min_effect)
+    return c.claim if c.p_value < alpha else "inconclusive"
+
+
+def decide(results: Sequence[Inference], min_effects: Sequence[float], *, alpha: float = 0.05,
+           adjust: str = "holm") -> pd.DataFrame:
+    """Claims, adjusted p-values, intervals and verdicts of one family of tests.
+
+    Returns one row per result with the decision columns of :data:`HYPOTHESES_COLUMNS`
+    (estimate, stderr, df, the marginal (1 − α) interval, the level and interval each
+    verdict is read from, the three one-sided p-values, p_value, p_adjusted, verdict).
+    """
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    claims = [claim(r, d) for r, d in zip(results, min_effects)]
+    p = np.array([c.p_value for c in claims])
+    p_adj = adjust_pvalues(p, adjust)
+    levels = adjusted_levels(p, alpha, adjust)
+    rows = []
+    for r, c, pa, lv in zip(results, claims, p_adj, levels):
+        lo, hi = r.interval(1 - alpha) if np.isfinite(r.estimate) else (np.nan, np.nan)
+        lo_a, hi_a = (r.interval(1 - lv) if np.isfinite(lv) and np.isfinite(r.estimate)
+                      else (np.nan, np.nan))
+        rows.append({
+            "estimate": r.estimate, "stderr": r.stderr, "df": r.df, "ci_low": lo, "ci_high": hi,
+            "confidence_adjusted": 1 - lv, "ci_low_adjusted": lo_a, "ci_high_adjusted": hi_a,
+            "p_supported": c.p_supported, "p_reversed": c.p_reversed,
+            "p_negligible": c.p_negligible, "p_value": c.p_value, "p_adjusted": pa,
+            "verdict": c.claim if pa < alpha else "inconclusive",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def test_hypotheses(
@@ -446,9 +800,11 @@ def test_hypotheses(
     last_round: int | None = None,
     alpha: float = 0.05,
     adjust: str = "holm",
+    method: str = "t",
     num_resamples: int = 4000,
     seed: int = 0,
     transform: Mapping[str, str] | None = None,
+    power: float = 0.8,
 ) -> pd.DataFrame:
     """Test every hypothesis in every phase and decide (module doc); the ``hypotheses.csv``.
 
@@ -458,53 +814,76 @@ def test_hypotheses(
         min_effect: hypothesis name → δ > 0, stated before looking at the data.
         phases: default :func:`default_phases`; fractions refer to ``last_round``.
         last_round: the final round of training (default: the largest round in ``units``).
-        alpha: level of the tests and of the CIs (CIs are at 1 − α, unadjusted).
+        alpha: family-wise level (Holm) or false discovery rate (BH); the marginal intervals
+            are at 1 − α.
         adjust: "holm" or "bh", across all (hypothesis × phase) tests.
-        num_resamples, seed: of the bootstrap (each test gets its own stream from ``seed``).
+        method: :data:`METHODS` (default "t": the t-test on replicate statistics).
+        num_resamples, seed: of the bootstrap methods (each test its own stream from ``seed``).
         transform: hypothesis name → the transform applied before the difference (a label
             for the table; the units frames must already be transformed).
+        power: of the planning columns (:mod:`hessrank.analysis.planning`).
     Returns:
         DataFrame with :data:`HYPOTHESES_COLUMNS`, one row per (hypothesis, phase) that has
         data, in input order.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown inference method {method!r}; valid: {', '.join(METHODS)}")
     phases = list(phases) if phases is not None else default_phases()
     if last_round is None:
         last_round = max((int(u["round"].max()) for u in units.values() if len(u)), default=0)
-    rows = []
+    rows, results, comps = [], [], []
     streams = np.random.SeedSequence(int(seed)).spawn(len(units) * len(phases))
     for h, (name, frame) in enumerate(units.items()):
         if name not in min_effect:
             raise ValueError(f"hypothesis {name!r} has no min_effect; state one up front")
         delta = float(min_effect[name])
         by_phase = assign_phases(frame["round"].unique(), phases, last_round)
+        two_arms = bool((frame["arm"] == "b").any())
         for k, ph in enumerate(phases):
             rs = by_phase[ph.name]
             if not rs:
                 continue
-            means = phase_unit_means(frame, rs)
-            two_arms = bool((frame["arm"] == "b").any())
-            reps = []  # a replicate missing an arm is dropped by the bootstrap
-            for _, g in means.groupby("replicate"):
-                a = g.loc[g["arm"] == "a", "value"].to_numpy()
-                b = g.loc[g["arm"] == "b", "value"].to_numpy()
-                reps.append((a, b if two_arms else None))
+            reps = replicates_of(phase_unit_means(frame, rs), two_arms)
+            if not reps:
+                continue
             ss = streams[h * len(phases) + k]
-            res = cluster_bootstrap(reps, num_resamples=num_resamples, confidence=1 - alpha,
-                                    seed=int(ss.generate_state(1)[0]))
+            res = infer_one(reps, method, num_resamples=num_resamples,
+                            seed=int(ss.generate_state(1)[0]))
+            results.append(res)
+            comps.append(planning.variance_components(reps))
             rows.append({
                 "hypothesis": name, "phase": ph.name, "round_lo": min(rs), "round_hi": max(rs),
-                "num_rounds": len(rs), "estimate": res.estimate, "ci_low": res.ci_low,
-                "ci_high": res.ci_high, "p_value": res.p_value, "n_replicates": res.n_replicates,
+                "num_rounds": len(rs), "n_replicates": res.n_replicates,
                 "n_units": res.n_units, "min_effect": delta, "alpha": alpha, "adjust": adjust,
+                "method": method, "sampling_unit": res.sampling_unit,
                 "transform": (transform or {}).get(name, "identity"),
-                "units_needed": _units_needed(means, delta, alpha),
-            })
-    out = pd.DataFrame(rows, columns=HYPOTHESES_COLUMNS)
-    if len(out):
-        out["p_adjusted"] = adjust_pvalues(out["p_value"].to_numpy(), adjust)
-        out["verdict"] = [verdict(e, p, d, alpha) for e, p, d in
-                          zip(out["estimate"], out["p_adjusted"], out["min_effect"])]
-    return out
+            })  # fmt: skip
+    if not rows:
+        return pd.DataFrame(columns=HYPOTHESES_COLUMNS)
+    out = pd.concat([pd.DataFrame(rows),
+                     decide(results, [r["min_effect"] for r in rows], alpha=alpha,
+                            adjust=adjust)], axis=1)
+    level = planning.claim_level(alpha, len(rows))
+    out["replicates_needed"] = [
+        planning.replicates_needed(vc.replicate_variance(), d, level, power)
+        for vc, d in zip(comps, out["min_effect"])]
+    out["replicates_needed_unlimited_units"] = [
+        planning.replicates_needed(vc.between, d, level, power)
+        for vc, d in zip(comps, out["min_effect"])]
+    return out[HYPOTHESES_COLUMNS]
+
+
+def replicates_of(means: pd.DataFrame, two_arms: bool) -> list[tuple[np.ndarray,
+                                                                       np.ndarray | None]]:
+    """Per replicate of a phase's unit means (:func:`phase_unit_means`): (arm a values, arm b
+    values or None). A replicate missing an arm is dropped (never read as one sample)."""
+    reps = []
+    for _, g in means.groupby("replicate"):
+        a = g.loc[g["arm"] == "a", "value"].to_numpy(float)
+        b = g.loc[g["arm"] == "b", "value"].to_numpy(float)
+        if a.size and (b.size or not two_arms):
+            reps.append((a, b if two_arms else None))
+    return reps
 
 
 # ---- one client-vs-server summary for demo, figures and notebooks ---------------------------

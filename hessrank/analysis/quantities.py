@@ -1,8 +1,20 @@
-"""Quantity → estimator → rows: the registry behind ``--quantities`` (DESIGN.md §6).
+"""Estimator families and quantities: the one registry behind ``--quantities`` (docs/design.md,
+analysis).
 
-Each quantity names the estimator *family* that computes it and turns one entry of that
-estimator result's own ``rows()`` (one dict per stacked operator) into table rows
-(quantity, k, value, stderr, matvecs):
+A *family* is one estimator call on one unit of work; a *quantity* is a set of table rows one
+family's result gives. Each :class:`Family` entry carries what every stage needs:
+
+- the planner: :attr:`Family.settings` (the choices that determine its numbers; hashed into
+  the ``settings`` column and the unit keys), :attr:`Family.per_group` (one unit per (round,
+  subject group), or one per round over the clients) and :attr:`Family.products` (the
+  progress estimate);
+- the executor: :attr:`Family.estimate` (run on a unit's stacked operator; the result has
+  ``rows()``, one dict per stacked operator) or :attr:`Family.per_round` (run on the model and
+  the clients' data, rows directly), and :attr:`Family.densities` (the raw SLQ tridiagonals
+  the store keeps);
+- the command line: the names and :attr:`Quantity.help` texts (``hessrank analyze --help``).
+
+The registry (the families, then the quantities, in help order):
 
     stable-rank   family "lanczos" (:func:`hessrank.linalg.stable_rank`): srank ± stderr, plus
                   the top-k stable rank Σ_{i≤k} θ_i²/θ_1² and the intrinsic dimension tr(H)/‖H‖₂
@@ -14,27 +26,33 @@ estimator result's own ``rows()`` (one dict per stacked operator) into table row
     alignment     family "alignment": mean pairwise cosine of client gradients per weight
                   matrix and truncation rank (:mod:`hessrank.analysis.alignment`)
 
-One family runs once per unit however many of its quantities are asked for.
+One family runs once per unit however many of its quantities are asked for. Adding a family
+or a quantity is one entry here (and, for a new estimator, its function in ``linalg``).
+
+This module imports only the standard library at module level, so ``hessrank analyze
+--help`` can list the quantities without importing torch; the estimator calls import their
+numerics when they run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from hessrank.linalg import DensityResult, spectral_density, stable_rank
+if TYPE_CHECKING:
+    from hessrank.analysis.settings import AnalysisSettings
 
 __all__ = [
     "FAMILIES",
     "QUANTITIES",
-    "DensityEstimate",
+    "Family",
     "Quantity",
     "estimate",
+    "families_of",
     "parse_quantities",
     "quantity_rows",
+    "table_quantities",
 ]
 
 K_TOP = 10
@@ -44,12 +62,43 @@ Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Family:
+    """An estimator family: one call per unit of work (module docstring).
+
+    name: the family's name (the ``family`` of a settings hash).
+    help: one line for the documentation.
+    settings: ``settings(s)`` → the dict of everything that determines the family's numbers
+        under :class:`~hessrank.analysis.settings.AnalysisSettings` ``s`` (hashed).
+    products: ``products(s, J)`` → estimated products for a stack of J operators.
+    estimate: ``estimate(op, s, seed)`` → a result with ``rows()`` (operator families).
+    per_round: ``per_round(model, task, client_data, s)`` → rows with quantity, k, layer,
+        value, stderr, matvecs (families computed once per round over the clients).
+    densities: ``densities(result)`` → per stacked operator (alpha, beta, dim, matvecs, seed)
+        of the SLQ tridiagonals the store keeps, or None.
+    """
+
+    name: str
+    help: str
+    settings: Callable[[AnalysisSettings], dict[str, Any]]
+    products: Callable[[AnalysisSettings, int], int]
+    estimate: Callable[[Any, AnalysisSettings, int], Any] | None = None
+    per_round: Callable[..., list[Row]] | None = None
+    densities: Callable[[Any], list[tuple[Any, Any, int, int, int]]] | None = None
+
+    @property
+    def per_group(self) -> bool:
+        """One unit per (round, subject group) on a stacked operator (else one per round)."""
+        return self.per_round is None
+
+
+@dataclass(frozen=True)
 class Quantity:
-    """A quantity of ``--quantities``: its estimator family and its rows from one ``rows()``
-    entry (a dict of the estimator result for one stacked operator)."""
+    """A quantity of ``--quantities``: its estimator family, its help text and its rows from
+    one ``rows()`` entry (a dict of the estimator result for one stacked operator)."""
 
     name: str
     family: str
+    help: str
     rows: Callable[[Row], list[Row]]
     produces: tuple[str, ...] = ()
     """Names in the table's ``quantity`` column (default: ``name``)."""
@@ -59,6 +108,99 @@ class Quantity:
             object.__setattr__(self, "produces", (self.name,))
 
 
+# ---- the families ---------------------------------------------------------------------------
+def _common(s: AnalysisSettings) -> dict[str, Any]:
+    return {"seed": s.seed, "probe_streams": "per-round-group",
+            "params": list(s.params) if s.params else None,
+            "batch_size": s.batch_size, "dtype": s.dtype, "mode": s.mode}
+
+
+def _lanczos_settings(s: AnalysisSettings) -> dict[str, Any]:
+    return {**_common(s), "family": "lanczos", "curvature": s.curvature,
+            "matvecs": s.matvecs, "rtol": s.rtol,
+            "max_matvecs": s.max_matvecs if s.rtol is not None else None}
+
+
+def _lanczos(op: Any, s: AnalysisSettings, seed: int) -> Any:
+    from hessrank.linalg import stable_rank  # numerics when a unit runs: keeps --help fast
+
+    if s.rtol is None:
+        return stable_rank(op, num_matvecs=s.matvecs, seed=seed, k_top=K_TOP)
+    # a target error: products until the estimate is predicted to be within rtol in 90 % of
+    # runs, at most max_matvecs (the fixed budget ``matvecs`` does not apply)
+    return stable_rank(op, rtol=s.rtol, max_matvecs=s.max_matvecs, seed=seed, k_top=K_TOP)
+
+
+def _density_settings(s: AnalysisSettings) -> dict[str, Any]:
+    return {**_common(s), "family": "density", "curvature": s.curvature,
+            "probes": s.density_probes, "steps": s.density_steps or s.matvecs}
+
+
+@dataclass(frozen=True)
+class DensityEstimate:
+    """An SLQ density with its entropy effective rank, as rows like the linalg results'."""
+
+    density: Any  # hessrank.linalg.DensityResult
+    effective_rank: Any
+    effective_rank_stderr: Any
+
+    def rows(self) -> list[Row]:
+        return [{"effective_rank": float(v), "effective_rank_stderr": float(s),
+                 "num_matvecs": self.density.num_matvecs, "seed": self.density.seed}
+                for v, s in zip(self.effective_rank, self.effective_rank_stderr)]
+
+
+def _density(op: Any, s: AnalysisSettings, seed: int) -> DensityEstimate:
+    from hessrank.linalg import spectral_density  # numerics when a unit runs: keeps --help fast
+
+    d = spectral_density(op, num_probes=s.density_probes,
+                         lanczos_steps=s.density_steps or s.matvecs, seed=seed)
+    return DensityEstimate(d, *d.effective_rank())
+
+
+def _density_tridiagonals(res: DensityEstimate) -> list[tuple[Any, Any, int, int, int]]:
+    import numpy as np  # only when a unit runs: keeps --help fast
+
+    d = res.density
+    return [(np.asarray(d.alpha[j]), np.asarray(d.beta[j]), d.dim, d.num_matvecs, d.seed)
+            for j in range(len(d.alpha))]
+
+
+def _alignment_settings(s: AnalysisSettings) -> dict[str, Any]:
+    ranks = [0 if r is None else r for r in s.alignment_ranks]
+    return {**_common(s), "family": "alignment", "ranks": ranks}
+
+
+def _alignment(model: Any, task: Any, client_data: Any, s: AnalysisSettings) -> list[Row]:
+    # the alignment metrics import torch: loaded when a unit runs, which keeps --help fast
+    from hessrank.analysis.alignment import gradient_alignment
+    from hessrank.curvature.params import select_params
+
+    layers = None
+    if s.params:
+        named = dict(model.named_parameters())
+        layers = [n for n in select_params(model, s.params) if named[n].ndim >= 2]
+    table = gradient_alignment(model, task, client_data, ranks=list(s.alignment_ranks),
+                               layers=layers, mode=s.mode, batch_size=s.batch_size)
+    return [{"quantity": "alignment", "k": int(t.rank), "layer": str(t.layer),
+             "value": float(t.value), "stderr": float(t.stderr), "matvecs": 0}
+            for t in table.itertuples()]
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("lanczos", "one Lanczos run plus residual probes per stacked operator "
+           "(hessrank.linalg.stable_rank)", _lanczos_settings,
+           lambda s, J: J * s.matvecs, estimate=_lanczos),
+    Family("density", "stochastic Lanczos quadrature (hessrank.linalg.spectral_density)",
+           _density_settings, lambda s, J: J * s.density_probes * (s.density_steps or s.matvecs),
+           estimate=_density, densities=_density_tridiagonals),
+    Family("alignment", "client-gradient alignment per weight matrix and truncation rank",
+           _alignment_settings, lambda s, J: 1, per_round=_alignment),
+)}
+"""The estimator families, in the order their units are planned within a round."""
+
+
+# ---- the quantities -------------------------------------------------------------------------
 def _r(quantity: str, value: Any, stderr: Any, matvecs: Any, k: int = 0) -> Row:
     return {"quantity": quantity, "k": int(k), "value": float(value), "stderr": float(stderr),
             "matvecs": int(matvecs)}
@@ -78,22 +220,23 @@ def _top_eig_rows(r: Row) -> list[Row]:
 
 
 QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
-    Quantity("stable-rank", "lanczos", _stable_rank_rows,
+    Quantity("stable-rank", "lanczos", "‖H‖_F²/‖H‖₂² ± stderr, with the top-k stable rank "
+             "and the intrinsic dimension tr(H)/‖H‖₂", _stable_rank_rows,
              ("stable-rank", "top-k-stable-rank", "intrinsic-dimension")),
-    Quantity("top-eig", "lanczos", _top_eig_rows),
-    Quantity("trace", "lanczos",
+    Quantity("top-eig", "lanczos", f"the top {K_TOP} eigenvalues by magnitude", _top_eig_rows),
+    Quantity("trace", "lanczos", "tr(H) ± stderr",
              lambda r: [_r("trace", r["trace"], r["trace_stderr"], r["num_matvecs"])]),
-    Quantity("frobenius", "lanczos",
+    Quantity("frobenius", "lanczos", "‖H‖_F² ± stderr",
              lambda r: [_r("frobenius", r["frobenius_sq"], r["frobenius_sq_stderr"],
                            r["num_matvecs"])]),
-    Quantity("density", "density",
+    Quantity("density", "density", "SLQ spectral density: its entropy effective rank in "
+             "the table, its tridiagonals in the store",
              lambda r: [_r("effective-rank", r["effective_rank"], r["effective_rank_stderr"],
                            r["num_matvecs"])], ("effective-rank",)),
-    Quantity("alignment", "alignment", lambda r: []),  # rows come from the alignment table
+    Quantity("alignment", "alignment", "mean pairwise cosine of client gradients, rank-r "
+             "truncated vs full", lambda r: []),  # rows come from Family.per_round
 )}
-"""The registry, in the order quantities are listed in help texts."""
-
-FAMILIES = ("lanczos", "density", "alignment")
+"""The quantities, in the order they are listed in help texts."""
 
 
 def parse_quantities(spec: str | Sequence[str]) -> list[str]:
@@ -109,42 +252,26 @@ def parse_quantities(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def families_of(quantities: Sequence[str]) -> list[Family]:
+    """The families the quantities need, in registry order."""
+    wanted = {QUANTITIES[q].family for q in quantities}
+    return [f for name, f in FAMILIES.items() if name in wanted]
+
+
+def table_quantities(quantities: Sequence[str]) -> set[str]:
+    """Values of the table's ``quantity`` column that ``quantities`` select."""
+    return {name for q in quantities for name in QUANTITIES[q].produces}
+
+
 def quantity_rows(names: Sequence[str], result: Any) -> list[list[Row]]:
     """Per stacked operator j, the rows of ``names`` from ``result.rows()[j]``."""
     qs = [QUANTITIES[n] for n in names]
     return [[row for q in qs for row in q.rows(entry)] for entry in result.rows()]
 
 
-@dataclass(frozen=True)
-class DensityEstimate:
-    """An SLQ density with its entropy effective rank, as rows like the linalg results'."""
-
-    density: DensityResult
-    effective_rank: np.ndarray
-    effective_rank_stderr: np.ndarray
-
-    @classmethod
-    def of(cls, density: DensityResult) -> DensityEstimate:
-        erank, se = density.effective_rank()
-        return cls(density, erank, se)
-
-    def rows(self) -> list[Row]:
-        return [{"effective_rank": float(v), "effective_rank_stderr": float(s),
-                 "num_matvecs": self.density.num_matvecs, "seed": self.density.seed}
-                for v, s in zip(self.effective_rank, self.effective_rank_stderr)]
-
-
-def estimate(family: str, op: Any, *, matvecs: int, seed: int, rtol: float | None = None,
-             max_matvecs: int = 400, density_probes: int = 4,
-             density_steps: int | None = None) -> Any:
-    """Run one estimator family on a stacked operator; the result has ``rows()``."""
-    if family == "lanczos":
-        if rtol is None:
-            return stable_rank(op, num_matvecs=matvecs, seed=seed, k_top=K_TOP)
-        # a target error: products until the estimate is predicted to be within rtol in 90 %
-        # of runs, at most max_matvecs (the fixed budget ``matvecs`` does not apply)
-        return stable_rank(op, rtol=rtol, max_matvecs=max_matvecs, seed=seed, k_top=K_TOP)
-    if family == "density":
-        return DensityEstimate.of(spectral_density(
-            op, num_probes=density_probes, lanczos_steps=density_steps or matvecs, seed=seed))
-    raise ValueError(f"family {family!r} has no operator estimator")
+def estimate(family: str, op: Any, settings: AnalysisSettings, seed: int) -> Any:
+    """Run operator family ``family`` on a stacked operator; the result has ``rows()``."""
+    f = FAMILIES[family]
+    if f.estimate is None:
+        raise ValueError(f"family {family!r} has no operator estimator")
+    return f.estimate(op, settings, seed)

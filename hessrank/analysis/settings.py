@@ -1,15 +1,17 @@
-"""The settings of one trajectory analysis, typed and validated in one place (DESIGN.md §6).
+"""The settings of one trajectory analysis, typed and validated in one place (docs/design.md).
 
 :class:`AnalysisSettings` holds every choice of ``hessrank analyze`` (and of
 :func:`hessrank.analysis.trajectory.analyze`). :meth:`AnalysisSettings.validate` checks every
 value that needs no data — before any checkpoint is read or any file written — and names the
 flag in its one-line message, so a bad flag fails once, not once per round. Checks that need the
-data (parameter names, client ids, subset sizes, whether a model factory fits the data) run in
-:func:`hessrank.analysis.trajectory.analyze` right after the source is opened, still before any
-unit is computed or any output written.
+data (parameter names, client ids, subset sizes, whether a model factory fits the data, the
+checkpoints' identities) run in :func:`hessrank.analysis.executor.open_call` right after the
+source is opened, still before any unit is computed or any output written.
 
-This module imports only the standard library, so the command line can build and check the
-settings without importing torch.
+This module imports only the standard library and the estimator registry at module level, so
+the command line reads its defaults (and ``--help`` answers) without importing torch; the
+checks that need torch, the subject parser or the curvature registry import them when
+:meth:`AnalysisSettings.validate` runs.
 
 Example:
     >>> AnalysisSettings(matvecs=40, seed=0).validate().matvecs
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hessrank.analysis.quantities import FAMILIES, parse_quantities
 from hessrank.curvature.registry import CURVATURES as CURVATURE_REGISTRY  # imports no torch
 
 __all__ = ["CURVATURES", "MAX_SEED", "AnalysisSettings", "default_threads", "digest"]
@@ -75,8 +78,11 @@ class AnalysisSettings:
         full gradient).
     Which part of the run: rounds ("start:stop:step", "5,10" or a list; None = all saved),
         subjects (see :func:`hessrank.analysis.subjects.parse_subjects`).
-    For a folder of state_dict files: model_factory ("module:function" or a callable),
-        dataset, clients, data_root.
+    For a folder of checkpoints of another trainer (:class:`hessrank.analysis.sources.
+        CheckpointDir`): model_factory ("module:function" or a callable of no arguments), and
+        the data: data ("module:function" returning the clients' datasets, optionally a test
+        set) or dataset, clients, data_root (a built-in dataset split iid); loss
+        ("module:name" or an object: a task or a plain ``loss_fn(outputs, targets)``).
     How to run: device, threads (None: leave torch's setting), memory_mb (each operator's
         ``cache_budget_mb``: linearizations beyond it are not kept and products stream over
         micro-batches; the route changes, the numbers only by floating-point order), progress,
@@ -107,6 +113,8 @@ class AnalysisSettings:
     density_steps: int | None = None
     alignment_ranks: tuple[int | None, ...] = (1, 2, 4, 8, None)
     model_factory: str | Callable | None = field(default=None, compare=False)
+    data: str | Callable | None = field(default=None, compare=False)
+    loss: str | Callable | Any | None = field(default=None, compare=False)
     dataset: str | None = None
     clients: int | None = None
     data_root: str | None = None
@@ -150,12 +158,16 @@ class AnalysisSettings:
     # ---- validation -----------------------------------------------------------------------
     def validate(self) -> AnalysisSettings:
         """Check every value that needs no data; ValueError naming the flag. Returns self."""
-        from hessrank.analysis.quantities import parse_quantities
+        # the subject parser and the estimators' minimum budget live beside torch code: they
+        # are imported here, when a call is checked, so that --help stays fast
         from hessrank.analysis.subjects import parse_subjects
+        from hessrank.linalg.deflated import MIN_PROBES, min_budget
 
         parse_quantities(self.quantities or ())
         parse_subjects(self.subjects or ())
-        from hessrank.linalg.deflated import MIN_PROBES, min_budget
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"--curvature {self.curvature}: unknown curvature "
+                             f"{self.curvature!r}; choose from {', '.join(CURVATURES)}")
 
         _int_at_least("--matvecs", self.matvecs, min_budget("stable_rank"),
                       f"({MIN_PROBES} residual probes for a calibrated error bar plus Lanczos "
@@ -164,9 +176,6 @@ class AnalysisSettings:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not (
                 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"--seed must be an integer in [0, 2**63 - 1], got {self.seed}")
-        if self.curvature not in CURVATURES:
-            raise ValueError(f"--curvature must be one of {', '.join(CURVATURES)}, got "
-                             f"{self.curvature!r}")
         if self.rtol is not None and not (0.0 < float(self.rtol) < 1.0):
             raise ValueError(f"--rtol must be in (0, 1), e.g. 0.01, got {self.rtol}")
         if self.params is not None and not self.params:
@@ -192,8 +201,16 @@ class AnalysisSettings:
         if not (isinstance(self.memory_mb, (int, float)) and 0 < self.memory_mb < float("inf")):
             raise ValueError(f"--memory-mb must be a positive number of MiB, got "
                              f"{self.memory_mb!r}")
-        if self.model_factory is not None and (self.dataset is None or self.clients is None):
-            raise ValueError("a model factory needs --dataset NAME and --clients K for the data")
+        if self.model_factory is not None and self.data is None and (
+                self.dataset is None or self.clients is None):
+            raise ValueError("a model factory needs its data: --data module:function (the "
+                             "clients' datasets), or --dataset NAME --clients K (a built-in "
+                             "dataset split iid)")
+        if self.model_factory is None and (self.data is not None or self.loss is not None):
+            raise ValueError("--data and --loss go with --model module:function (checkpoints "
+                             "of another trainer); a hessrank run directory has its own")
+        if self.data is not None and self.dataset is not None:
+            raise ValueError("give --data or --dataset, not both")
         _int_at_least("--workers", self.workers, 1)
         if self.shard is not None:
             i, n = self.shard
@@ -209,31 +226,21 @@ class AnalysisSettings:
 
     # ---- keys -------------------------------------------------------------------------------
     def family_settings(self, family: str) -> dict[str, Any]:
-        """The settings that determine the numbers of one estimator family ("lanczos",
-        "density", "alignment"); hashed into the ``settings`` column and the unit keys."""
-        common = {"seed": self.seed, "probe_streams": "per-round-group",
-                  "params": list(self.params) if self.params else None,
-                  "batch_size": self.batch_size, "dtype": self.dtype, "mode": self.mode}
-        if family == "lanczos":
-            return {**common, "family": family, "curvature": self.curvature,
-                    "matvecs": self.matvecs, "rtol": self.rtol,
-                    "max_matvecs": self.max_matvecs if self.rtol is not None else None}
-        if family == "density":
-            return {**common, "family": family, "curvature": self.curvature,
-                    "probes": self.density_probes,
-                    "steps": self.density_steps or self.matvecs}
-        if family == "alignment":
-            ranks = [0 if r is None else r for r in self.alignment_ranks]
-            return {**common, "family": family, "ranks": ranks}
-        raise ValueError(f"unknown estimator family {family!r}")
+        """The settings that determine the numbers of one estimator family
+        (:data:`hessrank.analysis.quantities.FAMILIES`); hashed into the ``settings`` column
+        and the unit keys."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown estimator family {family!r}; valid: {', '.join(FAMILIES)}")
+        return FAMILIES[family].settings(self)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON form for analysis.json (the factory by name)."""
+        """JSON form for analysis.json (user objects by name)."""
         out = dataclasses.asdict(self)
-        f = self.model_factory
-        if f is not None and not isinstance(f, str):
-            name = getattr(f, "__qualname__", repr(f))
-            out["model_factory"] = f"{getattr(f, '__module__', '?')}:{name}"
+        for name in ("model_factory", "data", "loss"):
+            f = getattr(self, name)
+            if f is not None and not isinstance(f, str):
+                qual = getattr(f, "__qualname__", None) or type(f).__qualname__
+                out[name] = f"{getattr(f, '__module__', '?')}:{qual}"
         out["alignment_ranks"] = [0 if r is None else r for r in self.alignment_ranks]
         return out
 
@@ -278,7 +285,7 @@ def probe_seed(seed: int, round_idx: int, label: str) -> int:
     their own round-independent seeds (``data_seed``), so the same subsets are compared at
     every round.
     """
-    import numpy as np
+    import numpy as np  # when a unit runs: keeps --help fast
 
     ss = np.random.SeedSequence([int(seed), int(round_idx), zlib.crc32(label.encode())])
     return int(ss.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
@@ -290,7 +297,7 @@ def _int_at_least(flag: str, value: Any, low: int, why: str = "") -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    import torch  # when a call is checked: keeps --help fast
 
     try:
         dev = torch.device(device)

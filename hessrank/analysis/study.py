@@ -1,62 +1,38 @@
-"""Studies: R replicates of train → analyze → one tidy table → ``hypotheses.csv`` (§6).
+"""Studies: R replicates of train → analyze → one tidy table → ``hypotheses.csv`` (§6 of
+docs/design.md).
 
-A study spec is a TOML file (``experiments/configs/*.toml``)::
+The spec format (TOML, ``experiments/configs/*.toml``) is :mod:`hessrank.analysis.spec`; the
+hypothesis kinds are :mod:`hessrank.analysis.hypotheses`; the tests and verdicts
+:mod:`hessrank.analysis.inference`; the checkpoint-grid checks :mod:`hessrank.analysis.grid`;
+the planning numbers :mod:`hessrank.analysis.planning`. The whole spec is validated before
+the first replicate trains.
 
-    [study]
-    name = "centralized_digits"
-    replicates = 3            # default; ``--replicates`` overrides
-    seed = 0                  # replicate i trains with seed + i (init, split, partition, batches)
+Seeds. Replicate i trains with ``study.seed + i`` (model init, data split, partition, batch
+order) and analyzes with :func:`analysis_seed` (a SeedSequence of (study seed, i)), so subset
+draws and estimator probes are independent across replicates. Within one replicate,
+``analyze`` derives each unit's estimator seed from that seed, the round and the subject group
+(:func:`hessrank.analysis.settings.probe_seed`: probe vectors are independent across rounds
+and groups), while a subset draw's indices come from the seed alone, so draw d is the same
+subset at every round (paired by design).
 
-    [train]                   # TrainConfig fields (hessrank.fl.config.TrainConfig)
-    algo = "fedavg"
-    ...
-
-    [analyze]                 # keywords of hessrank.analysis.trajectory.analyze
-    rounds = [0, 50, 100]
-    subjects = "server,subset:50x60,subset:500x20"
-    matvecs = 40
-
-    [controls]                # optional: hessrank.analysis.controls.analyze_controls
-    matched_draws = 5
-    nested_sizes = [25, 50, 100]
-
-    [diagnostics]             # optional: hessrank.analysis.diagnostics.run_diagnostics
-    subjects = "server,subset:50x5,subset:500x5"   # at every analyzed round (or rounds = [...])
-    matvecs = 40
-    density_probes = 8
-
-    [inference]
-    alpha = 0.05
-    adjust = "holm"           # or "bh"
-    resamples = 4000
-    phases = [{name = "early", lo = 0.0, hi = 0.34}, ...]   # fractions of the last round;
-                                                            # absolute = true: rounds
-    [[hypotheses]]
-    name = "n50_minus_n500"
-    kind = "subset-size"      # or "client-server", "alignment", "matched-size", ...
-                              # alignment: rank = r; with [train] record_updates = true it
-                              # tests the recorded client updates (unit = client), else the
-                              # gradient alignment rows of ``analyze`` (unit = layer)
-    small = 50
-    large = 500               # or "server"
-    transform = "log"         # difference of log stable ranks (a ratio)
-    min_effect = 0.05         # stated up front, in the units of the transformed difference
-
-Seeds. Replicate i trains with ``study.seed + i`` and analyzes with
-:func:`analysis_seed` (a SeedSequence of (study seed, i)), so subset draws and estimator probes
-are independent across replicates. Within one replicate ``analyze`` uses that one seed for
-every round and subject (its subsets are the same indices at every round — paired by design;
-its probe vectors are drawn from the same seed at every round).
-
-Layout of ``out``: ``spec.toml`` (the spec as run), ``replicate_{i}/run`` (training),
+Layout of ``out``: ``spec.json`` (the spec as run), ``replicate_{i}/run`` (training),
 ``replicate_{i}/analysis`` (``analyze``'s resumable store), ``replicate_{i}/controls``,
-``results.{parquet,csv}`` (all replicates, with a ``replicate`` column), ``hypotheses.csv``,
-``regression.csv`` (with controls), ``diagnostics.csv`` (with [diagnostics]; per replicate in
-``replicate_{i}/diagnostics.csv``) and, with two or more subset sizes among its subjects,
-``diagnostics_tests.csv`` (smallest − largest size of each diagnostic per phase,
-:func:`hessrank.analysis.diagnostics.reversal_tests`), ``update_pairs.csv`` (alignment of
-recorded updates; per replicate in ``replicate_{i}/update_pairs.csv``) and ``study.json``
-(provenance). Rerunning resumes; an ``out`` holding a different spec is refused.
+``results.{parquet,csv}`` (all replicates, with a ``replicate`` column), ``hypotheses.csv``
+with its ``README.md`` (what every column, verdict and flag means), ``profile.csv`` (the
+effect per round, :func:`hessrank.analysis.grid.round_profile`), ``plan.csv`` (variance
+components and replicates needed), ``regression.csv`` (with controls), ``diagnostics.csv``
+(with [diagnostics]; per replicate in ``replicate_{i}/diagnostics.csv``) and, with two or
+more subset sizes among its subjects, ``diagnostics_tests.csv`` (smallest − largest size of
+each diagnostic per phase, :func:`hessrank.analysis.diagnostics.reversal_tests`),
+``update_pairs.csv`` (alignment of recorded updates; per replicate in
+``replicate_{i}/update_pairs.csv``) and ``study.json`` (provenance, with every invocation's
+spec).
+
+Rerunning resumes: trained replicates, analysis units, controls and diagnostics are reused
+when their settings did not change, and the tests are redone. A spec whose training settings
+([train], study seed) differ from those the replicates in ``out`` were trained with is
+refused; any other change (a fixed [analyze], [inference] or hypothesis) reuses the trained
+replicates.
 """
 
 from __future__ import annotations
@@ -69,129 +45,39 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from hessrank.analysis import grid, planning
 from hessrank.analysis import inference as inf
+from hessrank.analysis.controls import analyze_controls, rank_regression, subject_label_entropy
+from hessrank.analysis.diagnostics import reversal_tests, run_diagnostics
+from hessrank.analysis.hypotheses import KINDS
+from hessrank.analysis.sidecar import hypotheses_readme
+from hessrank.analysis.spec import StudySpec, load_spec, parse_spec
+from hessrank.analysis.trajectory import analyze
+from hessrank.analysis.update_alignment import load_client_updates, pair_differences
+from hessrank.fl import train
+from hessrank.fl.rundir import RunDir
 from hessrank.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
-    "HYPOTHESIS_KINDS",
     "StudySpec",
     "analysis_seed",
     "build_units",
+    "format_plan",
+    "format_verdicts",
+    "infer",
     "load_spec",
+    "parse_spec",
     "phases_of",
+    "plan_study",
     "run_study",
     "update_pairs",
 ]
-
-HYPOTHESIS_KINDS = ("client-server", "subset-size", "nested", "alignment", "matched-size",
-                    "matched-label")
-"""``kind`` values of a hypothesis in a spec (see :func:`build_units`)."""
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    """A parsed study spec (module doc). ``raw`` is the TOML as a dict (written as run)."""
-
-    name: str
-    replicates: int
-    seed: int
-    train: dict[str, Any]
-    analyze: dict[str, Any]
-    controls: dict[str, Any]
-    inference: dict[str, Any]
-    hypotheses: list[dict[str, Any]]
-    raw: dict[str, Any] = field(repr=False, compare=False)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-    def update_ranks(self) -> list[int]:
-        """Ranks of the ``alignment`` hypotheses that test recorded client updates."""
-        return sorted({int(h["rank"]) for h in self.hypotheses if _from_updates(self.train, h)})
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and check a study spec; ValueError names the bad key and the way out."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        raise ValueError("study specs are TOML, read with tomllib: use Python >= 3.11") from None
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no study spec at {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML ({err})") from None
-    return parse_spec(raw, where=str(path))
-
-
-def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
-    known = {"study", "train", "analyze", "controls", "diagnostics", "inference", "hypotheses"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown sections {unknown}; valid: {sorted(known)}")
-    study = dict(raw.get("study", {}))
-    if "train" not in raw:
-        raise ValueError(f"{where}: a [train] section (TrainConfig fields) is required")
-    from hessrank.fl.config import TrainConfig
-
-    TrainConfig.from_dict(copy.deepcopy(raw["train"]))  # fail fast on a bad config
-    hyps = list(raw.get("hypotheses", []))
-    if not hyps:
-        raise ValueError(f"{where}: no [[hypotheses]]; state at least one with its min_effect")
-    for h in hyps:
-        if "name" not in h or "kind" not in h:
-            raise ValueError(f"{where}: every [[hypotheses]] needs name and kind, got {h}")
-        if h["kind"] not in HYPOTHESIS_KINDS:
-            raise ValueError(f"{where}: hypothesis {h['name']!r} has unknown kind "
-                             f"{h['kind']!r}; valid: {', '.join(HYPOTHESIS_KINDS)}")
-        if not float(h.get("min_effect", 0)) > 0:
-            raise ValueError(f"{where}: hypothesis {h['name']!r} needs min_effect > 0, stated "
-                             "up front")
-        if h["kind"] == "alignment" and "rank" not in h:
-            raise ValueError(f"{where}: alignment hypothesis {h['name']!r} needs rank = r "
-                             "(A_r − A_full)")
-        if h.get("source", "gradients") not in ("gradients", "updates"):
-            raise ValueError(f"{where}: hypothesis {h['name']!r} has source "
-                             f"{h['source']!r}; valid: gradients, updates")
-        if h.get("source") == "updates" and not raw["train"].get("record_updates"):
-            raise ValueError(f"{where}: hypothesis {h['name']!r} tests recorded updates: set "
-                             "record_updates = true in [train]")
-    diag = dict(raw.get("diagnostics", {}))
-    from hessrank.analysis.diagnostics import DIAGNOSTIC_KEYS
-
-    bad = sorted(set(diag) - set(DIAGNOSTIC_KEYS))
-    if bad:
-        raise ValueError(f"{where}: unknown [diagnostics] keys {bad}; valid: "
-                         f"{list(DIAGNOSTIC_KEYS)}")
-    names = [h["name"] for h in hyps]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{where}: hypothesis names must be unique, got {names}")
-    replicates = int(study.get("replicates", 1))
-    if replicates < 1:
-        raise ValueError(f"{where}: replicates must be >= 1, got {replicates}")
-    return StudySpec(
-        name=str(study.get("name", "study")), replicates=replicates,
-        seed=int(study.get("seed", 0)), train=dict(raw["train"]),
-        analyze=dict(raw.get("analyze", {})), controls=dict(raw.get("controls", {})),
-        inference=dict(raw.get("inference", {})), hypotheses=hyps, raw=raw, diagnostics=diag,
-    )
-
-
-def _from_updates(train: dict[str, Any], hypothesis: dict[str, Any]) -> bool:
-    """An alignment hypothesis tests recorded updates when its source says so, or by default
-    when [train] records them."""
-    if hypothesis["kind"] != "alignment":
-        return False
-    default = "updates" if train.get("record_updates") else "gradients"
-    return hypothesis.get("source", default) == "updates"
 
 
 def analysis_seed(study_seed: int, replicate: int) -> int:
@@ -201,32 +87,13 @@ def analysis_seed(study_seed: int, replicate: int) -> int:
     return int(state) & 0x7FFFFFFF
 
 
-# ---- the calls into training and analysis (the one place to adapt when their APIs change) ----
-def _train_replicate(config: dict[str, Any], out: Path, progress: bool):
-    from hessrank.fl.runner import train
-
-    return train(config, out, progress=progress)
-
-
-def _analyze_replicate(run_path: Path, out: Path, seed: int, kwargs: dict[str, Any],
-                       progress: bool) -> pd.DataFrame:
-    from hessrank.analysis.trajectory import analyze
-
-    return analyze(run_path, seed=seed, out=out, progress=progress, **kwargs)
-
-
-def _controls_replicate(run_path: Path, out: Path, seed: int, rounds, matvecs: int,
-                        kwargs: dict[str, Any]) -> pd.DataFrame:
-    from hessrank.analysis.controls import analyze_controls
-
-    return analyze_controls(run_path, rounds=rounds, matvecs=matvecs, seed=seed, out=out,
-                            **kwargs)
+def phases_of(spec: StudySpec) -> list[inf.Phase]:
+    """The spec's ``[inference] phases`` (default: thirds of the rounds)."""
+    return spec.phases()
 
 
 def update_pairs(run_path: Path, ranks: Sequence[int]) -> pd.DataFrame:
     """D_r per (round, layer, client pair) of every recorded round of a run."""
-    from hessrank.analysis.update_alignment import load_client_updates, pair_differences
-
     folder = run_path / "updates"
     rounds = sorted(int(p.stem.removeprefix("round_")) for p in folder.glob("round_*.safetensors")
                     ) if folder.is_dir() else []
@@ -241,8 +108,6 @@ def update_pairs(run_path: Path, ranks: Sequence[int]) -> pd.DataFrame:
 def _diagnostics_replicate(run_path: Path, out: Path, seed: int, rounds, conf: dict[str, Any],
                            progress: bool) -> pd.DataFrame:
     """Diagnostics of one replicate, reused when ``out`` holds them for the same settings."""
-    from hessrank.analysis.diagnostics import run_diagnostics
-
     kwargs = {"rounds": rounds, **conf}
     settings = json.dumps({"seed": seed, **kwargs}, sort_keys=True, default=str)
     csv, meta = out / "diagnostics.csv", out / "diagnostics.json"
@@ -255,126 +120,96 @@ def _diagnostics_replicate(run_path: Path, out: Path, seed: int, rounds, conf: d
     return table
 
 
-def _entropy(table: pd.DataFrame, run_path: Path) -> pd.Series:
-    from hessrank.analysis.controls import subject_label_entropy
-    from hessrank.fl.rundir import RunDir
-
-    return subject_label_entropy(table, RunDir(run_path).client_data())
-
-
-# ---- inference glue -------------------------------------------------------------------------
-def _matched_units(table: pd.DataFrame, kind: str, transform: str) -> pd.DataFrame:
-    """client − mean of its matched control draws, paired by (replicate, round, client)."""
-    t = table[table["quantity"] == "stable-rank"]
-    t = t.assign(value=inf.transform_values(t["value"].astype(float), transform))
-    ctrl = t[t["subject_kind"] == kind]
-    if ctrl.empty:
-        raise ValueError(f"hypothesis kind {kind!r} needs [controls] matched_draws > 0")
-    m = ctrl.groupby(["replicate", "round", "client"])["value"].mean()
-    cl = t[t["subject_kind"] == "client"].copy()
-    cl["client"] = cl["subject"].str.removeprefix("client").astype(int)
-    ref = m.reindex(pd.MultiIndex.from_frame(cl[["replicate", "round", "client"]])).to_numpy()
-    out = pd.DataFrame({"replicate": cl["replicate"].to_numpy(), "round": cl["round"].to_numpy(),
-                        "arm": "a", "unit": cl["subject"].to_numpy(),
-                        "value": cl["value"].to_numpy() - ref})
-    return out.dropna(subset=["value"])
-
-
-def build_units(table: pd.DataFrame, hypothesis: dict[str, Any],
+# ---- inference --------------------------------------------------------------------------------
+def build_units(table: pd.DataFrame, spec: StudySpec, index: int,
                 updates: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Units frame of one spec hypothesis from the study table.
-
-    kinds: client-server (client − server, paired per client); subset-size (draws of size
-    ``small`` − draws of size ``large`` or the server); nested (the same between nested sizes,
-    units = nested chains); alignment (A_rank − A_full: of recorded updates from ``updates``,
-    the pair table of :func:`~hessrank.analysis.update_alignment.pair_differences` with
-    replicate and round, unit = client, see
-    :func:`~hessrank.analysis.inference.update_alignment_units`; or of gradients per layer
-    from the analysis rows when ``updates`` is None); matched-size /
-    matched-label (client − the mean of its size-/label-matched random subsets: > 0 means the
-    client's excess is not explained by its sample size / its label histogram alone).
-    """
-    kind, tr = hypothesis["kind"], hypothesis.get("transform", "identity")
-    q = hypothesis.get("quantity", "stable-rank")
-    if kind == "client-server":
-        return inf.client_server_units(table, q, tr)
-    if kind in ("subset-size", "nested"):
-        return inf.subset_size_units(table, int(hypothesis["small"]), hypothesis["large"]
-                                     if hypothesis["large"] == "server"
-                                     else int(hypothesis["large"]), q, tr,
-                                     kind="subset" if kind == "subset-size" else "nested")
-    if kind == "alignment" and updates is not None:
-        return inf.update_alignment_units(updates, int(hypothesis["rank"]),
-                                          hypothesis.get("layers"))
-    if kind == "alignment":
-        return inf.alignment_units(table, int(hypothesis["rank"]), q)
-    return _matched_units(table, kind, tr)
+    """Units frame of hypothesis ``index`` of ``spec`` from the study table (or, for an
+    alignment hypothesis of recorded updates, from the pair table ``updates``), built by its
+    kind's entry in :data:`hessrank.analysis.hypotheses.KINDS`."""
+    h = spec.hypotheses[index]
+    if spec.from_updates(index):
+        if updates is None:
+            raise ValueError(f"hypothesis {h.name!r} tests recorded updates; pass their pair "
+                             "table")
+        return KINDS[h.kind].units(table, h, updates)
+    return KINDS[h.kind].units(table, h, None)
 
 
-def phases_of(spec: StudySpec) -> list[inf.Phase]:
-    """The spec's ``[inference] phases`` (default: thirds of the rounds)."""
-    ph = spec.inference.get("phases")
-    if ph is None:
-        return inf.default_phases()
-    return [inf.Phase(str(p["name"]), float(p["lo"]), float(p["hi"]),
-                      bool(p.get("absolute", False))) for p in ph]
+def _test_kwargs(spec: StudySpec, last_round: int) -> dict[str, Any]:
+    conf = spec.inference
+    return dict(
+        min_effect={h.name: h.min_effect for h in spec.hypotheses}, phases=spec.phases(),
+        last_round=last_round, alpha=conf.alpha, adjust=conf.adjust, method=conf.method,
+        num_resamples=conf.resamples, seed=conf.seed if conf.seed is not None else spec.seed,
+        transform={h.name: h.transform for h in spec.hypotheses}, power=conf.power,
+    )
 
 
-def infer(table: pd.DataFrame, spec: StudySpec, last_round: int,
+def _all_units(table: pd.DataFrame, spec: StudySpec,
+               updates: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    return {h.name: build_units(table, spec, i, updates) for i, h in enumerate(spec.hypotheses)}
+
+
+def infer(table: pd.DataFrame, spec: StudySpec, last_round: int | None = None,
           updates: pd.DataFrame | None = None) -> pd.DataFrame:
-    """``hypotheses.csv`` of a study table (every hypothesis × phase, one multiplicity family).
-
-    Grid check: the same tests on the even-indexed and on the odd-indexed analyzed rounds
-    alone (each its own family) give ``verdict_even_grid`` / ``verdict_odd_grid``
-    ("" where that grid has no round in the phase); ``settled`` is True when every grid
-    that covers the phase agrees with ``verdict``. A verdict that flips under a coarser
-    checkpoint grid is not settled. The grids are taken over each hypothesis's own rounds
-    (recorded updates exist at other rounds than the analyzed checkpoints).
+    """``hypotheses.csv`` of a study table: every hypothesis × phase in one family
+    (:func:`hessrank.analysis.inference.test_hypotheses`), then the checkpoint-grid columns
+    (:func:`hessrank.analysis.grid.grid_columns`). ``attrs["profile"]``: the per-round profile.
 
     ``updates``: the pair table of the recorded updates (all replicates), needed by the
     alignment hypotheses of updates (:meth:`StudySpec.update_ranks`).
     """
-    units = {}
-    for h in spec.hypotheses:
-        if _from_updates(spec.train, h) and updates is None:
-            raise ValueError(f"hypothesis {h['name']!r} tests recorded updates; pass their "
-                             "pair table")
-        units[h["name"]] = build_units(table, h, updates if _from_updates(spec.train, h)
-                                       else None)
-    conf = spec.inference
-    kwargs = dict(
-        min_effect={h["name"]: float(h["min_effect"]) for h in spec.hypotheses},
-        phases=phases_of(spec), last_round=last_round, alpha=float(conf.get("alpha", 0.05)),
-        adjust=str(conf.get("adjust", "holm")), num_resamples=int(conf.get("resamples", 4000)),
-        seed=int(conf.get("seed", spec.seed)),
-        transform={h["name"]: h.get("transform", "identity") for h in spec.hypotheses},
-    )
+    last_round = spec.last_round if last_round is None else int(last_round)
+    units = _all_units(table, spec, updates)
+    kwargs = _test_kwargs(spec, last_round)
     hyp = inf.test_hypotheses(units, **kwargs)
-    key = ["hypothesis", "phase"]
-    agree = pd.Series(True, index=hyp.index)
-    for label, start in (("even", 0), ("odd", 1)):
-        sub = {k: u[u["round"].isin(sorted(u["round"].unique())[start::2])]
-               for k, u in units.items()}
-        sub = {k: u for k, u in sub.items() if len(u)}
-        alt = inf.test_hypotheses(sub, **kwargs) if sub else pd.DataFrame(
-            columns=inf.HYPOTHESES_COLUMNS)
-        got = hyp[key].merge(alt[[*key, "verdict"]], on=key, how="left")["verdict"]
-        got = got.fillna("").to_numpy()
-        hyp[f"verdict_{label}_grid"] = got
-        agree &= (got == "") | (got == hyp["verdict"].to_numpy())
-    hyp["settled"] = agree.to_numpy()
+    profile = grid.round_profile(units, alpha=spec.inference.alpha)
+    hyp = grid.grid_columns(hyp, units, kwargs, profile)
+    hyp.attrs["profile"] = profile
     return hyp
+
+
+def plan_study(spec: StudySpec, pilot: str | Path) -> pd.DataFrame:
+    """Replicates × units per replicate for the spec's power at each hypothesis's δ, from the
+    variance components of a pilot or finished study in ``pilot`` (its ``results.parquet``
+    and, for recorded updates, ``update_pairs.{parquet,csv}``); see
+    :func:`hessrank.analysis.planning.plan`."""
+    pilot = Path(pilot)
+    results = pilot / "results.parquet"
+    if not results.is_file():
+        raise FileNotFoundError(f"no pilot in {pilot} (no results.parquet): run a pilot first, "
+                                f"e.g. hessrank study SPEC --replicates 3 --out {pilot}")
+    table = pd.read_parquet(results)
+    updates = None
+    if spec.update_ranks():
+        found = [p for p in (pilot / "update_pairs.parquet", pilot / "update_pairs.csv")
+                 if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{pilot} has no update_pairs.parquet or .csv for the "
+                                    "alignment hypotheses of recorded updates")
+        updates = (pd.read_parquet(found[0]) if found[0].suffix == ".parquet"
+                   else pd.read_csv(found[0]))
+    units = _all_units(table, spec, updates)
+    rows, comps = [], []
+    for name, frame in units.items():
+        two_arms = bool((frame["arm"] == "b").any())
+        for phase, rounds in inf.assign_phases(frame["round"].unique(), spec.phases(),
+                                               spec.last_round).items():
+            reps = inf.replicates_of(inf.phase_unit_means(frame, rounds), two_arms)
+            if rounds and reps:
+                delta = next(h.min_effect for h in spec.hypotheses if h.name == name)
+                rows.append({"hypothesis": name, "phase": phase, "min_effect": delta})
+                comps.append(planning.variance_components(reps))
+    return planning.plan(rows, comps, alpha=spec.inference.alpha, power=spec.inference.power)
 
 
 def _regressions(table: pd.DataFrame, spec: StudySpec, last_round: int) -> pd.DataFrame | None:
     """The rank regression (:func:`~hessrank.analysis.controls.rank_regression`) over all
     non-server rows, per phase and over all rounds (phase "all"); None if nothing fits."""
-    from hessrank.analysis.controls import rank_regression
-
     sub = table[table["subject_kind"] != "server"]
     if not sub["label_entropy"].notna().any():
         return None
-    by_phase = inf.assign_phases(sub["round"].unique(), phases_of(spec), last_round)
+    by_phase = inf.assign_phases(sub["round"].unique(), spec.phases(), last_round)
     frames = []
     for name, rounds in [("all", None), *by_phase.items()]:
         if rounds is not None and not rounds:
@@ -398,21 +233,57 @@ def _write_table(out: Path, name: str, table: pd.DataFrame) -> None:
     atomic_write_text(out / f"{name}.csv", table.to_csv(index=False))
 
 
+def _check_resumable(out: Path, spec: StudySpec) -> None:
+    """Refuse ``out`` when its replicates were trained with other training settings."""
+    spec_file = out / "spec.json"
+    if not spec_file.is_file():
+        return
+    try:
+        before = json.loads(spec_file.read_text())
+        old = parse_spec(before, where=str(spec_file)).training_settings()
+    except (ValueError, json.JSONDecodeError):
+        old = {"train": before.get("train") if isinstance(before, dict) else None,
+               "seed": (before.get("study") or {}).get("seed", 0)
+               if isinstance(before, dict) else None}
+    new = spec.training_settings()
+    if old != new:
+        a, b = old.get("train") or {}, new["train"]
+        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+        if old.get("seed") != new["seed"]:
+            diff.append(f"study seed: {old.get('seed')!r} -> {new['seed']!r}")
+        raise ValueError(f"{out} holds replicates trained with other settings "
+                         f"({', '.join(diff[:6])}); choose another --out or delete that "
+                         "directory")
+
+
+def _warn_few(R: int) -> None:
+    if R == 1:
+        warnings.warn("1 replicate: the tests use the units of that one run (sampling_unit "
+                      "'unit'), so the verdicts speak for this run, not for the training "
+                      "recipe", stacklevel=3)
+    elif R < 3:
+        warnings.warn(f"{R} replicates: the t-test has {R - 1} degree(s) of freedom; the "
+                      "intervals are wide and most verdicts will be inconclusive",
+                      stacklevel=3)
+
+
 def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int | None = None,
               progress: bool = True, command: str | None = None) -> pd.DataFrame:
     """Train, analyze and test every replicate of a study; returns the hypotheses table.
 
     Args:
-        spec: a :class:`StudySpec` or the path of its TOML file.
+        spec: a :class:`~hessrank.analysis.spec.StudySpec` or the path of its TOML file.
         out: the study directory (module doc); rerunning resumes.
         replicates: overrides ``study.replicates``.
         progress: tqdm bars of training and analysis.
         command: the command line recorded in ``study.json``.
     Returns:
         The hypotheses table (also ``out/hypotheses.csv``); ``attrs["table"]`` is the tidy
-        table of all replicates, ``attrs["regression"]`` the rank regression (with controls).
+        table of all replicates, ``attrs["regression"]`` the rank regression (with controls),
+        ``attrs["profile"]`` the per-round profile.
     Raises:
-        ValueError: bad spec, or ``out`` holds a study of a different spec.
+        ValueError: bad spec, or ``out`` holds replicates trained with other settings.
     """
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
@@ -420,47 +291,42 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     if R < 1:
         raise ValueError(f"--replicates must be >= 1, got {R}")
     out = Path(out)
-    spec_file = out / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) != json.loads(
-            json.dumps(spec.raw)):
-        raise ValueError(f"{out} holds a study of a different spec; choose another --out or "
-                         "delete that directory")
+    _check_resumable(out, spec)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(spec_file, json.dumps(spec.raw, indent=2, sort_keys=True))
-    if R < 5:
-        warnings.warn(f"{R} replicate(s): the replicate stage of the bootstrap has few "
-                      "clusters; verdicts speak for these runs, not for the training recipe",
-                      stacklevel=2)
+    atomic_write_text(out / "spec.json", json.dumps(spec.raw, indent=2, sort_keys=True))
+    _warn_few(R)
     t_start = time.perf_counter()
     frames, controls, diagnostics, pairs, timing = [], [], [], [], []
     update_ranks = spec.update_ranks()
-    analyze_kwargs = dict(spec.analyze)
-    analyze_kwargs.setdefault("quantities", "stable-rank")
-    last_round = int(spec.train.get("rounds", 50))
+    analyze_kwargs = spec.analyze_kwargs()
+    last_round = spec.last_round
     for i in range(R):
         rep = out / f"replicate_{i}"
         t0 = time.perf_counter()
         config = {**copy.deepcopy(spec.train), "seed": spec.seed + i}
-        run = _train_replicate(config, rep / "run", progress)
+        run = train(config, rep / "run", progress=progress)
         t1 = time.perf_counter()
         seed = analysis_seed(spec.seed, i)
-        table = _analyze_replicate(run.path, rep / "analysis", seed, analyze_kwargs, progress)
+        table = analyze(run.path, seed=seed, out=rep / "analysis", progress=progress,
+                        **analyze_kwargs)
         if table.attrs.get("errors"):
             raise RuntimeError(f"replicate {i}: {len(table.attrs['errors'])} analysis unit(s) "
                                f"failed; see {rep / 'analysis' / 'errors.csv'}")
         table = table.assign(replicate=i, train_seed=spec.seed + i)
-        table["label_entropy"] = _entropy(table, run.path).to_numpy()
+        table["label_entropy"] = subject_label_entropy(
+            table, RunDir(run.path).client_data()).to_numpy()
         frames.append(table)
         t2 = time.perf_counter()
-        if spec.controls:
+        if spec.controls is not None:
             rounds = sorted(table["round"].unique())
-            ctrl = _controls_replicate(run.path, rep / "controls", seed, rounds,
-                                       int(analyze_kwargs.get("matvecs", 40)), spec.controls)
+            ctrl = analyze_controls(run.path, rounds=rounds,
+                                    matvecs=int(analyze_kwargs.get("matvecs", 40)), seed=seed,
+                                    out=rep / "controls", **spec.controls_kwargs())
             controls.append(ctrl.assign(replicate=i, train_seed=spec.seed + i))
         t3 = time.perf_counter()
-        if spec.diagnostics:
-            conf = dict(spec.diagnostics)
-            rounds = conf.pop("rounds", sorted(int(r) for r in table["round"].unique()))
+        if spec.diagnostics is not None:
+            conf = spec.diagnostics_kwargs()
+            rounds = conf.pop("rounds", None) or sorted(int(r) for r in table["round"].unique())
             diag = _diagnostics_replicate(run.path, rep, seed, rounds, conf, progress)
             diagnostics.append(diag.assign(replicate=i, train_seed=spec.seed + i))
         t4 = time.perf_counter()
@@ -482,17 +348,19 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
         atomic_write_text(out / "diagnostics.csv", diag.to_csv(index=False))
         sizes = sorted(set(diag.loc[diag["subject_kind"] == "subset", "subject_size"]))
         if len(sizes) >= 2:  # smallest − largest subset size of each diagnostic
-            from hessrank.analysis.diagnostics import reversal_tests
-
-            tests = reversal_tests(diag, phases=phases_of(spec), last_round=last_round,
+            tests = reversal_tests(diag, phases=spec.phases(), last_round=last_round,
                                    small=int(sizes[0]), large=int(sizes[-1]),
-                                   seed=int(spec.inference.get("seed", spec.seed)))
+                                   alpha=spec.inference.alpha, adjust=spec.inference.adjust,
+                                   seed=_test_kwargs(spec, last_round)["seed"])
             atomic_write_text(out / "diagnostics_tests.csv", tests.to_csv(index=False))
     updates = pd.concat(pairs, ignore_index=True) if pairs else None
     if updates is not None:
         atomic_write_text(out / "update_pairs.csv", updates.to_csv(index=False))
     hyp = infer(table, spec, last_round, updates)
     atomic_write_text(out / "hypotheses.csv", hyp.to_csv(index=False))
+    atomic_write_text(out / "README.md", hypotheses_readme(hyp, spec))
+    atomic_write_text(out / "profile.csv", hyp.attrs["profile"].to_csv(index=False))
+    atomic_write_text(out / "plan.csv", plan_study(spec, out).to_csv(index=False))
     regression = _regressions(table, spec, last_round)
     if regression is not None:
         atomic_write_text(out / "regression.csv", regression.to_csv(index=False))
@@ -501,7 +369,8 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
         history = json.loads((out / "study.json").read_text()).get("runs", [])
     history.append({"command": command or " ".join(sys.argv), "replicates": R,
                     "python": platform.python_version(),
-                    "seconds": time.perf_counter() - t_start, "timing": timing})
+                    "seconds": time.perf_counter() - t_start, "timing": timing,
+                    "spec": spec.raw})
     atomic_write_text(out / "study.json", json.dumps({
         "name": spec.name, "replicates": R, "seeds": {
             "train": [spec.seed + i for i in range(R)],
@@ -515,7 +384,24 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
 
 def format_verdicts(hyp: pd.DataFrame) -> str:
     """The hypotheses table as aligned text (for the CLI)."""
-    cols = ["hypothesis", "phase", "round_lo", "round_hi", "estimate", "ci_low", "ci_high",
-            "p_adjusted", "n_replicates", "min_effect", "verdict", "settled"]
-    with pd.option_context("display.width", 160, "display.precision", 4):
+    cols = ["hypothesis", "phase", "round_lo", "round_hi", "estimate", "ci_low_adjusted",
+            "ci_high_adjusted", "p_adjusted", "n_replicates", "min_effect", "verdict",
+            "grid_check", "sign_change"]
+    with pd.option_context("display.width", 200, "display.precision", 4,
+                           "display.max_columns", None):
         return hyp[cols].to_string(index=False)
+
+
+def format_plan(plan: pd.DataFrame) -> str:
+    """A plan (:func:`plan_study`) as text: per row, the pilot's variance components and the
+    replicates needed at 1×, 2×, 4× and unlimited units per replicate."""
+    wide = plan.pivot_table(index=["hypothesis", "phase"], columns="units_factor",
+                            values="replicates_needed", sort=False)
+    wide.columns = [("R at ∞ units" if np.isinf(f) else f"R at {f:g}× units")
+                    for f in wide.columns]
+    first = plan.drop_duplicates(["hypothesis", "phase"]).set_index(["hypothesis", "phase"])
+    show = first[["min_effect", "n_replicates", "units_a", "between", "icc",
+                  "power_now"]].join(wide)
+    with pd.option_context("display.width", 200, "display.precision", 3,
+                           "display.max_columns", None):
+        return show.to_string()

@@ -1,4 +1,4 @@
-"""Subjects of a Hessian analysis: whose loss is differentiated (DESIGN.md §6).
+"""Subjects of a Hessian analysis: whose loss is differentiated (docs/design.md, analysis).
 
 A *subject* is a data set at the global weights: the server (all training data, the pooled
 loss L = Σ_c (n_c/N) L_c), a client c (its partition, L_c), a random subset of n training
@@ -10,9 +10,14 @@ samples, or the test set. Specs are strings:
     test              the test set
 
 Subjects that can share products are grouped, and each group becomes ONE stacked operator:
-server and clients together are a :class:`~hessrank.curvature.FederatedOperator` (all clients'
-products in one batched call, or one pass per client serving H_c and H — whichever times
-faster), the D draws of a subset size are a stack of D operators.
+server and clients together are a :class:`~hessrank.curvature.FederatedOperator` (all
+clients' products in one batched call when its deterministic rule finds that the stacked
+strategy applies, else one pass per client serving C_c and C; the rule reads shapes and the
+memory budget, never timings, and the operator's ``route`` records its choice), the D draws of
+a subset size are a stack of D operators.
+
+Inputs may be tensors, tuples or dicts of tensors (:mod:`hessrank.data.inputs`); subsets and
+pooled data are cut and joined through those helpers.
 
 Example:
     >>> [s.label for s in parse_subjects("server,clients:0,2,subset:50x3")]
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 
 from hessrank.analysis.distributed import shard_pair
 from hessrank.curvature import CurvatureOperator, FederatedOperator, LossFn, curvature_class
+from hessrank.data.inputs import cat_inputs, index_inputs
 from hessrank.linalg.stack import OperatorStack
 
 __all__ = [
@@ -116,9 +122,9 @@ def parse_subjects(spec: str | Sequence[str]) -> list[SubjectSpec]:
     Client selections are merged ("clients" wins over "clients:…"), duplicates dropped, order
     kept. Raises ValueError naming the bad spec and the valid forms.
     """
-    tokens = _split_specs(spec) if isinstance(spec, str) else [
-        t for s in spec for t in _split_specs(str(s))
-    ]
+    # a sequence is the comma-split string (--subjects server,clients:0,2 arrives as
+    # ("server", "clients:0", "2")): joined again, so a client list survives the split
+    tokens = _split_specs(spec if isinstance(spec, str) else ",".join(str(s) for s in spec))
     if not tokens:
         raise ValueError(f"no subjects given; valid forms: {VALID_FORMS}")
     specs: list[SubjectSpec] = []
@@ -189,7 +195,7 @@ def subset_seed(seed: int, size: int, draw: int) -> int:
 
 
 def _pool(pairs: Sequence[Pair]) -> Pair:
-    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    return cat_inputs([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 def realize(
@@ -263,7 +269,8 @@ def realize(
             ds = subset_seed(seed, s.size, d)
             idx = torch.as_tensor(draw_subset(n_train, s.size, ds))
             draws.append(Subject(f"subset{s.size}_{d}", "subset", s.size,
-                                 data=(train[0][idx], train[1][idx]), data_seed=ds))
+                                 data=(index_inputs(train[0], idx), train[1][idx]),
+                                 data_seed=ds))
         groups.append(SubjectGroup(label=f"subset{s.size}x{s.draws}", subjects=tuple(draws),
                                    index=tuple(range(s.draws))))
     if any(s.kind == "test" for s in specs):

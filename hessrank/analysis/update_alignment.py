@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from hessrank.analysis.alignment import low_rank, matrix_view, pairwise_cosines
-from hessrank.analysis.inference import offdiag_mean_jackknife
+from hessrank.analysis.inference import jackknife, offdiag_mean_jackknife
 
 __all__ = [
     "COLUMNS",
@@ -225,8 +225,6 @@ def hessian_overlap(updates: Updates, eigenvectors: Tensor, param_names: Sequenc
     """Share of each client's update energy in span(E), E (p × k) orthonormal Hessian
     eigenvectors flat over ``param_names`` (in that order): mean over clients ± client
     jackknife, against uniformly random directions (null mean k/p)."""
-    from hessrank.analysis.inference import jackknife
-
     E = eigenvectors.double()
     if E.ndim != 2:
         raise ValueError(f"eigenvectors must be a (p, k) matrix, got shape {tuple(E.shape)}")

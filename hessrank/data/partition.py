@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from hessrank.data.catalog import PARTITION_SCHEMES
+
 __all__ = ["SCHEMES", "Partition", "make_partition"]
 
-SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "natural")
-"""Names accepted by :func:`make_partition`."""
+SCHEMES: tuple[str, ...] = PARTITION_SCHEMES
+"""Names accepted by :func:`make_partition` (declared in the torch-free
+:mod:`hessrank.data.catalog`)."""
 
 MAX_DIRICHLET_ATTEMPTS = 100
 

@@ -25,11 +25,12 @@ __all__ = ["RunDir", "TrainConfig", "run_fingerprint", "train"]
 
 def __getattr__(name: str) -> Any:
     if name == "train":
+        # PEP 562: the trainer (torch) is imported on first use, so --help stays fast
         from hessrank.fl.runner import train
 
         return train
     if name == "RunDir":
-        from hessrank.fl.rundir import RunDir
+        from hessrank.fl.rundir import RunDir  # PEP 562, as above
 
         return RunDir
     raise AttributeError(f"module 'hessrank.fl' has no attribute {name!r}")

@@ -125,6 +125,14 @@ def _add_field_flags(parser: argparse.ArgumentParser, hints: dict[str, Any]) -> 
             )  # fmt: skip
 
 
+def _add_model_path(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-path", metavar="DIR", default=None,
+        help="local folder with a pretrained hf-* model (config.json and weights; never a "
+        "download): its weights are W0; sets model_kwargs' model_path",
+    )  # fmt: skip
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The config from ``--config`` (if given) with every explicitly given flag applied."""
     base: dict[str, Any] = {}
@@ -133,6 +141,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             base[f.name] = getattr(args, f.name)
+    if getattr(args, "model_path", None):
+        base["model_kwargs"] = {**base.get("model_kwargs", {}), "model_path": args.model_path}
     return TrainConfig.from_dict(base)
 
 
@@ -154,6 +164,8 @@ def _command_line(args: argparse.Namespace) -> list[str]:
                 argv += [flag, json.dumps(value)]
             else:
                 argv += [flag, str(value)]
+    if getattr(args, "model_path", None):
+        argv += ["--model-path", str(args.model_path)]
     argv += ["--resume" if args.resume else "--no-resume", "--device", str(args.device)]
     argv += ["--engine", str(args.engine)]
     if args.threads is not None:
@@ -175,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     table = run.metrics()  # a damaged or lost history is one line (ValueError)
     last = table.iloc[-1].to_dict() if len(table) else {}
-    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", "test_accuracy")})
+    score = "test_accuracy" if last.get("test_accuracy") is not None else "test_loss"  # LM
+    summary = format_fields({k: last.get(k) for k in ("round", "train_loss", score)})
     print(f"{run.path}: {len(run.rounds())} checkpoints, {summary}")
     return 0
 
@@ -209,9 +222,11 @@ def _sweep(args: argparse.Namespace) -> int:
             configs[algo, lr] = build_config(args)
     if configs[args.algos[0], args.lrs[0]].validation_fraction <= 0:
         raise ValueError("hessrank sweep needs --validation-fraction > 0 to pick learning rates")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from hessrank.fl.sweep import sweep  # here: keeps `hessrank --help` free of torch
 
-    table = sweep(configs, Path(args.out), progress=not args.quiet)
+    table = sweep(configs, Path(args.out), progress=not args.quiet, threads=args.threads)
     print(table.to_string(index=False))
     return 0
 
@@ -234,6 +249,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
+    sweep.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch threads for every run (default: torch's own); recorded in "
+                            "each run's provenance.json")  # fmt: skip
+    _add_model_path(sweep)
     _add_field_flags(sweep, hints)
     sweep.set_defaults(func=_sweep)
     parser = subparsers.add_parser(
@@ -266,6 +285,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Flower ClientApp under Flower's simulation engine (needs flwr[simulation]; same "
         "run directory and weights; see docs/flower.md)",
     )  # fmt: skip
+    _add_model_path(parser)
     _add_field_flags(parser, hints)
     parser.set_defaults(func=_run)
     return parser

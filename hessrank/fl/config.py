@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from hessrank.data.catalog import DATASET_CATALOG
+from hessrank.data.catalog import DATASET_CATALOG, PARTITION_SCHEMES
 from hessrank.fl.registry import (
     ALGORITHM_NAMES,
     ALGORITHMS,
@@ -68,7 +68,13 @@ LEGACY_DEFAULTS: dict[str, Any] = {
 }
 """Values of later-added fields that reproduce runs saved before the fields existed."""
 
+NEUTRAL_WHEN_UNSET: tuple[str, ...] = ("adapters", "lora_targets")
+"""Keys added after fingerprints existed whose default (None) is what every earlier run did:
+left out of :meth:`TrainConfig.trajectory` while None, so earlier runs keep their
+fingerprints (and their checkpoints stay readable)."""
+
 _DATASETS = tuple(DATASET_CATALOG)
+_SCHEMES = PARTITION_SCHEMES
 _MODELS = tuple(MODEL_CATALOG)
 
 
@@ -93,7 +99,9 @@ class FederationOptions:
     """Clients and their data."""
 
     clients: Annotated[int, Ge(1)] = option(20, "number of clients K")
-    partition: Literal["iid", "dirichlet", "shards"] = option("dirichlet", "client split")
+    partition: Literal[_SCHEMES] = option(
+        "dirichlet", "client split (natural: one client per group of the data, e.g. a "
+        "shakespeare role; --clients must equal the number of groups)")
     dirichlet_alpha: Annotated[float, Gt(0)] = option(
         0.5, "Dirichlet concentration (smaller: stronger label skew)")
     shards_per_client: Annotated[int, Ge(1)] = option(2, "label shards per client (shards)")
@@ -260,15 +268,17 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
     def trajectory(self) -> dict[str, Any]:
         """The keys that change the weights a run produces, as JSON values: every key but
         bookkeeping (``save_every``, ``eval_every``, ``record_updates``, ``notes``) and
-        ``data_root``, without the option groups the algorithm does not read, and without
-        ``rounds`` unless the learning-rate schedule depends on it (cosine)."""
+        ``data_root``, without the option groups the algorithm does not read, without
+        ``rounds`` unless the learning-rate schedule depends on it (cosine), and without the
+        :data:`NEUTRAL_WHEN_UNSET` keys while they are None."""
         entry = ALGORITHMS[self.algo]
         unused = {f.name for g in option_groups() if g not in entry.options
                   for f in dataclasses.fields(g)}  # fmt: skip
         skip = _not_trajectory() | unused
         if self.lr_schedule != "cosine":
             skip.add("rounds")
-        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in skip and not (k in NEUTRAL_WHEN_UNSET and v is None)}  # fmt: skip
         return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
 
     def fingerprint(self) -> str:

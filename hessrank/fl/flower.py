@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessrank.fl.config import TrainConfig
 from hessrank.fl.protocol import (
     ClientData,
     ClientReply,
@@ -59,6 +60,7 @@ from hessrank.fl.protocol import (
     Execute,
     NonFiniteError,
 )
+from hessrank.fl.setup import build_setup
 
 __all__ = [
     "START_ATTEMPTS",
@@ -205,9 +207,6 @@ def make_client_app() -> Any:
     process) and runs its client procedure on the task's client and state."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-
-    from hessrank.fl.config import TrainConfig
-    from hessrank.fl.setup import build_setup
 
     app = ClientApp()
     setups: dict[str, Any] = {}  # per-process cache: the data and algorithm of a config

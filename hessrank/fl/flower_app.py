@@ -30,7 +30,7 @@ serverapp = ServerApp()
 
 @serverapp.main()
 def _main(grid: Any, context: Any) -> None:
-    from hessrank.fl.runner import train_many
+    from hessrank.fl.runner import train_many  # when Flower runs the app: not at load time
 
     run_config = context.run_config
     missing = [k for k in ("config", "out") if k not in run_config]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import hessrank
 from hessrank.fl.config import TrainConfig
 from hessrank.io import atomic_write_text
 
@@ -97,8 +98,6 @@ def start_record(
     resumed_from: int | None,
 ) -> dict[str, Any]:
     """The provenance record of a training session that starts now."""
-    import hessrank
-
     return {
         "hessrank": hessrank.__version__,
         "git_revision": git_revision(),

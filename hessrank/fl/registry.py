@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALGORITHMS",
+    "AdapterOptions",
     "option_group",
     "CONSTRAINT_NAMES",
     "ALGORITHM_NAMES",
@@ -94,6 +95,49 @@ class LoRAOptions:
                 f"config key 'from_scratch' applies to {', '.join(users(LoRAOptions))} only, not "
                 f"{getattr(self, 'algo', '?')!r}; drop --from-scratch/--no-from-scratch"
             )
+
+
+@option_group
+class AdapterOptions:
+    """PEFT adapters on a language model (the papers' LLM regime)."""
+
+    adapters: Literal["peft"] | None = option(
+        None, "peft: LoRA adapters from PEFT on the frozen base W0 of an hf-* model (random "
+        "init, or pretrained: --model-path DIR); only the adapters are trained, sent, "
+        "averaged and merged (default: hessrank's own LoRA layers)")  # fmt: skip
+    lora_targets: Literal["attention", "mlp", "attention+mlp"] | None = option(
+        None, "projections that get adapters with --adapters peft (default: attention)")
+
+    def check(self, used: bool) -> None:
+        algo, model = getattr(self, "algo", "?"), str(getattr(self, "model", ""))
+        if not used:
+            for key in ("adapters", "lora_targets"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"config key {key!r} applies to {', '.join(users(AdapterOptions))} "
+                        f"only, not {algo!r}; drop --{key.replace('_', '-')}"
+                    )
+            return
+        if self.adapters is None:
+            if self.lora_targets is not None:
+                raise ValueError("config key 'lora_targets' needs adapters='peft'; add "
+                                 "--adapters peft or drop --lora-targets")  # fmt: skip
+            if model.startswith("hf-"):
+                raise ValueError(f"model {model!r} takes LoRA as PEFT adapters on its frozen "
+                                 "base; add --adapters peft")  # fmt: skip
+            return
+        if not model.startswith("hf-"):
+            raise ValueError(f"--adapters peft puts PEFT adapters on an hf-* language model, "
+                             f"not {model!r}; use --model hf-gpt2 or hf-llama, or drop "
+                             "--adapters for hessrank's own LoRA layers")  # fmt: skip
+        for key in ("from_scratch", "factorize"):  # False: W0 = the base, B = 0 (as here)
+            value = getattr(self, key, None)
+            if value not in (None, False):
+                raise ValueError(
+                    f"config key {key!r} ({value!r}) is for hessrank's own LoRA layers; with "
+                    "--adapters peft W0 is the model's base and the adapted projections are "
+                    "--lora-targets: drop it"
+                )
 
 
 @option_group
@@ -182,7 +226,7 @@ class AlgorithmEntry:
     client: str = ""
     options: tuple[type, ...] = ()
     variant: str | None = None
-    variants: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    variants: Mapping[str | None, tuple[str, str]] = field(default_factory=dict)
 
     def classes(self, config: Any) -> tuple[type, type]:
         """(Strategy class, Client class) for ``config`` (imports the module)."""
@@ -211,10 +255,13 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
         AlgorithmEntry("fedprox", "FedProx: FedAvg with a proximal local term (Li et al., 2020)",
                        _M + "fedavg:FedAvg", _M + "fedprox:ProxLocalSGD", (ProxOptions,)),
         AlgorithmEntry("fedlora", "LoRA factors trained federatedly, W0 frozen",
-                       _M + "fedlora:FedLoRA", _M + "fedlora:LoRALocalSGD", _LORA),
+                       options=(*_LORA, AdapterOptions), variant="adapters",
+                       variants={None: (_M + "fedlora:FedLoRA", _M + "fedlora:LoRALocalSGD"),
+                                 "peft": (_M + "peft_lora:PeftFedLoRA", _M + "fedavg:LocalSGD")}),
         AlgorithmEntry("fedloru", "FedLoRU: FedLoRA plus merges (Park et al., 2024)",
-                       _M + "fedloru:FedLoRU", _M + "fedlora:LoRALocalSGD",
-                       (*_LORA, MergeOptions)),
+                       options=(*_LORA, MergeOptions, AdapterOptions), variant="adapters",
+                       variants={None: (_M + "fedloru:FedLoRU", _M + "fedlora:LoRALocalSGD"),
+                                 "peft": (_M + "peft_lora:PeftFedLoRU", _M + "fedavg:LocalSGD")}),
         AlgorithmEntry("pfedloru", "pFedLoRU: FedLoRU plus a personal pair per client",
                        _M + "fedloru:PFedLoRU", _M + "fedloru:PersonalClient",
                        (*_LORA, MergeOptions, PersonalOptions)),

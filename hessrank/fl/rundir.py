@@ -12,7 +12,8 @@ reading a run never imports the trainer. Layout (docs/design.md)::
     RUN/provenance.json                  versions, threads, device, command, data hash, times
 
 A checkpoint holds ``model.<key>`` (the dense effective weights and buffers of the global
-model, exactly the state_dict keys of ``build_model(config.model, ...)``), ``state.<name>``
+model, exactly the state_dict keys of ``build_model(config.model, ...)``; with PEFT adapters
+the base and the adapters under PEFT's names, :mod:`hessrank.fl.adapters`), ``state.<name>``
 (the server strategy's :meth:`state_tensors`), ``clients.<id>.<name>`` (the client states:
 pFedLoRU's personal pairs, mFedLoRU's tiers, SCAFFOLD's control variates), ``rng.<name>``
 (generator states) and string metadata: ``round``, ``algo``, ``format`` (2), ``fingerprint``
@@ -62,6 +63,7 @@ from torch import Tensor, nn
 from hessrank.data.datasets import Dataset, load_dataset
 from hessrank.data.partition import Partition
 from hessrank.data.task import Task
+from hessrank.fl.adapters import add_run_adapters
 from hessrank.fl.config import TrainConfig
 from hessrank.io import (
     atomic_write_text,
@@ -448,7 +450,9 @@ class RunDir:
         return meta.get("content_sha256") or tensor_digest(tensors)
 
     def load_model(self, round: int, dtype: torch.dtype | None = None) -> nn.Module:
-        """The dense global model after ``round`` rounds, in eval mode.
+        """The dense global model after ``round`` rounds, in eval mode; for a run with PEFT
+        adapters (``adapters="peft"``) the base with its adapters, only the adapters
+        trainable (what an analysis differentiates by default).
 
         Args:
             round: a saved round (see :meth:`rounds`).
@@ -469,6 +473,7 @@ class RunDir:
         with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
             cfg = self.config
             model = build_model(cfg.model, input_shape, num_outputs, **cfg.model_kwargs)
+            add_run_adapters(model, cfg)  # adapter runs: base frozen, adapters trainable
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -503,14 +508,15 @@ class RunDir:
 
     def client_data(self) -> list[tuple[Tensor, Tensor]]:
         """Per client c, (inputs (n_c, ...), targets (n_c, ...)) of its training samples;
-        floating tensors in the run's dtype, so that L_c is the loss the clients trained on."""
+        floating tensors in the run's dtype, so that L_c is the loss the clients trained on
+        (token ids and class labels stay integers)."""
         ds = self.dataset()
         dtype = getattr(torch, self.config.dtype)
         out = []
         for idx in self.partition().indices:
             index = torch.as_tensor(idx, dtype=torch.long)
             x, y = ds.train_x[index], ds.train_y[index]
-            out.append((x.to(dtype), y.to(dtype) if y.is_floating_point() else y))
+            out.append(tuple(t.to(dtype) if t.is_floating_point() else t for t in (x, y)))
         return out
 
     def task(self) -> Task:

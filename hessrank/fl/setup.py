@@ -5,8 +5,10 @@ into a :class:`Setup`; the runner and the Flower ClientApp both call it, so a Cl
 rebuilds exactly the run's clients and client procedure.
 
 Reproducibility: the dataset and the partition take the config's seed; the model is built
-right after ``torch.manual_seed(seed)`` (a dry forward pass checks it fits the data without
-moving any RNG); factor initializations use their own seeded generators.
+right after ``torch.manual_seed(seed)``, then gets its PEFT adapters (``adapters="peft"``,
+:mod:`hessrank.fl.adapters`; A drawn from the same global RNG), then the run's dtype (a dry
+forward pass checks it fits the data without moving any RNG); hessrank's own factor
+initializations use their own seeded generators.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from hessrank.data.datasets import Dataset, load_dataset
 from hessrank.data.partition import Partition, make_partition
+from hessrank.fl.adapters import add_run_adapters
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.loop import Federation
 from hessrank.fl.protocol import ClientData
@@ -88,6 +91,36 @@ def _cast(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
 
+def _misfit(config: TrainConfig, ds: Dataset, err: Exception) -> ValueError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"model {config.model!r} with model_kwargs {config.model_kwargs} does not fit "
+        f"dataset {config.dataset!r} (inputs {tuple(ds.input_shape)}, {ds.output_dim} "
+        f"outputs): {first}"
+    )
+
+
+def _check_natural(config: TrainConfig, ds: Dataset) -> None:
+    """The natural partition needs the dataset's own groups and one client per group."""
+    if config.partition != "natural":
+        return
+    if "train_groups" not in ds.meta:
+        raise ValueError(
+            f"--partition natural needs a dataset with its own clients (shakespeare's roles, "
+            f"hetero-lsq's groups); {config.dataset!r} has none: use iid, dirichlet or shards"
+        )
+    names = ds.meta.get("clients")
+    count = len(names) if names is not None else len(np.unique(ds.meta["train_groups"]))
+    if config.clients != count:
+        shown = f" ({', '.join(map(str, names[:3]))}, ...)" if names is not None else ""
+        roles = (f", or keep {config.clients} roles with --dataset-kwargs "
+                 f"'{{\"roles\": {config.clients}}}'" if config.dataset == "shakespeare" else "")
+        raise ValueError(
+            f"--partition natural gives one client per group and dataset {config.dataset!r} "
+            f"has {count}{shown}, not --clients {config.clients}; pass --clients {count}{roles}"
+        )
+
+
 def build_setup(
     config: TrainConfig,
     partition_json: dict[str, Any] | None = None,
@@ -109,21 +142,21 @@ def build_setup(
     if partition_json is not None:
         part = Partition.from_json(partition_json)
     else:
+        _check_natural(config, ds)
         part = split_data(config, ds.meta.get("train_groups", ds.train_y))  # hetero-lsq: groups
     torch.manual_seed(config.seed)
     try:
         model = build_model(config.model, ds.input_shape, ds.output_dim, **config.model_kwargs)
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise _misfit(config, ds, err) from None
+    add_run_adapters(model, config)  # before the dtype: float32 and float64 runs share A
+    try:
         model = model.to(dtype=dtype, device=device)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a dry forward pass
             ds.task.forward(model.eval(), _cast(ds.train_x[:2], dtype, device))
         model.train()
     except (TypeError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"model {config.model!r} with model_kwargs {config.model_kwargs} does not fit "
-            f"dataset {config.dataset!r} (inputs {tuple(ds.input_shape)}, {ds.output_dim} "
-            f"outputs): {first}"
-        ) from None
+        raise _misfit(config, ds, err) from None
     federation = Federation.build(model, config, ds.task)
     config.notes = {**federation.notes(), **config.notes}
 

@@ -19,27 +19,31 @@ import pandas as pd
 
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.protocol import NonFiniteError
+from hessrank.fl.runner import train
 from hessrank.io import atomic_write_text
 
 __all__ = ["sweep"]
 
 
 def sweep(
-    configs: dict[tuple[str, float], TrainConfig], out: Path, *, progress: bool = True
+    configs: dict[tuple[str, float], TrainConfig],
+    out: Path,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Train every config (keyed by (algo, lr)) into ``out`` and pick each algorithm's best lr.
+    ``threads``: torch threads for every run (recorded in each run's provenance).
 
     Returns the table written to ``out/sweep.csv`` with a ``best`` column.
     """
-    from hessrank.fl.runner import train
-
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for (algo, lr), cfg in configs.items():
         run_dir = out / f"{algo}_lr{lr:g}"
         row = {"algo": algo, "lr": lr, "run": str(run_dir), "diverged": False}
         try:
-            last = train(cfg, run_dir, progress=progress).metrics().iloc[-1]
+            last = train(cfg, run_dir, progress=progress, threads=threads).metrics().iloc[-1]
         except NonFiniteError:
             rows.append({**row, "diverged": True})
             continue

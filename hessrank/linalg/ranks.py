@@ -1,4 +1,4 @@
-"""Stable rank ‖H‖_F²/‖H‖₂² and relatives, with error bars (DESIGN.md §1, §4).
+"""Stable rank ‖H‖_F²/‖H‖₂² and relatives, with error bars (docs/design.md §1, §4).
 
 One Lanczos run supplies ‖H‖₂ (max |θ|, with its residual bound), the top eigenvalues, and the
 Krylov part of ‖H‖_F² and tr(H); residual probes finish both, the split chosen from the data.

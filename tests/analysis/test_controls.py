@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hessrank.analysis import controls as ct
 
@@ -86,3 +87,13 @@ def test_analyze_controls_on_a_run(trained_run):
     y = np.concatenate([y.numpy() for _, y in run.client_data()])
     got = ct.subject_label_entropy(table, run.client_data()).iloc[0]
     assert got == pytest.approx(ct.label_entropy(y[draw_subset(len(y), 10, 5)]))
+
+
+def test_matched_controls_refuse_sequence_targets():
+    """Next-token targets (n, T) have no class label per sample: the label-matched draw would
+    index flattened token positions, so matched controls are refused in one line."""
+    clients = [(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3, dtype=torch.long))] * 2
+    with pytest.raises(ValueError, match=r"targets have shape \(8, 3\).*matched_draws to 0"):
+        ct.control_groups(clients, matched_draws=1)
+    groups, _ = ct.control_groups(clients, nested_sizes=[2])  # nested controls still work
+    assert [g.subjects[0].size for g in groups] == [2]

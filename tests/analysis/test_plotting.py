@@ -7,9 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hessrank.analysis.store import COLUMNS, Store
-from hessrank.linalg import spectral_density
-from hessrank.plotting import (
+from hessrank.analysis.plotting import (
     KIND_COLORS,
     consistent,
     eigenvalue_figure,
@@ -19,6 +17,8 @@ from hessrank.plotting import (
     plot_stable_rank,
     stable_rank_figure,
 )
+from hessrank.analysis.store import COLUMNS, Store
+from hessrank.linalg import spectral_density
 
 
 def _row(r, subject, kind, q, value, k=0, layer="", size=10, unit="u", settings="s"):
@@ -58,6 +58,7 @@ def analysis_dir(tmp_path):
         store.commit(f"d{r}", frame, frame,
                      {n: (dens.alpha[0], dens.beta[0], dens.dim, dens.num_matvecs, 0)
                       for n in names})
+    store.export()
     return tmp_path
 
 
@@ -73,11 +74,37 @@ def test_plot_all_writes_png_and_pdf(analysis_dir, tmp_path):
 
 def test_csv_fallback_and_missing_table(analysis_dir, tmp_path):
     t = load_table(analysis_dir)
-    (analysis_dir / "results.parquet").unlink()
-    t.to_csv(analysis_dir / "results.csv", index=False)
-    assert len(load_table(analysis_dir)) == len(t)
+    only_csv = tmp_path / "csv"
+    only_csv.mkdir()
+    t.to_csv(only_csv / "results.csv", index=False)
+    assert len(load_table(only_csv)) == len(t)
     with pytest.raises(FileNotFoundError, match="hessrank analyze"):
         load_table(tmp_path / "nowhere")
+
+
+def test_truncated_or_all_nan_tables_are_refused_in_one_line(analysis_dir, tmp_path, capsys):
+    """Issue 19.6: plots were drawn from truncated or all-NaN tables with exit 0."""
+    from hessrank.cli import main
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    blob = (analysis_dir / "results.parquet").read_bytes()
+    (copy / "results.parquet").write_bytes(blob[: len(blob) // 2])  # a torn copy
+    assert main(["plot", str(copy), "--out", str(tmp_path / "f1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "truncated" in err, err
+    assert not (tmp_path / "f1").exists()
+    nan = load_table(analysis_dir).assign(value=float("nan"))
+    (copy / "results.parquet").unlink()
+    nan.to_parquet(copy / "results.parquet")
+    assert main(["plot", str(copy), "--out", str(tmp_path / "f2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NaN" in err, err
+    assert not list((tmp_path / "f2").glob("*.png"))
+    short = load_table(analysis_dir).drop(columns=["value", "stderr"])
+    short.to_parquet(copy / "results.parquet")
+    assert main(["plot", str(copy), "--out", str(tmp_path / "f3")]) == 2
+    assert "lacks columns ['value', 'stderr']" in capsys.readouterr().err
 
 
 def test_plots_say_what_is_missing(analysis_dir, tmp_path):
@@ -123,6 +150,7 @@ def test_plot_uses_one_settings_per_quantity(analysis_dir, tmp_path):
     t = load_table(analysis_dir)
     other = t[t["quantity"] == "stable-rank"].assign(settings="s2", value=1000.0)
     Store(analysis_dir).merge([other])
+    Store(analysis_dir).export()
     table, notes = consistent(load_table(analysis_dir))
     sr = table[table["quantity"] == "stable-rank"]
     assert sr["settings"].nunique() == 1 and len(notes) == 1

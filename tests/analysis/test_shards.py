@@ -8,10 +8,13 @@ import json
 import pandas as pd
 import pytest
 
+import hessrank.fl as fl
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.store import RunMismatchError, merge_dirs
 from hessrank.analysis.trajectory import analyze
 from hessrank.cli import main
-from hessrank.plotting import load_table
+
+from .conftest import RUN_CONFIG
 
 KW = dict(rounds="1,2", subjects="server,clients,subset:10x2",
           quantities="stable-rank,density", density_probes=2, matvecs=10, progress=False,
@@ -45,17 +48,17 @@ def test_workers_equal_the_serial_table(trained_run, tmp_path, serial):
     pd.testing.assert_frame_equal(_bits(out), _bits(serial), check_exact=True)
 
 
-def test_merge_of_shards_and_refusal_of_other_runs(trained_run, run_copy, tmp_path, serial,
-                                                   capsys):
+def test_merge_of_shards_and_refusal_of_other_runs(trained_run, tmp_path, serial, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     analyze(trained_run, out=a, shard=(1, 2), **KW)
     analyze(trained_run, out=b, shard=(2, 2), **KW)
     assert main(["merge", str(a), str(b), str(a), "--out", str(tmp_path / "c")]) == 0
     pd.testing.assert_frame_equal(_bits(tmp_path / "c"), _bits(serial), check_exact=True)
-    (run_copy / "config.json").write_text(
-        (run_copy / "config.json").read_text().replace('"lr": 0.05', '"lr": 0.07'))
-    other = tmp_path / "other"
-    analyze(run_copy, out=other, **{**KW, "rounds": "0"})
+    # another run (its checkpoints carry its own fingerprint, so an edited config.json of a
+    # copy would be refused before any merge: a second, genuinely different run is trained)
+    other_run, other = tmp_path / "other_run", tmp_path / "other"
+    fl.train({**RUN_CONFIG, "lr": 0.07}, other_run, progress=False)
+    analyze(other_run, out=other, **{**KW, "rounds": "0"})
     with pytest.raises(RunMismatchError, match="different runs"):
         merge_dirs([a, other], tmp_path / "d")
     assert main(["merge", str(a), str(other), "--out", str(tmp_path / "d")]) == 2

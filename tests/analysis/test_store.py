@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 import hessrank.fl as fl
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.trajectory import analyze
-from hessrank.plotting import load_table
 from tests.analysis.conftest import RUN_CONFIG
 
 FAST = {"matvecs": 10, "progress": False}
@@ -52,17 +52,21 @@ def test_retrained_run_is_refused_then_recomputed_with_force(tmp_path):
         json.loads((tmp_path / "fresh" / "analysis.json").read_text())["run"]["fingerprint"]
 
 
-def test_changed_checkpoint_is_recomputed(run_copy, tmp_path):
+def test_checkpoint_of_another_round_is_refused(run_copy, tmp_path):
+    """Round 1's file copied over round 2's is refused with one line naming the checkpoint
+    (its metadata names its round), into the old --out and into a fresh one."""
     out = tmp_path / "an"
     before = analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
     ckpts = run_copy / "checkpoints"
-    shutil.copyfile(ckpts / "round_00001.safetensors", ckpts / "round_00002.safetensors")
-    after = analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
-    fresh = analyze(run_copy, rounds="2", subjects="server", out=tmp_path / "fresh", **FAST)
-    assert _server_srank(after, 2) == _server_srank(fresh, 2)  # the new weights, recomputed
-    assert _server_srank(after, 2) != _server_srank(before, 2)
+    blob = (ckpts / "round_00001.safetensors").read_bytes()
+    (ckpts / "round_00002.safetensors").write_bytes(blob)
+    with pytest.raises(ValueError, match="round_00002.safetensors"):
+        analyze(run_copy, rounds="1,2", subjects="server", out=out, **FAST)
+    with pytest.raises(ValueError, match="round_00002.safetensors"):  # a fresh --out too:
+        analyze(run_copy, rounds="2", subjects="server", out=tmp_path / "x", **FAST)
+    assert not (tmp_path / "x").exists()  # round 1's file says so in its metadata
     table = load_table(out)
-    assert len(table) == len(after) and _server_srank(table, 2) == _server_srank(fresh, 2)
+    assert _server_srank(table, 2) == _server_srank(before, 2)  # untouched
 
 
 def test_table_grows_and_failed_calls_change_nothing(trained_run, tmp_path):
@@ -155,3 +159,99 @@ def test_old_format_directory_is_refused_unless_forced(trained_run, tmp_path):
         analyze(trained_run, rounds="0", subjects="server", out=out, **FAST)
     t = analyze(trained_run, rounds="0", subjects="server", out=out, force=True, **FAST)
     assert len(load_table(out)) == len(t) == 3 and not (out / "densities").exists()
+
+
+def test_empty_out_is_refused(trained_run, tmp_path, monkeypatch, capsys):
+    """Issue 19.6: --out "" wrote the analysis into the current directory."""
+    from hessrank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["analyze", str(trained_run), "--rounds", "0", "--subjects", "server", "--matvecs",
+            "10", "--quiet", "--out", ""]
+    assert main(argv) == 2
+    assert '--out "" is empty' in capsys.readouterr().err
+    analyze(trained_run, rounds="0", subjects="server", out=tmp_path / "a", **FAST)
+    assert main(["merge", str(tmp_path / "a"), "--out", ""]) == 2
+    assert '--out "" is empty' in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "a"), "--out", ""]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing landed in the cwd
+
+
+@pytest.mark.parametrize("damaged", ["results.parquet", "analysis.json", "store.sqlite"])
+def test_force_recovers_from_a_damaged_analysis_directory(trained_run, tmp_path, damaged):
+    """Issue 19.6: --force did not recover from a corrupt results.parquet or analysis.json."""
+    out = tmp_path / "an"
+    first = analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+    path = out / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3] + b"\x00garbage")
+    if damaged == "results.parquet":  # only an export: the next call rewrites it
+        again = analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+    else:
+        with pytest.raises(ValueError, match="--force"):
+            analyze(trained_run, rounds="0,1", subjects="server", out=out, **FAST)
+        again = analyze(trained_run, rounds="0,1", subjects="server", out=out, force=True,
+                        **FAST)
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"),
+                                  first.drop(columns="seconds"))
+    assert len(load_table(out)) == len(first)
+    pd.read_parquet(out / "results.parquet")  # readable again
+
+
+def test_merge_keeps_rows_of_a_source_without_a_table(trained_run, tmp_path):
+    """Issue 19.6: merge dropped the rows of a source with unit files but no table. In the
+    store the rows live in store.sqlite (results.parquet is an export); a directory of the
+    earlier format (unit files, table missing) contributes every unit's rows."""
+    from hessrank.analysis.store import merge_dirs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ta = analyze(trained_run, rounds="0", subjects="server", out=a, **FAST)
+    tb = analyze(trained_run, rounds="1", subjects="server", out=b, **FAST)
+    (b / "results.parquet").unlink()
+    (b / "results.csv").unlink()
+    merged = merge_dirs([a, b], tmp_path / "m")
+    assert len(merged) == len(ta) + len(tb)
+    # a format-2 directory: units/<key>.parquet and analysis.json, its table lost
+    old = tmp_path / "old"
+    (old / "units").mkdir(parents=True)
+    tc = analyze(trained_run, rounds="2", subjects="server", out=tmp_path / "c", **FAST)
+    for key, rows in tc.groupby("unit"):
+        rows.to_parquet(old / "units" / f"{key}.parquet", index=False)
+    meta = json.loads((tmp_path / "c" / "analysis.json").read_text())
+    (old / "analysis.json").write_text(json.dumps({**meta, "format": 2}))
+    merged = merge_dirs([a, b, old], tmp_path / "m2")
+    assert sorted(merged["round"].unique()) == [0, 1, 2]
+    assert len(merged) == len(ta) + len(tb) + len(tc)
+    assert (old / "units").is_dir()  # a source is read, never changed
+
+
+def test_an_earlier_format_directory_is_read_and_imported(trained_run, tmp_path):
+    """A format-2 directory (units/<key>.parquet + .npz, results.parquet): its densities
+    read as they are, and the next analysis imports it (no recomputation, rows kept)."""
+    import sqlite3
+
+    from hessrank.analysis.store import Store
+
+    new = tmp_path / "new"
+    t = analyze(trained_run, rounds="1", subjects="server", quantities="stable-rank,density",
+                density_probes=2, out=new, **FAST)
+    old = tmp_path / "old"
+    (old / "units").mkdir(parents=True)
+    con = sqlite3.connect(new / "store.sqlite")
+    for key, frame, dens in con.execute("SELECT u.key, f.data, u.densities FROM units u JOIN "
+                                        "frames f ON u.frame = f.id"):
+        (old / "units" / f"{key}.parquet").write_bytes(frame)
+        if dens is not None:
+            (old / "units" / f"{key}.npz").write_bytes(dens)
+    con.close()
+    shutil.copyfile(new / "results.parquet", old / "results.parquet")
+    meta = json.loads((new / "analysis.json").read_text())
+    (old / "analysis.json").write_text(json.dumps({**meta, "format": 2}))
+    row = t[t["quantity"] == "effective-rank"].iloc[0]
+    a = Store(new).density(row["unit"], row["subject"])
+    b = Store(old).density(row["unit"], row["subject"])
+    assert np.array_equal(a.alpha, b.alpha) and np.array_equal(a.beta, b.beta)
+    again = analyze(trained_run, rounds="1", subjects="server",
+                    quantities="stable-rank,density", density_probes=2, out=old, **FAST)
+    calls = json.loads((old / "analysis.json").read_text())["calls"]
+    assert calls[-1]["reused"] == 2 and calls[-1]["computed"] == 0
+    assert not (old / "units").exists() and len(load_table(old)) == len(again) == len(t)

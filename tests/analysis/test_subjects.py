@@ -109,3 +109,12 @@ def test_stack_slices_equal_separate_operators(model):
         torch.testing.assert_close(out[j], ref, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="expected V"):
         op.matmat(V[:2])
+
+
+def test_a_client_list_survives_the_comma_split_of_the_settings():
+    """``--subjects server,clients:0,2`` reaches the parser as ("server", "clients:0", "2")
+    (AnalysisSettings splits at commas); before, the "2" was an unknown subject."""
+    from hessrank.analysis.settings import AnalysisSettings
+
+    s = AnalysisSettings.build(subjects="server,clients:0,2")
+    assert [p.label for p in parse_subjects(s.subjects)] == ["server", "clients:0,2"]

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from hessrank.analysis.distributed import shard_bounds, shard_pair
+from hessrank.analysis.plotting import load_table
 from hessrank.analysis.trajectory import analyze
-from hessrank.plotting import load_table
 
 # subset:11x1 has 11 samples (6/5 over two ranks: uneven whatever the client sizes are)
 ARGS = ["--rounds", "1,2", "--subjects", "server,clients,subset:11x1", "--quantities",

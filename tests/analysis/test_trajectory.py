@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import hessrank.analysis.trajectory as traj
+import hessrank.analysis.units as units
 from hessrank.analysis.store import Store
 from hessrank.analysis.trajectory import (
     COLUMNS,
@@ -103,7 +103,17 @@ def reference(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     return analyze(trained_run, subjects="server,clients,subset:10x2",
                    quantities="stable-rank,alignment", alignment_ranks=(1, None), out=out,
-                   **FAST)
+                   threads=1, **FAST)
+
+
+def _units(out) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(out / "store.sqlite")
+    try:
+        return con.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+    finally:
+        con.close()
 
 
 @pytest.mark.slow
@@ -115,30 +125,30 @@ def test_killed_run_resumes_to_the_same_table(trained_run, tmp_path, monkeypatch
     calls = []
 
     def dying_commit(self, key, rows, selected, *a, **k):
-        calls.append(selected)  # the rows that go into the table
+        calls.append(int(np.asarray(selected).sum()))  # the rows that go into the table
         if len(calls) > kill_after:  # killed while committing unit kill_after + 1
             raise KeyboardInterrupt
         real_commit(self, key, rows, selected, *a, **k)
 
     monkeypatch.setattr(Store, "commit", dying_commit)
     kwargs = dict(subjects="server,clients,subset:10x2", quantities="stable-rank,alignment",
-                  alignment_ranks=(1, None), out=out, **FAST)
+                  alignment_ranks=(1, None), out=out, threads=1, **FAST)
     with pytest.raises(KeyboardInterrupt):
         analyze(trained_run, **kwargs)
-    assert len(list((out / "units").glob("*.parquet"))) == kill_after
-    assert len(pd.read_parquet(out / "results.parquet")) == sum(map(len, calls[:kill_after]))
-    (out / "units" / ".abc.parquet.xyz.tmp").write_bytes(b"torn")  # a torn write
+    assert _units(out) == kill_after
+    # the interrupted call still exported what it had committed
+    assert len(pd.read_parquet(out / "results.parquet")) == sum(calls[:kill_after])
     monkeypatch.setattr(Store, "commit", real_commit)
 
     recomputed = []
-    orig_compute = traj._compute
-    monkeypatch.setattr(traj, "_compute",
-                        lambda u, *a, **k: recomputed.append(u) or orig_compute(u, *a, **k))
+    orig_compute = units.UnitRunner.compute
+    monkeypatch.setattr(units.UnitRunner, "compute", lambda self, u, *a, **k:
+                        recomputed.append(u) or orig_compute(self, u, *a, **k))
     t = analyze(trained_run, **kwargs)
-    assert len(list((out / "units").glob("*.parquet"))) == 9  # 3 rounds x 3 units
+    assert _units(out) == 9  # 3 rounds x 3 units
     assert len(recomputed) == 9 - kill_after
     assert not t.duplicated(KEY).any()
-    pd.testing.assert_frame_equal(_sorted(t), _sorted(reference), rtol=1e-6)
+    pd.testing.assert_frame_equal(_sorted(t), _sorted(reference), check_exact=True)
     again = analyze(trained_run, **kwargs)  # a completed analysis is only re-read
     pd.testing.assert_frame_equal(again, t)
     pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "results.parquet")),
@@ -184,7 +194,7 @@ def test_state_dict_directory_with_factory(tmp_path):
 
 
 def test_missing_config_explains_the_factory_route(tmp_path):
-    with pytest.raises(ValueError, match="--model-factory"):
+    with pytest.raises(ValueError, match="--model module:function"):
         analyze(tmp_path, progress=False)
     with pytest.raises(ValueError, match="--dataset"):
         analyze(tmp_path, model_factory=_small_mlp, progress=False)
@@ -210,3 +220,47 @@ def test_row_route_is_its_own_operators(trained_run, tmp_path):
     meta = json.loads((tmp_path / "a" / "analysis.json").read_text())
     (unit_route,) = meta["calls"][-1]["routes"].values()
     assert unit_route["stack"] == 3  # the three operators share one route
+
+
+@pytest.mark.slow
+def test_kill_9_mid_analysis_resumes_to_the_same_table(trained_run, tmp_path, reference):
+    """SIGKILL once the first unit is in the store (no export, no finally): the rerun
+    computes only the missing units and the table equals an uninterrupted one."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "an"
+    argv = [sys.executable, "-m", "hessrank", "analyze", str(trained_run), "--subjects",
+            "server,clients,subset:10x2", "--quantities", "stable-rank,alignment",
+            "--alignment-ranks", "1,full", "--matvecs", "10", "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db, units, deadline = out / "store.sqlite", 0, time.monotonic() + 240
+    while units < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if db.is_file():
+            try:
+                con = sqlite3.connect(db, timeout=0.1)
+                units = con.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= units < 9, units
+    kw = dict(subjects="server,clients,subset:10x2", quantities="stable-rank,alignment",
+              alignment_ranks=(1, None), out=out, threads=1, **FAST)
+    t = analyze(trained_run, **kw)
+    import json
+
+    last = json.loads((out / "analysis.json").read_text())["calls"][-1]
+    assert last["reused"] >= units and last["computed"] == 9 - last["reused"]
+    pd.testing.assert_frame_equal(_sorted(t), _sorted(reference), check_exact=True)
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "results.parquet")),
+                                  _sorted(t), check_dtype=False, check_exact=True)

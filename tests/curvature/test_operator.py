@@ -173,6 +173,27 @@ def test_unknown_parameter_lists_valid_names():
         hr.HessianOperator(small_model(), cross_entropy, small_data(), params=["0.weigth"])
 
 
+def test_params_take_patterns_and_groups():
+    """Patterns select in model order, 'all' includes frozen parameters, overlapping entries
+    count once; the product over a pattern's selection is the dense Hessian's block."""
+    model = small_model()
+    model[0].bias.requires_grad_(False)
+    x, y = small_data()
+    op = hr.HessianOperator(model, cross_entropy, (x, y), params=["*.weight"])
+    assert op.space.names == ["0.weight", "2.weight"]
+    assert hr.HessianOperator(model, cross_entropy, (x, y), params=["all"]).space.names == [
+        "0.weight", "0.bias", "2.weight", "2.bias"]
+    both = hr.HessianOperator(model, cross_entropy, (x, y), params=["2.*", "*.bias"])
+    assert both.space.names == ["2.weight", "2.bias", "0.bias"]
+    H = hr.dense_hessian(model, cross_entropy, (x, y), params=["0.weight", "2.weight"])
+    V = torch.eye(H.shape[0], dtype=torch.float64)[None]
+    assert float((op.matmat(V)[0] - H).abs().max()) < 1e-12
+    with pytest.raises(ValueError, match="pattern '3.\\*' matches no parameter"):
+        hr.HessianOperator(model, cross_entropy, (x, y), params=["3.*"])
+    with pytest.raises(ValueError, match="params 'adapters': the model has no LoRA adapters"):
+        hr.HessianOperator(model, cross_entropy, (x, y), params=["adapters"])
+
+
 def test_no_trainable_parameters():
     model = small_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

@@ -7,6 +7,7 @@ tensor, client states included.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
@@ -29,6 +30,15 @@ ALGOS = {  # name -> config changes: every registered algorithm, both mFedLoRU s
     "fedlrt": {}, "scaffold": {},
 }  # fmt: skip
 RESUMED = ("pfedloru", "mfedloru", "fedlrt", "scaffold")  # client state or several phases
+if importlib.util.find_spec("peft") and importlib.util.find_spec("transformers"):
+    # FedLoRU on PEFT adapters of a frozen tiny GPT-2, Shakespeare roles as clients; resumed
+    # too: after a merge the clients' W0 travels as held state
+    ALGOS["fedloru_peft"] = {
+        "adapters": "peft", "dataset": "shakespeare", "partition": "natural",
+        "dataset_kwargs": {"roles": 3, "seq_len": 16, "stride": 64}, "model": "hf-gpt2",
+        "model_kwargs": {"layers": 1, "width": 16, "heads": 2}, "rank": 2,
+    }  # fmt: skip
+    RESUMED += ("fedloru_peft",)
 
 
 def _cfg(name: str, rounds: int = 2) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,8 @@ def test_sweep_picks_each_algorithms_lr_on_validation(tmp_path, capsys):
     out = tmp_path / "sweep"
     code = main(["sweep", "--out", str(out), "--algos", "fedavg,fedlora", "--lrs", "0.01,0.5",
                  "--clients", "3", "--rounds", "3", "--partition", "iid", "--local-steps", "3",
-                 "--model-kwargs", '{"hidden": [16, 16]}', "--rank", "4", "--quiet"])  # fmt: skip
+                 "--model-kwargs", '{"hidden": [16, 16]}', "--rank", "4", "--quiet",
+                 "--threads", "1"])  # fmt: skip
     assert code == 0
     table = pd.read_csv(out / "sweep.csv")
     assert len(table) == 4 and table["val_accuracy"].notna().all()
@@ -47,6 +49,9 @@ def test_sweep_picks_each_algorithms_lr_on_validation(tmp_path, capsys):
         rows = table[table["algo"] == algo]
         assert rows.loc[rows["val_accuracy"].idxmax(), "lr"] == lr
     assert "fedlora" in capsys.readouterr().out
+    for run in table["run"]:  # --threads reaches every run (issue 19: sweep had none)
+        sessions = json.loads((Path(run) / "provenance.json").read_text())["sessions"]
+        assert [s["threads"] for s in sessions] == [1]
 
 
 def test_sweep_flag_errors(tmp_path, capsys):
@@ -56,4 +61,6 @@ def test_sweep_flag_errors(tmp_path, capsys):
                  "--lr", "0.2"]) != 0  # fmt: skip
     assert main(["sweep", "--out", str(tmp_path), "--algos", "fedavg", "--lrs", "0.1",
                  "--validation-fraction", "0"]) != 0  # fmt: skip
+    assert main(["sweep", "--out", str(tmp_path), "--algos", "fedavg", "--lrs", "0.1",
+                 "--threads", "0"]) != 0  # fmt: skip
     assert "validation-fraction" in capsys.readouterr().err

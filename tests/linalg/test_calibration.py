@@ -1,4 +1,4 @@
-"""Error bars are a contract (DESIGN.md §4): over 30 seeds, at every budget the API accepts, on
+"""Error bars are a contract (docs/design.md §4): over 30 seeds, at every budget the API accepts, on
 real Hessians (a digits MLP at initialization and after training) and on matrices with known
 spectra, ≥ 90% of estimates lie within 2 stderr of the truth and none beyond 5.
 

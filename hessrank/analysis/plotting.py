@@ -13,7 +13,11 @@
 
 Where the table holds a quantity under several settings, the latest call's are drawn
 (:func:`consistent`). Every figure is saved as PNG and PDF; functions return the paths.
-Matplotlib runs headless (Agg backend).
+Matplotlib runs headless (Agg backend). A table that cannot be read (a truncated file), lacks
+columns, or whose drawn values are all NaN is refused with one line, never drawn.
+
+Part of the analysis layer: it reads the store and the table (:mod:`hessrank.analysis.store`)
+and imports nothing above it.
 
 Example:
     >>> paths = plot_all("runs/x/analysis")       # doctest: +SKIP
@@ -21,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +36,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from hessrank.analysis.sources import select_rounds  # noqa: E402
+from hessrank.analysis.store import COLUMNS, Store  # noqa: E402
 
 __all__ = [
     "KIND_COLORS",
@@ -48,15 +56,59 @@ __all__ = [
 
 
 def load_table(analysis_dir: str | Path) -> pd.DataFrame:
-    """results.parquet (or results.csv) of an analysis directory."""
+    """The table of an analysis directory: from its store (``store.sqlite``, always current),
+    else ``results.parquet``, else ``results.csv``. ValueError in one line for a table that
+    cannot be read (a truncated file) or lacks columns; FileNotFoundError when there is none."""
     d = Path(analysis_dir)
+    if (d / "store.sqlite").is_file():
+        table = Store(d).table()
+        if len(table):
+            return table
     if (d / "results.parquet").is_file():
-        return pd.read_parquet(d / "results.parquet")
-    if (d / "results.csv").is_file():
-        return pd.read_csv(d / "results.csv", keep_default_na=True).fillna({"layer": ""})
-    raise FileNotFoundError(
-        f"{d} has no results.parquet or results.csv; run `hessrank analyze RUN_DIR --out {d}`"
-    )
+        path = d / "results.parquet"
+        try:
+            table = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path} cannot be read ({first}): it is truncated or damaged; "
+                             f"rerun `hessrank analyze RUN_DIR --out {d}` to rewrite it") from None
+    elif (d / "results.csv").is_file():
+        path = d / "results.csv"
+        try:
+            table = pd.read_csv(path, keep_default_na=True).fillna({"layer": ""})
+        except Exception as err:  # pandas' parser errors
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path} cannot be read ({first}); rerun `hessrank analyze "
+                             f"RUN_DIR --out {d}` to rewrite it") from None
+    else:
+        raise FileNotFoundError(
+            f"{d} has no results.parquet or results.csv; run `hessrank analyze RUN_DIR --out {d}`"
+        )
+    missing = [c for c in ("round", "subject", "subject_kind", "subject_size", "quantity", "k",
+                           "layer", "value", "stderr") if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing} (a table has {', '.join(COLUMNS)}): "
+                         f"it is truncated or not an analysis table; rerun `hessrank analyze "
+                         f"RUN_DIR --out {d}`")
+    return table
+
+
+def _values(t: pd.DataFrame, quantity: str) -> pd.DataFrame:
+    """Rows of ``quantity``; ValueError when there are none or their values are all NaN."""
+    rows = t[t["quantity"] == quantity]
+    if rows.empty:
+        raise ValueError(f"the table has no {quantity!r} rows; analyze with --quantities "
+                         f"{_flag(quantity)}")
+    if not np.isfinite(rows["value"].to_numpy(dtype=float)).any():
+        raise ValueError(f"every {quantity!r} value in the table is NaN or infinite "
+                         f"({len(rows)} rows): nothing to draw; check the analysis "
+                         "(errors.csv) and rerun it")
+    return rows
+
+
+def _flag(quantity: str) -> str:
+    return {"effective-rank": "density", "top-k-stable-rank": "stable-rank",
+            "intrinsic-dimension": "stable-rank"}.get(quantity, quantity)
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -93,10 +145,7 @@ def _log_if_wide(ax, values) -> None:
 
 def stable_rank_figure(table: pd.DataFrame, quantity: str = "stable-rank"):
     """The figure of :func:`plot_stable_rank` (returned, not saved)."""
-    t = table[table["quantity"] == quantity]
-    if t.empty:
-        raise ValueError(f"the table has no {quantity!r} rows; analyze with --quantities "
-                         f"{quantity}")
+    t = _values(table, quantity)
     fig, ax = plt.subplots(figsize=(6, 4))
     server = t[t["subject_kind"] == "server"].sort_values("round")
     if not server.empty:
@@ -139,7 +188,7 @@ def plot_stable_rank(table: pd.DataFrame, out: str | Path,
 
 def plot_ratio(table: pd.DataFrame, out: str | Path, quantity: str = "stable-rank") -> list[Path]:
     """(mean client ``quantity``) / (server ``quantity``) vs round, band min/server–max/server."""
-    t = table[table["quantity"] == quantity]
+    t = _values(table, quantity)
     server = t[t["subject_kind"] == "server"].set_index("round")["value"]
     clients = t[t["subject_kind"] == "client"]
     if server.empty or clients.empty:
@@ -164,8 +213,6 @@ def _density_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pick_rounds(available: Sequence[int], rounds) -> list[int]:
-    from hessrank.analysis.sources import select_rounds
-
     if rounds is not None:
         return select_rounds(rounds, available)
     a = sorted(available)
@@ -180,13 +227,11 @@ def plot_densities(analysis_dir: str | Path, out: str | Path,
     The densities are those of the table's ``effective-rank`` rows (each row names its unit
     in the store), so they always match the table's settings.
     """
-    from hessrank.analysis.store import Store
-
     analysis_dir = Path(analysis_dir)
     table = consistent(load_table(analysis_dir), analysis_dir)[0] if table is None else table
-    rows = _density_rows(table)
-    if rows.empty:
+    if _density_rows(table).empty:
         raise ValueError(f"{analysis_dir} has no densities; analyze with --quantities density")
+    rows = _values(table, "effective-rank")
     store = Store(analysis_dir)
     chosen = _pick_rounds(sorted(set(int(r) for r in rows["round"])), rounds)
     fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.5), squeeze=False)
@@ -226,9 +271,7 @@ def plot_densities(analysis_dir: str | Path, out: str | Path,
 
 def eigenvalue_figure(table: pd.DataFrame):
     """The figure of :func:`plot_eigenvalues` (returned, not saved)."""
-    t = table[table["quantity"] == "top-eig"]
-    if t.empty:
-        raise ValueError("the table has no top-eig rows; analyze with --quantities top-eig")
+    t = _values(table, "top-eig")
     fig, ax = plt.subplots(figsize=(6, 4))
     server = t[t["subject_kind"] == "server"]
     base = server if not server.empty else t[t["subject_kind"] == t["subject_kind"].iloc[0]]
@@ -259,9 +302,7 @@ def plot_eigenvalues(table: pd.DataFrame, out: str | Path) -> list[Path]:
 
 def plot_alignment(table: pd.DataFrame, out: str | Path, round: int | None = None) -> list[Path]:
     """Mean pairwise client-gradient cosine vs truncation rank, one line per weight matrix."""
-    t = table[table["quantity"] == "alignment"]
-    if t.empty:
-        raise ValueError("the table has no alignment rows; analyze with --quantities alignment")
+    t = _values(table, "alignment")
     r = int(t["round"].max()) if round is None else int(round)
     t = t[t["round"] == r]
     ranks = sorted(k for k in t["k"].unique() if k > 0)
@@ -291,9 +332,11 @@ def consistent(table: pd.DataFrame, analysis_dir: str | Path | None = None
     preferred: list[str] = []
     meta = Path(analysis_dir) / "analysis.json" if analysis_dir is not None else None
     if meta is not None and meta.is_file():
-        import json
-
-        for call in reversed(json.loads(meta.read_text()).get("calls", [])):
+        try:
+            calls = json.loads(meta.read_text()).get("calls", [])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            calls = []  # a damaged record: fall back to the most common settings
+        for call in reversed(calls):
             preferred.extend(call.get("settings_hashes", {}).values())
     keep, notes = [], []
     for q, sub in table.groupby("quantity", sort=False):
