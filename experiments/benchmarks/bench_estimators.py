@@ -205,9 +205,9 @@ def hvp_cost(name: str, model: nn.Module, x, y, args) -> tuple[list[list[object]
             opk = ops(hvp, cache, block)
             contenders[f"hessrank {label}, k={k} {block}"] = (lambda o=opk: o.matmat(vk), k)
     auto1, autok = hr.HessianOperator(model, CE, (x, y)), hr.HessianOperator(model, CE, (x, y))
-    auto1.matmat(vk)  # calibrate on a block of k, as an estimator's first call would
-    chosen = auto1.settings
-    autok._prepare(k)
+    auto1.matmat(vk)  # build the linearization, as an estimator's first call would
+    chosen = auto1.route
+    autok.matmat(vk)
     tag = f"{chosen['hvp']}{', cached' if chosen['cache'] else ''}, {chosen['block']}"
     contenders[f"hessrank default (auto → {tag}), k=1"] = (lambda: auto1.matmat(v1), 1)
     contenders[f"hessrank default (auto → {tag}), k={k}"] = (lambda: autok.matmat(vk), k)
@@ -299,7 +299,7 @@ def stable_rank_vs_budget(args) -> tuple[str, nn.Module, tuple, dict]:
     del H
 
     op = hr.HessianOperator(model, CE, (x, y))
-    settings = op.settings
+    settings = op.route
     budgets = list(args.budgets)
     seeds = list(range(args.seeds))
     methods = ["hessrank", "pyhessian even", "pyhessian tol"]

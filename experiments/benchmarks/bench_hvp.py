@@ -127,7 +127,7 @@ def cost(key: str, args, baseline) -> dict:
     auto1, autok = op(), op()
     autok.matmat(vk)  # calibrates on a block of k, as an estimator's first block would
     auto1.matmat(vk)
-    s = autok.settings
+    s = autok.route
     tag = f"{s['hvp']}{', cached' if s['cache'] else ''}, {s['block']}"
     other = "vmap" if s["block"] == "loop" else "loop"
     rr, fr = op(hvp="rev-rev", cache=False, block="loop"), op(hvp="fwd-rev", cache=False,
@@ -358,7 +358,7 @@ def memory_probe(variant: str, fast: bool, threads: int) -> dict:
             return op.matmat(V)
     peak, _, secs = profiled(call)
     return {"peak_mb": peak, "resident_mb": resident, "seconds": secs,
-            "settings": "" if variant == "gradient" else str(op.settings)}
+            "settings": "" if variant == "gradient" else str(op.route)}
 
 
 MEMORY_VARIANTS = ("gradient", "default-first", "default", "rev-rev-loop", "fwd-rev-loop",

@@ -119,8 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--matvecs", type=int, default=d["matvecs"],
                    help="products per operator for the Lanczos family")
     a.add_argument("--rtol", type=float, default=None,
-                   help="keep spending products until the stable rank's relative stderr is "
-                        "below this (e.g. 0.01), up to --max-matvecs")
+                   help="keep spending products until the stable rank is predicted to be "
+                        "within this relative error (e.g. 0.01) in 90%% of runs, up to "
+                        "--max-matvecs")
     a.add_argument("--max-matvecs", type=int, default=d["max_matvecs"],
                    help="cap on products with --rtol")
     a.add_argument("--seed", type=int, default=d["seed"])

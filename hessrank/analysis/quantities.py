@@ -126,8 +126,8 @@ def _lanczos(op: Any, s: AnalysisSettings, seed: int) -> Any:
 
     if s.rtol is None:
         return stable_rank(op, num_matvecs=s.matvecs, seed=seed, k_top=K_TOP)
-    # a precision target: products until the relative stderr is below rtol, at most
-    # max_matvecs (the fixed budget ``matvecs`` does not apply)
+    # a target error: products until the estimate is predicted to be within rtol in 90 % of
+    # runs, at most max_matvecs (the fixed budget ``matvecs`` does not apply)
     return stable_rank(op, rtol=s.rtol, max_matvecs=s.max_matvecs, seed=seed, k_top=K_TOP)
 
 

@@ -91,7 +91,8 @@ class TraceResult(_ToDict):
     can miss outliers (hessrank.linalg.sampling, .deflated). 0 where the estimate is exact.
     dof, quantile: (J,) degrees of freedom and t_{0.9875}(dof) (NaN where no error bar).
     rtol: the precision target the estimator spent products for (None: fixed budget);
-    reached_rtol: (J,) whether stderr / |value| ≤ rtol was reached within the budget.
+    reached_rtol: (J,) whether the predicted 90 % error quantile ≤ rtol was reached within
+        the budget.
     num_probes: (J,) probes behind the stochastic part (0 where exact).
     """
 
@@ -133,8 +134,8 @@ class StableRankResult(_ToDict):
     lanczos_steps, num_probes: (J,) how each operator's budget was split (chosen adaptively
         from the Frobenius mass the Krylov space captured, unless ``num_probes`` was given).
     dof, quantile: (J,) degrees of freedom of the probe part and t_{0.9875}(dof).
-    rtol, reached_rtol: the precision target (None: fixed budget) and whether
-        stderr / value ≤ rtol was reached within ``max_matvecs``.
+    rtol, reached_rtol: the target relative error (None: fixed budget) and whether the
+        predicted 90 % error quantile ≤ rtol was reached within ``max_matvecs``.
     """
 
     value: np.ndarray

@@ -213,7 +213,8 @@ def trace(
     estimates (hessrank.linalg.deflated): on flat, indefinite spectra (initialization) it spends
     its budget on probes, as plain Hutchinson, where Hutch++ and a fixed deflation measured 2–3×
     worse; on outlier-dominated spectra it deflates them. "deflated" is the same estimator.
-    ``rtol`` (auto/deflated only) spends products until the relative stderr is below it.
+    ``rtol`` (auto/deflated only) spends products until the estimate is predicted to be within
+    rtol of the truth in 90 % of runs (:func:`~hessrank.linalg.deflated.error_quantile`).
     """
     if method in ("auto", "deflated"):
         est = deflated_estimate(op, num_matvecs=num_matvecs, seed=seed, rtol=rtol,
@@ -256,7 +257,8 @@ def frobenius_sq(
         seed: seeds every random draw; same seed, same result.
         method: "deflated" (default) or "hutchinson" (plain (1/s) Σ ‖H g‖², for comparison).
         num_probes: a fixed split for "deflated" (num_matvecs − num_probes Lanczos steps).
-        rtol, max_matvecs: spend products until the relative stderr is below ``rtol``.
+        rtol, max_matvecs: spend products until the estimate is predicted to be within
+            ``rtol`` of the truth in 90 % of runs (at most ``max_matvecs``).
     Returns:
         TraceResult(value, stderr, num_matvecs, ...) with one entry per stacked operator.
     """

@@ -18,7 +18,6 @@ def test_stable_rank_rtol_reached_and_deterministic(spectra, name):
     s = spectra[name]
     r = stable_rank(s.A, rtol=0.02, max_matvecs=200, seed=1)
     assert r.reached_rtol[0] and r.rtol == 0.02
-    assert r.stderr[0] <= 0.02 * r.value[0]
     assert r.num_matvecs <= 200 and r.num_matvecs == r.lanczos_steps[0] + r.num_probes[0]
     assert r.rows()[0]["reached_rtol"] is True and r.rows()[0]["rtol"] == 0.02
     again = stable_rank(s.A, rtol=0.02, max_matvecs=200, seed=1)
@@ -33,7 +32,6 @@ def test_rtol_spends_more_for_tighter_targets(spectra):
     tight = frobenius_sq(A, rtol=0.01, max_matvecs=400, seed=0)
     assert loose.reached_rtol[0] and tight.reached_rtol[0]
     assert loose.num_matvecs < tight.num_matvecs
-    assert tight.stderr[0] <= 0.01 * tight.value[0]
 
 
 def test_rtol_not_reached_is_flagged(spectra):
@@ -45,7 +43,27 @@ def test_rtol_not_reached_is_flagged(spectra):
 def test_rtol_per_operator_of_a_stack(stack):
     A, items = stack
     r = stable_rank(A, rtol=0.03, max_matvecs=300, seed=2)
-    assert r.reached_rtol.all() and np.all(r.stderr <= 0.03 * r.value)
+    assert r.reached_rtol.all()
+    truth = np.array([it.srank for it in items])
+    assert np.all(np.abs(r.value / truth - 1) <= 2 * 0.03)  # a 90 % target, checked loosely
+
+
+@pytest.mark.parametrize("name", ["wishart", "outliers", "power_law"])
+@pytest.mark.parametrize("target", [0.05, 0.02])
+def test_rtol_is_met_in_most_runs_without_overspending(spectra, name, target):
+    """rtol asks for 90 % of runs within the target: over 40 seeds at least 80 % are (a
+    binomial margin), the spend stays within 2.5x the median (no runs to the cap), and the
+    reported error bar stays conservative (value ± 2·stderr, a 97.5 % interval, holds the
+    truth in at least 90 % of the runs). rtol = 0.01 is measured in results/rtol.md (the test
+    would cost ~4x 0.02's products)."""
+    s = spectra[name]
+    runs = [stable_rank(s.A, rtol=target, max_matvecs=400, seed=k) for k in range(40)]
+    errs = np.array([abs(r.value[0] / s.srank - 1) for r in runs])
+    spent = np.array([r.num_matvecs for r in runs])
+    assert np.mean(errs <= target) >= 0.8
+    assert spent.max() <= 2.5 * np.median(spent) and spent.max() < 400
+    covered = [abs(r.value[0] - s.srank) <= 2 * r.stderr[0] for r in runs]
+    assert np.mean(covered) >= 0.9
 
 
 def test_rtol_and_num_matvecs_are_exclusive(spectra):
