@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from hessrank.analysis.trajectory import analyze
+from hessrank.curvature import dense_hessian
+from hessrank.fl import RunDir
+from hessrank.linalg import exact_stable_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ["seconds"]  # wall time is the one column that may differ
@@ -41,16 +45,24 @@ def test_two_fresh_processes_give_the_same_bits(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_rtol_spends_products_until_the_stderr_is_small(trained_run, tmp_path):
+def test_rtol_spends_products_until_the_target_error_is_met(trained_run, tmp_path):
+    """rtol is a target relative error, met in 90 % of runs (hessrank.linalg.deflated,
+    results/rtol.md): a tighter target spends more products, and at rtol = 0.002 the server's
+    stable rank is within 3 rtol of the exact one (dense float64 Hessian of the pooled
+    training loss); the reported stderr is the conservative bar, not the stopping rule."""
     loose = analyze(trained_run, rounds="2", subjects="server", matvecs=10, rtol=0.5,
                     out=tmp_path / "a", progress=False)
     tight = analyze(trained_run, rounds="2", subjects="server", matvecs=10, rtol=0.002,
                     out=tmp_path / "b", progress=False)
     sl = loose[loose["quantity"] == "stable-rank"].iloc[0]
     st = tight[tight["quantity"] == "stable-rank"].iloc[0]
-    assert st["matvecs"] > sl["matvecs"]
-    assert st["stderr"] <= 0.002 * st["value"] or st["matvecs"] >= 400
+    assert st["matvecs"] > sl["matvecs"] and st["stderr"] < sl["stderr"]
     assert (tight["rtol"] == 0.002).all()
+    run = RunDir(trained_run)
+    xs, ys = zip(*run.client_data())
+    H = dense_hessian(run.load_model(2, dtype=torch.float64), run.task(),
+                      (torch.cat(xs).double(), torch.cat(ys)))
+    assert abs(st["value"] / exact_stable_rank(H) - 1) <= 3 * 0.002
 
 
 def test_each_round_and_subject_group_draws_its_own_probes(trained_run, tmp_path):
