@@ -24,7 +24,6 @@ call returns every C_u v_u (the federated operator's batched strategy).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from hessrank.curvature.attention import attention_kernel
 from hessrank.curvature.data import Batches, as_batches
 from hessrank.curvature.params import LossFn, ParameterSpace
 from hessrank.curvature.routes import RouteRequest, Workload, plan_route
@@ -206,13 +204,7 @@ class CurvatureOperator:
     def context(self):
         """Where products run: the parameter space's mode and, for a model with
         scaled-dot-product attention, the route's attention kernel."""
-        kernel = self.route.get("attention")
-        if kernel is None:
-            return self.space.mode_context()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.space.mode_context())
-        stack.enter_context(attention_kernel(kernel))
-        return stack
+        return self.space.product_context(self.route.get("attention"))
 
     def estimated_cache_mb(self, samples: int | None = None, batches: int | None = None
                            ) -> float:

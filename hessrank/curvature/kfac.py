@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -48,7 +47,6 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from hessrank.curvature.attention import attention_kernel
 from hessrank.curvature.base import all_reduce_sum, check_finite_product, check_no_labels_in_inputs
 from hessrank.curvature.data import Batches, as_batches
 from hessrank.curvature.params import LossFn, ParameterSpace
@@ -318,13 +316,7 @@ class KFACOperator:
     # ---- operator protocol ------------------------------------------------------------------
     def context(self):
         """Where the factors are computed: the mode and, for attention, the route's kernel."""
-        kernel = self.route.get("attention")
-        if kernel is None:
-            return self.space.mode_context()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.space.mode_context())
-        stack.enter_context(attention_kernel(kernel))
-        return stack
+        return self.space.product_context(self.route.get("attention"))
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessrank.curvature.attention import SeesAttention
+from hessrank.curvature.attention import SeesAttention, attention_kernel
 from hessrank.data.inputs import Inputs, call_model
 from hessrank.data.task import Task, as_task
 from hessrank.models.adapters import adapter_names
@@ -212,6 +212,16 @@ class ParameterSpace:
         if self._needs_mode:
             return module_mode(self.model, self.mode)
         return contextlib.nullcontext()
+
+    def product_context(self, kernel: str | None = None):
+        """Where products run: :meth:`mode_context` and, for a model with scaled-dot-product
+        attention, the route's attention ``kernel`` (None: no kernel is forced)."""
+        if kernel is None:
+            return self.mode_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.mode_context())
+        stack.enter_context(attention_kernel(kernel))
+        return stack
 
     def has_conv(self) -> bool:
         return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
