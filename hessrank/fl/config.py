@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 __all__ = [
     "LEGACY_DEFAULTS",
     "MAX_SEED",
+    "NEUTRAL_VALUES",
     "BookkeepingOptions",
     "DataOptions",
+    "DivergenceOptions",
     "FederationOptions",
     "OptimizationOptions",
     "TrainConfig",
@@ -126,6 +128,9 @@ class OptimizationOptions:
     momentum: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
         0.0, "SGD momentum (buffer reset every round)")
     weight_decay: Annotated[float, Ge(0)] = option(0.0, "SGD weight decay")
+    max_grad_norm: Annotated[float, Ge(0)] = option(
+        0.0, "clip every local step's gradient to this total 2-norm before weight decay and "
+        "momentum, as torch.nn.utils.clip_grad_norm_ (0: off)")  # fmt: skip
     seed: Annotated[int, Interval(ge=0, le=MAX_SEED)] = option(
         0, "seeds model init, split, sampling and batches (same seed, same weights)")
 
@@ -145,18 +150,50 @@ class BookkeepingOptions:
         {}, "JSON dict of free-form notes (algorithms add their open choices)")
 
 
+@option_group
+class DivergenceOptions:
+    """Divergence checks (they stop a run, never change its weights)."""
+
+    divergence_factor: Annotated[float, Ge(0)] = option(
+        1e3, "stop when a client's local loss or the training loss exceeds this multiple of "
+        "the initial (round 0) training loss (0: off)")  # fmt: skip
+    weight_bound: Annotated[float, Ge(0)] = option(
+        1e6, "stop when a weight a client sends or the server holds exceeds this magnitude "
+        "(0: off)")  # fmt: skip
+
+    def check(self, used: bool) -> None:
+        if 0 < self.divergence_factor <= 1:
+            raise ValueError(
+                f"config key 'divergence_factor' must be 0 (off) or > 1, got "
+                f"{self.divergence_factor}; the loss may not even exceed its initial value"
+            )
+
+
 _RUN_GROUPS = (DataOptions, FederationOptions, OptimizationOptions)
+
+NEUTRAL_VALUES: dict[str, Any] = {
+    "max_grad_norm": 0.0,
+    "factorize_rule": "inner",
+    "lora_init": "dense-variance",
+    "lowrank_dropout": 0.0,
+    "merge_mode": "reinit",
+}
+"""Trajectory keys added after fingerprint version 1, with the value that does what runs
+did before they existed: at that value a key is left out of :meth:`TrainConfig.trajectory`,
+so every earlier run keeps its fingerprint."""
 
 
 def config_groups() -> tuple[type, ...]:
     """The option groups of :class:`TrainConfig` in display order: the run's, the
-    algorithms' (registry order), bookkeeping."""
-    return (*_RUN_GROUPS, *option_groups(), BookkeepingOptions)
+    algorithms' (registry order), bookkeeping, divergence checks."""
+    return (*_RUN_GROUPS, *option_groups(), BookkeepingOptions, DivergenceOptions)
 
 
 def _not_trajectory() -> set[str]:
-    """Keys that do not change the weights: bookkeeping and where the data is read from."""
-    return {f.name for f in dataclasses.fields(BookkeepingOptions)} | {"data_root"}
+    """Keys that do not change the weights: bookkeeping, the divergence checks and where the
+    data is read from."""
+    groups = (BookkeepingOptions, DivergenceOptions)
+    return {f.name for g in groups for f in dataclasses.fields(g)} | {"data_root"}
 
 
 @dataclass
@@ -178,6 +215,7 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         for f in dataclasses.fields(self):
             setattr(self, f.name, values[f.name])
         entry = ALGORITHMS[self.algo]
+        DivergenceOptions.check(self, True)  # type: ignore[arg-type]
         for group in option_groups():
             check = getattr(group, "check", None)
             if check is not None:
@@ -260,14 +298,16 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
     def trajectory(self) -> dict[str, Any]:
         """The keys that change the weights a run produces, as JSON values: every key but
         bookkeeping (``save_every``, ``eval_every``, ``record_updates``, ``notes``) and
-        ``data_root``, without the option groups the algorithm does not read, and without
-        ``rounds`` unless the learning-rate schedule depends on it (cosine)."""
+        ``data_root``, without the option groups the algorithm does not read, without
+        ``rounds`` unless the learning-rate schedule depends on it (cosine), and without the
+        later-added keys at their :data:`NEUTRAL_VALUES`."""
         entry = ALGORITHMS[self.algo]
         unused = {f.name for g in option_groups() if g not in entry.options
                   for f in dataclasses.fields(g)}  # fmt: skip
         skip = _not_trajectory() | unused
         if self.lr_schedule != "cosine":
             skip.add("rounds")
+        skip |= {k for k, v in NEUTRAL_VALUES.items() if getattr(self, k) == v}
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
 

@@ -27,6 +27,8 @@ client c's local data, one round (docs/design.md) is:
    ``local_steps`` = 0); batch_size ≥ n_c gives full-batch gradient descent, the setting of the
    paper's analysis. The non-factorized parameters (biases, unfactorized layers) take the same
    plain SGD steps on L_c,B, without correction, starting from the global values (as in FedAvg).
+   With ``max_grad_norm`` c > 0 the stochastic gradient (of S̃ and the non-factorized
+   parameters together) is clipped to 2-norm c before the correction is added, as in FedAvg.
 5. *Aggregation and truncation.* The server averages S̃ = Σ_c w_c S̃_c (and the non-factorized
    floating-point state; integer buffers come from the first client, as in FedAvg), takes the
    SVD S̃ = P Σ Qᵀ and keeps the smallest r' with ‖(σ_{r'+1}, σ_{r'+2}, …)‖₂ ≤ ϑ ‖Σ‖_F,
@@ -181,7 +183,7 @@ def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
     the dense init, rescaled with ``fedlrt_init = "scaled-svd"``); returns their names."""
     names = list(config.factorize) if config.factorize is not None else None
     if names is None:
-        names = default_factorizable(model)
+        names = default_factorizable(model, config.factorize_rule)
     if not names:
         raise ValueError(
             "FeDLRT found no layer to factorize (the default skips the first and last "
@@ -536,6 +538,17 @@ class FeDLRT(Strategy):
         self.model.load_state_dict(tensors)
 
 
+def _clipped(grads: tuple[Tensor | None, ...], max_norm: float) -> tuple[Tensor | None, ...]:
+    """The gradients times min(1, c / (‖g‖₂ + 1e-6)), ‖g‖₂ over all of them together: what
+    ``torch.nn.utils.clip_grad_norm_`` does to ``.grad`` (local_sgd's clipping)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tuple(None if g is None else g * coef for g in grads)
+
+
 def check_config(config: TrainConfig) -> None:
     """What FeDLRT needs beyond the config's own checks (one line each)."""
     if config.momentum != 0.0 or config.weight_decay != 0.0:
@@ -552,7 +565,8 @@ class FeDLRTClient(Client):
     ``basis``: message = global model; reply ``<layer>.GU/.GS/.GV`` (step 1), metric
     ``loss``. ``correction``: message = augmented model; reply ``<layer>.GS`` = ∇_S̃ L_c
     (step 3, full correction). ``train``: message = augmented model (+ ``corr.<layer>``);
-    reply ``<layer>.S`` = S̃_c and the client's non-factorized state (step 4).
+    reply ``<layer>.S`` = S̃_c and the client's non-factorized state (step 4), metric ``loss``
+    (the mean of its mini-batch losses).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, task: Task) -> None:
@@ -572,8 +586,9 @@ class FeDLRTClient(Client):
             coef = self._coef_grad(dense, factors, data)
             return ClientReply({f"{n}.GS": g for n, g in coef.items()}), state
         if task.phase == "train":
-            s_out, dense_out = self._train(dense, factors, corr, data, task.lr, rng)
-            return ClientReply({**dense_out, **{f"{n}.S": s for n, s in s_out.items()}}), state
+            s_out, dense_out, loss = self._train(dense, factors, corr, data, task.lr, rng)
+            tensors = {**dense_out, **{f"{n}.S": s for n, s in s_out.items()}}
+            return ClientReply(tensors, {"loss": loss}), state
         raise ValueError(f"FeDLRT phases are {FeDLRT.phases}, got {task.phase!r}")
 
     def _prepare(self, data: ClientData) -> tuple[Tensor, Tensor]:
@@ -664,10 +679,11 @@ class FeDLRTClient(Client):
         data: ClientData,
         lr: float,
         generator: torch.Generator,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
         """Step 4: s* SGD steps on S̃ (+ correction) and on the non-factorized parameters.
 
-        Returns the client's S̃_c per layer and its non-factorized state.
+        Returns the client's S̃_c per layer, its non-factorized state and the mean of its
+        mini-batch losses (each before its step; the divergence check reads it).
         """
         work = self._load(dense, factors)
         layers = _layers(work, self.layer_names)
@@ -686,10 +702,12 @@ class FeDLRTClient(Client):
         batches = batch_indices(
             n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
         )
+        total = 0.0
         for step, idx in enumerate(batches):
             # a batch holding every sample is the full local batch: skip the reordering
             xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
             loss = self._loss(work, xb, yb)
+            total += float(loss.detach())
             if not bool(torch.isfinite(loss.detach())):
                 value = float(loss.detach())
                 raise NonFiniteError(
@@ -697,6 +715,8 @@ class FeDLRTClient(Client):
                     f"{step + 1} of {len(batches)}", client_id=data.client_id,
                 )  # fmt: skip
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if cfg.max_grad_norm > 0.0:
+                grads = _clipped(grads, cfg.max_grad_norm)
             with torch.no_grad():
                 for i, (p, g) in enumerate(zip(params, grads)):
                     step = torch.zeros_like(p) if g is None else g
@@ -705,4 +725,4 @@ class FeDLRTClient(Client):
                     p.sub_(lr * step)
         s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
         dense_out = {k: v.clone() for k, v in _dense_state(work, self._factor_keys).items()}
-        return s_out, dense_out
+        return s_out, dense_out, total / len(batches)
