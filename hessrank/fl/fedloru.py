@@ -4,7 +4,11 @@ federated low-rank update"); the heterogeneous-rank variant is :mod:`hessrank.fl
 FedLoRU is :class:`~hessrank.fl.fedlora.FedLoRA` plus accumulation: after the aggregation of
 every round t with t % τ == 0 (τ = ``config.merge_every``), every factorized layer does
 W0 ← W0 + (α/r)·B·A, then A is redrawn and B = 0 (function unchanged), so the sum of many
-rank-r updates can reach high rank while only rank-r factors travel.
+rank-r updates can reach high rank while only rank-r factors travel. That is the paper's
+description (ReLoRA's merge, ``merge_mode = "reinit"``, the default). The authors' public code
+(haemPark/fedloru_official, the ``merge()`` its README command uses) adds B·A into W0 and keeps
+A and B (``merge_mode = "accumulate"``): the function changes at the merge (the pair then
+counts twice) and no draw is made. docs/deviations.md lists every such difference.
 
 Communication of the merge (our accounting, recorded in ``config.notes``): every client holds
 W0 and applies each merge itself from the merged pair (A, B) and the shared seed of the redraw.
@@ -47,7 +51,9 @@ class FedLoRU(FedLoRA):
         return {
             **super().notes(),
             "merge": "after aggregation of rounds t with t % merge_every == 0: W0 += (alpha/r) "
-            "B A, A redrawn from the round generator, B = 0",
+            + ("B A, A redrawn from the round generator, B = 0" if self.config.merge_mode ==
+               "reinit" else "B A, A and B kept (the authors' merge(); the layer then counts "
+               "the pair twice)"),
             "merge_communication": "a sampled client that missed m merges downloads "
             "min(m r (fan_in+out), out fan_in) floats per layer before the round's message",
         }
@@ -66,8 +72,9 @@ class FedLoRU(FedLoRA):
     def server_step(self, round_idx: int, rng: torch.Generator) -> dict[str, float]:
         tau = self.config.merge_every
         if tau > 0 and round_idx % tau == 0:
+            reinit = self.config.merge_mode == "reinit"
             for layer in factorized_layers(self.model).values():
-                layer.merge_(rng)
+                layer.merge_(rng, reinit=reinit)
             self.num_merges += 1
             return {"merged": 1.0}
         return {"merged": 0.0}

@@ -36,6 +36,7 @@ __all__ = [
     "CONSTRAINT_NAMES",
     "ALGORITHM_NAMES",
     "AlgorithmEntry",
+    "FactorOptions",
     "FeDLRTOptions",
     "LoRAOptions",
     "LowRankOptions",
@@ -77,6 +78,10 @@ class LowRankOptions:
     factorize: list[str] | None = option(
         None, "comma-separated layer names to factorize (default: every Linear/Conv2d but the "
         "first and last)")  # fmt: skip
+    factorize_rule: Literal["inner", "conv"] = option(
+        "inner", "the layers factorized when --factorize is not given: inner (every "
+        "Linear/Conv2d but the first and last) or conv (every Conv2d but the first, every "
+        "Linear dense: the FedLoRU authors' code)")  # fmt: skip
 
 
 @option_group
@@ -97,11 +102,28 @@ class LoRAOptions:
 
 
 @option_group
+class FactorOptions:
+    """LoRA factors' initialization and dropout."""
+
+    lora_init: Literal["dense-variance", "kaiming"] = option(
+        "dense-variance", "from-scratch factor scales: dense-variance (A ~ U(+-1/sqrt(fan_in)), "
+        "B ~ U(+-sqrt(3r)/alpha): (alpha/r) B A has the dense init's variance) or kaiming (A "
+        "and B kaiming-uniform(a=sqrt(5)), B ~ U(+-1/sqrt(r)), factorized layers' bias 0: "
+        "the FedLoRU authors' code)")  # fmt: skip
+    lowrank_dropout: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.0, "dropout between A and B on the low-rank path during local training, masks "
+        "seeded from the round generator (0: off; the FedLoRU authors' code: 0.1)")  # fmt: skip
+
+
+@option_group
 class MergeOptions:
     """FedLoRU's merges."""
 
     merge_every: Annotated[int, Ge(0)] = option(
         5, "tau: merge (alpha/r) B A into W0 every tau rounds (0: never)")
+    merge_mode: Literal["reinit", "accumulate"] = option(
+        "reinit", "reinit (the paper, ReLoRA: W0 += (alpha/r) B A, A redrawn, B = 0; function "
+        "unchanged) or accumulate (the authors' merge(): W0 += (alpha/r) B A, A and B kept)")
 
 
 @option_group
@@ -201,7 +223,7 @@ def _resolve(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-_LORA = (LowRankOptions, LoRAOptions)
+_LORA = (LowRankOptions, LoRAOptions, FactorOptions)
 _M = "hessrank.fl."
 ALGORITHMS: dict[str, AlgorithmEntry] = {
     e.name: e
