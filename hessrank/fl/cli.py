@@ -9,7 +9,8 @@ neither torch nor pydantic.
 Flags are the field names with dashes (``--local-epochs``); booleans come as
 ``--flag/--no-flag``; lists are comma-separated (``--client-ranks 8,4,2``); dicts are JSON
 (``--model-kwargs '{"hidden": [128, 128]}'``); ``none`` clears an optional field.
-``--config FILE.json`` loads a config first; flags given on the command line override it.
+``--preset NAME`` (:mod:`hessrank.fl.presets`) sets a named group of keys first, ``--config
+FILE.json`` loads a config over it; flags given on the command line override both.
 
 Example:
     hessrank train --algo fedloru --dataset digits --clients 20 --rounds 50 --out runs/x
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from hessrank.clikit import RawDescriptionHelpFormatter, format_fields
 from hessrank.data.catalog import DATASET_CATALOG, LIMIT_HELP
 from hessrank.fl.config import TrainConfig, config_groups, field_types
+from hessrank.fl.presets import PRESETS, preset_values
 from hessrank.fl.registry import ALGORITHM_NAMES, ALGORITHMS, option_groups, users
 from hessrank.models.catalog import MODEL_CATALOG
 
@@ -126,10 +128,15 @@ def _add_field_flags(parser: argparse.ArgumentParser, hints: dict[str, Any]) -> 
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """The config from ``--config`` (if given) with every explicitly given flag applied."""
+    """The config of ``--preset`` (if given), then ``--config`` (if given: its keys override
+    the preset's), with every explicitly given flag applied last."""
     base: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        base = preset_values(args.preset)
     if getattr(args, "config", None):
-        base = TrainConfig.from_json_file(Path(args.config)).to_dict()
+        path = Path(args.config)
+        TrainConfig.from_json_file(path)  # one-line errors for a bad file
+        base.update(json.loads(path.read_text()))
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             base[f.name] = getattr(args, f.name)
@@ -140,6 +147,8 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     """``hessrank train`` with the flags as parsed (explicit config flags, then the run flags),
     so the provenance names the command however ``main`` was called."""
     argv = ["hessrank", "train", "--out", str(args.out)]
+    if getattr(args, "preset", None):
+        argv += ["--preset", str(args.preset)]
     if getattr(args, "config", None):
         argv += ["--config", str(args.config)]
     for f in dataclasses.fields(TrainConfig):
@@ -216,6 +225,16 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    lines = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+             for name, values in PRESETS.items()]  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=None,
+        help="apply a named set of config keys first (--config and flags override it); "
+        + "; ".join(lines) + " (docs/deviations.md)",
+    )  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``train`` and ``sweep`` subcommands to the top-level CLI."""
     epilog, hints = _choices_text(), field_types(constraints=False)
@@ -233,6 +252,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sweep.add_argument("--algos", type=_names, required=True, help="e.g. fedavg,fedloru,fedlrt")
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
+    _add_preset_flag(sweep)
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
     _add_field_flags(sweep, hints)
     sweep.set_defaults(func=_sweep)
@@ -245,6 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="run directory to write (or resume)")
     parser.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
+    _add_preset_flag(parser)
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue a run of the same config from its last checkpoint; --no-resume "
