@@ -46,6 +46,7 @@ __all__ = [
     "LEGACY_DEFAULTS",
     "MAX_SEED",
     "NEUTRAL_VALUES",
+    "RENAMED_VALUES",
     "BookkeepingOptions",
     "DataOptions",
     "DivergenceOptions",
@@ -65,7 +66,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "fedlrt_init": "svd",
     "fedlrt_weighting": "size",
     "mfedloru_scheme": "width",
-    "personal_order": "personal-first",
+    "personal_order": "AB-first",
     "trunc_theta": 0.1,
 }
 """Values of later-added fields that reproduce runs saved before the fields existed."""
@@ -183,6 +184,31 @@ did before they existed: at that value a key is left out of :meth:`TrainConfig.t
 so every earlier run keeps its fingerprint."""
 
 
+RENAMED_VALUES: dict[str, dict[str, str]] = {
+    "personal_order": {"global-first": "LU-first", "personal-first": "AB-first"},
+}
+"""Config values renamed: old spelling → new. An old spelling is still accepted (one-line
+FutureWarning; silently when a saved run is read) and stored in the new one; the fingerprint
+hashes the old spelling, so a run keeps its identity across the rename."""
+
+
+def _renamed(values: dict[str, Any], warn: bool) -> dict[str, Any]:
+    """``values`` with old spellings (:data:`RENAMED_VALUES`) replaced by the new ones."""
+    import warnings  # here: only on construction, keeps `hessrank --help` lean
+
+    for key, table in RENAMED_VALUES.items():
+        old = values.get(key)
+        if isinstance(old, str) and old in table:
+            if warn:
+                warnings.warn(
+                    f"config key {key!r}: {old!r} is deprecated, use {table[old]!r} (pFedLoRU's "
+                    "pairs are named as in the authors' rebuttal: L, U shared, A, B local)",
+                    FutureWarning, stacklevel=4,
+                )  # fmt: skip
+            values[key] = table[old]
+    return values
+
+
 def config_groups() -> tuple[type, ...]:
     """The option groups of :class:`TrainConfig` in display order: the run's, the
     algorithms' (registry order), bookkeeping, divergence checks."""
@@ -211,7 +237,7 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         for f in dataclasses.fields(self):  # lists given as tuples: store the JSON form
             if isinstance(getattr(self, f.name), tuple):
                 setattr(self, f.name, list(getattr(self, f.name)))
-        values = _validate(self.to_dict())
+        values = _validate(_renamed(self.to_dict(), warn=True))
         for f in dataclasses.fields(self):
             setattr(self, f.name, values[f.name])
         entry = ALGORITHMS[self.algo]
@@ -269,7 +295,7 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         """A config as a run directory saved it: keys it lacks (written before they existed)
         get the values that reproduce what that run did (:data:`LEGACY_DEFAULTS`), not
         today's defaults."""
-        data = dict(data)
+        data = _renamed(dict(data), warn=False)
         for key, value in LEGACY_DEFAULTS.items():
             data.setdefault(key, value)
         entry = ALGORITHMS.get(str(data.get("algo")))
@@ -300,7 +326,8 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         bookkeeping (``save_every``, ``eval_every``, ``record_updates``, ``notes``) and
         ``data_root``, without the option groups the algorithm does not read, without
         ``rounds`` unless the learning-rate schedule depends on it (cosine), and without the
-        later-added keys at their :data:`NEUTRAL_VALUES`."""
+        later-added keys at their :data:`NEUTRAL_VALUES`; renamed values in their old spelling
+        (:data:`RENAMED_VALUES`)."""
         entry = ALGORITHMS[self.algo]
         unused = {f.name for g in option_groups() if g not in entry.options
                   for f in dataclasses.fields(g)}  # fmt: skip
@@ -309,6 +336,10 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
             skip.add("rounds")
         skip |= {k for k, v in NEUTRAL_VALUES.items() if getattr(self, k) == v}
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        for key, table in RENAMED_VALUES.items():  # hashed in the spelling runs were saved in
+            old = {new: old for old, new in table.items()}
+            if d.get(key) in old:
+                d[key] = old[d[key]]
         return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
 
     def fingerprint(self) -> str:

@@ -128,12 +128,14 @@ class MergeOptions:
 
 @option_group
 class PersonalOptions:
-    """pFedLoRU's personal pair."""
+    """pFedLoRU's local (personal) pair A, B; the shared pair is L, U (the authors' rebuttal)."""
 
     personal_rank: Annotated[int, Ge(1)] = option(4, "personal rank r_p")
     personal_alpha: Annotated[float, Gt(0)] = option(4.0, "personal alpha_p")
-    personal_order: Literal["global-first", "personal-first"] = option(
-        "global-first", "local phases: global-first (the paper) or personal-first")
+    personal_order: Literal["LU-first", "AB-first", "global-first", "personal-first"] = option(
+        "LU-first", "local phases: LU-first (the shared pair L, U first, then the local pair "
+        "A, B: the rebuttal's order) or AB-first; global-first / personal-first are the "
+        "deprecated names of the same two")  # fmt: skip
     personal_steps: Annotated[int, Ge(0)] = option(
         0, "steps on the personal pair (0: half the global phase's steps)")
 
