@@ -198,12 +198,15 @@ def _names(text: str) -> list[str]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """Train every (algorithm, lr) pair and pick each algorithm's best lr on validation."""
+    """Train every (algorithm, lr, seed) and pick each algorithm's best lr on the mean
+    validation score over the seeds."""
     import math
 
-    for flag in ("algo", "lr"):
+    for flag, plural in (("algo", "--algos"), ("lr", "--lrs"), ("seed", "--seeds")):
         if hasattr(args, flag):
-            raise ValueError(f"hessrank sweep takes --algos and --lrs, not --{flag}")
+            raise ValueError(f"hessrank sweep takes {plural}, not --{flag}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     unknown = [a for a in args.algos if a not in ALGORITHM_NAMES]
     if unknown or not args.algos:
         raise ValueError(f"--algos: unknown {unknown}; choose from {', '.join(ALGORITHM_NAMES)}")
@@ -214,15 +217,22 @@ def _sweep(args: argparse.Namespace) -> int:
     configs = {}
     for algo in args.algos:  # validate every config before training any
         for lr in args.lrs:
-            args.algo, args.lr = algo, lr
-            configs[algo, lr] = build_config(args)
-    if configs[args.algos[0], args.lrs[0]].validation_fraction <= 0:
+            for seed in args.seeds:
+                args.algo, args.lr, args.seed = algo, lr, seed
+                configs[algo, lr, seed] = build_config(args)
+    if next(iter(configs.values())).validation_fraction <= 0:
         raise ValueError("hessrank sweep needs --validation-fraction > 0 to pick learning rates")
     from hessrank.fl.sweep import sweep  # here: keeps `hessrank --help` free of torch
 
-    table = sweep(configs, Path(args.out), progress=not args.quiet)
-    print(table.to_string(index=False))
+    summary = sweep(configs, Path(args.out), progress=not args.quiet)
+    print(summary.to_string(index=False))
+    if len(args.seeds) < 3:
+        print(f"note: {len(args.seeds)} seed(s); a spread needs at least 3 (--seeds 0,1,2)")
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
 
 
 def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
@@ -240,17 +250,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     epilog, hints = _choices_text(), field_types(constraints=False)
     sweep = subparsers.add_parser(
         "sweep",
-        help="pick each algorithm's learning rate on a validation split",
-        description="Train every algorithm of --algos at every learning rate of --lrs (one run "
-        "directory each under --out), score the last round on the validation split "
-        "(--validation-fraction, default 0.2: val_accuracy, or val_loss for regression) and "
-        "write OUT/sweep.csv and OUT/best.json (algorithm -> best lr). Other flags as for "
-        "hessrank train.",
+        help="pick each algorithm's learning rate on a validation split, over seeds",
+        description="Train every algorithm of --algos at every learning rate of --lrs with "
+        "every seed of --seeds (one run directory each under --out), score the last round on "
+        "the validation split (--validation-fraction, default 0.2: val_accuracy, or val_loss "
+        "for regression), pick each algorithm's lr by the mean score over the seeds (an lr "
+        "that diverges on any seed is never picked) and write OUT/sweep.csv (per seed), "
+        "OUT/summary.csv (per lr: mean, std, min, max over seeds) and OUT/best.json "
+        "(algorithm -> best lr). Other flags as for hessrank train.",
         epilog=epilog, formatter_class=RawDescriptionHelpFormatter, allow_abbrev=False,
     )  # fmt: skip
     sweep.add_argument("--out", required=True, help="folder for the runs and the summary")
     sweep.add_argument("--algos", type=_names, required=True, help="e.g. fedavg,fedloru,fedlrt")
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
+    sweep.add_argument("--seeds", type=_ints, default=[0, 1, 2],
+                       help="seeds per (algorithm, lr), e.g. 0,1,2,3,4 (default: 0,1,2)")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
     _add_preset_flag(sweep)
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
