@@ -170,3 +170,27 @@ def test_unknown_preset_and_a_dense_model_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0 and "factorize_rule 'conv' finds none in model 'mlp'" in err
     assert "\n" not in err
+
+
+def test_preset_run_killed_and_resumed_has_the_same_weights(tmp_path):
+    """Dropout masks, momentum, the cosine schedule and accumulate merges all resume exactly."""
+    from hessrank.fl import train
+    from hessrank.fl.rundir import read_checkpoint
+
+    cfg = {**preset_values("fedloru-official"), "model": "cnn",
+           "model_kwargs": {"channels": [3, 4, 5], "hidden": 8}, "clients": 3,
+           "partition": "iid", "client_fraction": 0.67, "rounds": 4, "local_steps": 3,
+           "rank": 2, "lora_alpha": 2.0, "lr": 0.2, "merge_every": 2, "save_every": 2}
+    whole = train(cfg, tmp_path / "whole", progress=False)
+
+    def kill(t, _):
+        if t == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callback=kill)
+    resumed = train(cfg, tmp_path / "cut", progress=False)
+    a = read_checkpoint(whole.checkpoint_path(4))[0]
+    b = read_checkpoint(resumed.checkpoint_path(4))[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.metrics()["extra"].iloc[2]["merged"] == 1.0  # round 2 merged (accumulate)
