@@ -22,6 +22,7 @@ import difflib
 import functools
 import json
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,6 @@ hashes the old spelling, so a run keeps its identity across the rename."""
 
 def _renamed(values: dict[str, Any], warn: bool) -> dict[str, Any]:
     """``values`` with old spellings (:data:`RENAMED_VALUES`) replaced by the new ones."""
-    import warnings  # here: only on construction, keeps `hessrank --help` lean
-
     for key, table in RENAMED_VALUES.items():
         old = values.get(key)
         if isinstance(old, str) and old in table:
@@ -241,11 +240,10 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         for f in dataclasses.fields(self):
             setattr(self, f.name, values[f.name])
         entry = ALGORITHMS[self.algo]
-        DivergenceOptions.check(self, True)  # type: ignore[arg-type]
-        for group in option_groups():
+        for group in (DivergenceOptions, *option_groups()):
             check = getattr(group, "check", None)
-            if check is not None:
-                check(self, group in entry.options)  # self: the whole config
+            if check is not None:  # self: the whole config; run groups are always used
+                check(self, group is DivergenceOptions or group in entry.options)
 
     # ---- dict and JSON forms -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -116,7 +116,9 @@ def train(
             a damaged history or a non-finite, misshapen or foreign last checkpoint; another
             process is training into ``out``; or training diverged
             (:class:`~hessrank.fl.protocol.NonFiniteError`: the message names round and
-            client and the last finite checkpoint is kept).
+            client and the last finite checkpoint is kept; its subclass
+            :class:`~hessrank.fl.divergence.DivergedError` when a loss or weight passed the
+            ``divergence_factor`` / ``weight_bound`` checks while still finite).
     """
     return train_many(
         [(config, out)], resume=resume, progress=progress, callback=callback, device=device,
