@@ -10,6 +10,7 @@ computes conv(x; W, b) + up(dropout(down(x)))·α/r, the optimizer is ``torch.op
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -22,13 +23,15 @@ from torch import nn
 
 from hessrank.cli import main
 from hessrank.data.task import ClassificationTask
-from hessrank.fl import RunDir
+from hessrank.fl import RunDir, train
+from hessrank.fl.cli import build_config, register
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.layers import factorized_layers, set_submodule
 from hessrank.fl.local import batch_indices
 from hessrank.fl.loop import Federation, learning_rate
 from hessrank.fl.presets import PRESETS, preset_values
 from hessrank.fl.protocol import ClientData
+from hessrank.fl.rundir import read_checkpoint
 from hessrank.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +164,18 @@ def test_preset_from_the_cli_then_config_then_flags(tmp_path):
     assert "--preset" in json.dumps(provenance)
 
 
+def test_a_config_file_overrides_the_preset_and_keeps_its_other_keys(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"momentum": 0.0, "max_grad_norm": 1.0, "model": "cnn"}))
+    args = parser.parse_args(["train", "--out", str(tmp_path / "r"), "--preset",
+                              "fedloru-official", "--config", str(path), "--lr", "0.3"])
+    cfg = build_config(args)
+    assert (cfg.momentum, cfg.max_grad_norm, cfg.model, cfg.lr) == (0.0, 1.0, "cnn", 0.3)
+    assert (cfg.weight_decay, cfg.lowrank_dropout, cfg.lora_init) == (1e-4, 0.1, "kaiming")
+
+
 def test_unknown_preset_and_a_dense_model_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error
         main(["train", "--out", str(tmp_path / "a"), "--preset", "nope"])
@@ -174,9 +189,6 @@ def test_unknown_preset_and_a_dense_model_are_one_line(tmp_path, capsys):
 
 def test_preset_run_killed_and_resumed_has_the_same_weights(tmp_path):
     """Dropout masks, momentum, the cosine schedule and accumulate merges all resume exactly."""
-    from hessrank.fl import train
-    from hessrank.fl.rundir import read_checkpoint
-
     cfg = {**preset_values("fedloru-official"), "model": "cnn",
            "model_kwargs": {"channels": [3, 4, 5], "hidden": 8}, "clients": 3,
            "partition": "iid", "client_fraction": 0.67, "rounds": 4, "local_steps": 3,
