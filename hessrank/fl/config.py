@@ -179,6 +179,7 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "lora_init": "dense-variance",
     "lowrank_dropout": 0.0,
     "merge_mode": "reinit",
+    "rank_cap": "none",
 }
 """Trajectory keys added after fingerprint version 1, with the value that does what runs
 did before they existed: at that value a key is left out of :meth:`TrainConfig.trajectory`,

@@ -46,6 +46,13 @@ coefficients of the factorized layers only. When the non-factorized layers are a
 the model (the default leaves only the first and last layer dense) the effect is FedAvg's drift
 on those layers.
 
+*Communication cap* (``rank_cap``). Ranks grow when ϑ lets new directions in, and a grown
+rank can make a FeDLRT round send more floats than FedAvg's (issue 23). ``rank_cap =
+"fedavg"`` bounds every layer's rank, at the start and after each truncation, by the largest
+r whose worst round (a = b = r new columns) sends no more floats for that layer than
+FedAvg's round, 2·m·n (:func:`fedavg_rank_cap`); the default ``"none"`` keeps r_max as the
+only bound.
+
 *Initialization* (``fedlrt_init``). ``scaled-svd`` (default): the rank-r truncated SVD of the
 dense init, with S rescaled to keep the dense init's Frobenius norm; ``svd``: the plain
 truncated SVD. *Truncation*: ϑ is relative (‖σ_tail‖ ≤ ϑ‖σ‖_F), default 0.02. Why both
@@ -177,6 +184,45 @@ def truncation_rank(sigma: Tensor, theta: float, r_min: int, r_max: int) -> int:
     return max(1, min(max(keep, r_min), r_max, k))
 
 
+def layer_floats(m: int, n: int, r: int, a: int, b: int, correction: str) -> tuple[int, int]:
+    """(down, up) floats per client and round for one m × n factorized layer of rank r with a
+    and b new basis columns (the module docstring's formula, without the dense state D)."""
+    k, l = r + a, r + b
+    down = (m + n) * r + r * r + m * a + n * b
+    up = (m + n) * r + k * l
+    if correction == "full":
+        down, up = down + k * l, up + k * l
+    elif correction == "simplified":
+        down, up = down + r * r, up + r * r
+    return down, up
+
+
+def fedavg_rank_cap(m: int, n: int, correction: str) -> int:
+    """The largest rank r (at least 1) whose worst round — a = min(r, m − r), b = min(r, n − r)
+    new columns — moves no more floats for an m × n layer than FedAvg's round, 2·m·n
+    (``rank_cap = "fedavg"``). Per client and round, with full correction that is
+    3(m + n)r + 13r² ≤ 2mn while 2r ≤ min(m, n)."""
+    best = 1
+    for r in range(1, min(m, n) + 1):
+        if sum(layer_floats(m, n, r, min(r, m - r), min(r, n - r), correction)) <= 2 * m * n:
+            best = r
+    return best
+
+
+def layer_rank_caps(model: nn.Module, names: list[str], config: TrainConfig) -> dict[str, int]:
+    """Per factorized layer (dense ``model``), the rank bound: r_max, and with ``rank_cap =
+    "fedavg"`` also :func:`fedavg_rank_cap` of its matrix view."""
+    caps = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        m, n = int(w.shape[0]), int(w[0].numel())
+        cap = config.r_max
+        if config.rank_cap == "fedavg":
+            cap = min(cap, fedavg_rank_cap(m, n, config.correction))
+        caps[name] = cap
+    return caps
+
+
 def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
     """Replace the layers of ``config.factorize`` (default: every Linear/Conv2d but the first
     and last) in place by U S Vᵀ layers at rank ``min(config.rank, m, n)`` (truncated SVD of
@@ -191,10 +237,12 @@ def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
             "single-layer model"
         )
     names = check_factorizable(model, names)
+    caps = layer_rank_caps(model, names, config) if config.rank_cap != "none" else {}
     for n in names:
         layer = usv_from_dense(
-            model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
-        )
+            model.get_submodule(n), min(config.rank, caps.get(n, config.rank)),
+            keep_norm=config.fedlrt_init == "scaled-svd",
+        )  # fmt: skip
         set_submodule(model, n, layer)
     return names
 
@@ -286,6 +334,7 @@ class FeDLRT(Strategy):
         check_config(config)
         self._template = copy.deepcopy(model)
         self.layer_names = fedlrt_factorize(model, config)
+        self.rank_caps = layer_rank_caps(self._template, self.layer_names, config)
         super().__init__(model, config)
         self._factor_keys = _factor_keys(self.layer_names)
         self._round: _Round | None = None
@@ -310,7 +359,11 @@ class FeDLRT(Strategy):
             "fedlrt.augmentation": "new directions of (I-UU^T)G_U with singular value <= "
             "sqrt(eps)*||G_U||_2 dropped; S~ may be rectangular when a side cannot grow",
             "fedlrt.truncation": "smallest r' with ||sigma[r':]|| <= theta*||sigma||_F, clamped "
-            "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR",
+            "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR"
+            + ("; rank_cap fedavg: per layer also <= the largest rank whose round sends no "
+               "more than FedAvg's 2mn floats: " + ", ".join(
+                   f"{n} {c}" for n, c in self.rank_caps.items())
+               if config.rank_cap == "fedavg" else ""),
             "fedlrt.simplified": "simplified correction: grad_S L_c (r x r) sent with the basis "
             "gradients, averaged grad_S L broadcast with the new columns",
             "fedlrt.train_loss": "weighted loss of the sampled clients at the round-start "
@@ -429,7 +482,7 @@ class FeDLRT(Strategy):
         for n, A in r.aug.items():
             s_bar = sum(w * res[0][n] for w, res in zip(r.weights, results))
             P, sigma, Qh = torch.linalg.svd(s_bar, full_matrices=False)
-            r_new = truncation_rank(sigma, cfg.trunc_theta, cfg.r_min, cfg.r_max)
+            r_new = truncation_rank(sigma, cfg.trunc_theta, cfg.r_min, self.rank_caps[n])
             U_new = A.U @ P[:, :r_new]
             V_new = A.V @ Qh[:r_new].T
             qu, ru = torch.linalg.qr(U_new)

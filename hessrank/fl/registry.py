@@ -174,6 +174,10 @@ class FeDLRTOptions:
         "Frobenius norm) or svd (plain truncated SVD)")  # fmt: skip
     fedlrt_weighting: Literal["uniform", "size"] = option(
         "uniform", "client weights: uniform (the paper's (1/C) sum_c L_c) or size (n_c / N)")
+    rank_cap: Literal["none", "fedavg"] = option(
+        "none", "none (ranks bounded by r_max only) or fedavg (per layer, also by the largest "
+        "rank whose round, the rank doubled by the augmentation, sends no more floats than "
+        "FedAvg's 2 m n; the starting rank too)")  # fmt: skip
 
     def check(self, used: bool) -> None:
         if self.r_max < self.r_min:
