@@ -1,16 +1,19 @@
-"""Render the generated block of ``docs/deviations.md``: mFedLoRU's communication per tier.
+"""Render the generated blocks of ``docs/deviations.md``.
 
-Block ``mfedloru`` (between ``<!-- deviations:mfedloru:start -->`` and
-``<!-- deviations:mfedloru:end -->``): the floats each client downloads and uploads in one
+Block ``fedlrt``: the body of ``results/fedlrt_cap.md`` (``bench_fedlrt_cap.py``: FeDLRT's
+floats vs accuracy with and without the rank cap). Each block sits between
+``<!-- deviations:NAME:start -->`` and ``<!-- deviations:NAME:end -->``.
+
+Block ``mfedloru``: the floats each client downloads and uploads in one
 round, counted by the trainer itself (``RoundStats.floats_down`` / ``floats_up``), for
 FedLoRU and both mFedLoRU schemes on the digits MLP (64-64-64-10, rank 8, the default
-factorization: the 64×64 layer ``fc1``), three clients of ranks 8, 4, 2, every client
+factorization: the 64×64 layer ``fc2``), three clients of ranks 8, 4, 2, every client
 sampled; plus the factor floats of the factorized layer alone from the closed forms that the
 counts must match (hierarchical up: r_c·(2r + m + n); width: r_c·(m + n); FedLoRU: r·(m + n)).
 
-    python experiments/benchmarks/render_deviations.py   # rewrites the block in place
+    python experiments/benchmarks/render_deviations.py   # rewrites the blocks in place
 
-``tests/fl/test_deviations_doc.py`` fails when the block is stale.
+``tests/fl/test_deviations_doc.py`` fails when a block is stale.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DOC = REPO / "docs" / "deviations.md"
+RESULTS = HERE / "results"
 RANK, TIERS = 8, (8, 4, 2)
 SETTINGS = {"dataset": "digits", "model": "mlp", "clients": 3, "partition": "iid", "rank": RANK,
             "local_steps": 1, "rounds": 1, "merge_every": 0, "client_ranks": list(TIERS)}
@@ -77,18 +81,32 @@ def block() -> str:
     return "\n".join(lines)
 
 
-def render(text: str, body: str) -> str:
-    """``text`` with the block's body replaced by ``body``."""
-    start, end = "<!-- deviations:mfedloru:start -->\n", "<!-- deviations:mfedloru:end -->"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{DOC} has no deviations:mfedloru block")
-    return pattern.sub(lambda _: start + body + "\n" + end, text)
+def results_body(name: str) -> str:
+    """A results file without its title line (the doc gives its own heading)."""
+    lines = (RESULTS / name).read_text().strip().splitlines()
+    return "\n".join(lines[1:]).strip() if lines and lines[0].startswith("# ") else "\n".join(
+        lines)
+
+
+def blocks() -> dict[str, str]:
+    """Block name → body."""
+    return {"mfedloru": block(), "fedlrt": results_body("fedlrt_cap.md")}
+
+
+def render(text: str, bodies: dict[str, str]) -> str:
+    """``text`` with every block's body replaced."""
+    for name, body in bodies.items():
+        start, end = f"<!-- deviations:{name}:start -->\n", f"<!-- deviations:{name}:end -->"
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise ValueError(f"{DOC} has no deviations:{name} block")
+        text = pattern.sub(lambda _, b=body, s=start, e=end: s + b + "\n" + e, text)
+    return text
 
 
 def main() -> None:
     text = DOC.read_text()
-    new = render(text, block())
+    new = render(text, blocks())
     if new != text:
         DOC.write_text(new)
     print(f"{DOC}: {'updated' if new != text else 'current'}")

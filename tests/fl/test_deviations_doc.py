@@ -30,5 +30,5 @@ def test_tier_counts_match_closed_forms_and_the_doc_is_current():
     width = [tiers["mFedLoRU width", t]["down"] for t in mod.TIERS]
     assert width == sorted(width, reverse=True) and len(set(width)) == 3
     text = mod.DOC.read_text()
-    assert text == mod.render(text, mod.block()), (
+    assert text == mod.render(text, mod.blocks()), (
         "docs/deviations.md is stale: run python experiments/benchmarks/render_deviations.py")
