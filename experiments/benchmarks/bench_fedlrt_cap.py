@@ -1,7 +1,8 @@
 """FeDLRT's floats vs accuracy with and without a rank cap, against FedAvg (issue 23).
 
 Setting: digits, the default MLP (64-64 hidden; the 64×64 layer fc2 factorized, starting at
-rank 8), K = 20 clients, Dirichlet 0.5, ROUNDS rounds of one local epoch (batch 32), full
+rank 8) and a wide one (512-512 hidden, fc2 512×512: a large factorized layer, at lr 0.3),
+K = 20 clients, Dirichlet 0.5, ROUNDS rounds of one local epoch (batch 32), full
 correction, ϑ = 0.02 (hessrank's defaults), at lr 0.3 and 1.0 (the same lr for every
 variant; at hessrank's default lr 0.05 the rank never leaves 8), seeds 0..SEEDS-1.
 Variants: FedAvg; FeDLRT with r_max 64 (the default); with ``rank_cap = "fedavg"``
@@ -28,7 +29,10 @@ import torch
 from hessrank.fl import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fedlrt_cap.md"
-LRS = (0.3, 1.0)
+SETTINGS = (  # (width of the MLP's two hidden layers, lr)
+    (64, 0.3), (64, 1.0),
+    (512, 0.3),  # a large factorized layer (512×512): where low rank saves most
+)
 VARIANTS = {
     "FedAvg": {"algo": "fedavg"},
     "FeDLRT, r_max 64 (default)": {"algo": "fedlrt"},
@@ -50,40 +54,43 @@ def main() -> None:
     start = time.perf_counter()
     table = []
     with tempfile.TemporaryDirectory() as tmp:
-        for lr in LRS:
+        for width, lr in SETTINGS:
             results: dict[str, list[tuple[float, int, int]]] = {v: [] for v in VARIANTS}
             for seed in range(args.seeds):
                 for i, (name, change) in enumerate(VARIANTS.items()):
-                    cfg = {"dataset": "digits", "model": "mlp", "clients": 20,
+                    cfg = {"dataset": "digits", "model": "mlp",
+                           "model_kwargs": {"hidden": [width, width]}, "clients": 20,
                            "rounds": args.rounds, "lr": lr, "rank": 8, "seed": seed,
                            "save_every": 10**6, "eval_every": args.rounds, **change}  # fmt: skip
-                    out = Path(tmp) / f"lr{lr}-v{i}-s{seed}"
+                    out = Path(tmp) / f"w{width}-lr{lr}-v{i}-s{seed}"
                     last = train(cfg, out, progress=False, threads=1).metrics().iloc[-1]
                     rank = int(last["ranks"].get("fc2", 0)) if last["ranks"] else 0
                     results[name].append(
                         (float(last["test_accuracy"]), int(last["cum_floats"]), rank))
-                    print(f"lr {lr} seed {seed} {name}: {results[name][-1]}", file=sys.stderr)
+                    print(f"{width} lr {lr} seed {seed} {name}: {results[name][-1]}",
+                          file=sys.stderr)  # fmt: skip
             fedavg = [f for _, f, _ in results["FedAvg"]]
             for name, rows in results.items():
                 acc = [a for a, _, _ in rows]
                 ratio = [f / fa for (_, f, _), fa in zip(rows, fedavg)]
                 ranks = sorted({r for _, _, r in rows})
                 sd = statistics.stdev if len(rows) > 1 else (lambda _: float("nan"))
-                table.append(f"| {lr:g} | {name} | {statistics.mean(acc):.3f} ± {sd(acc):.3f} | "
-                             f"{statistics.mean(ratio):.2f} ± {sd(ratio):.2f} | "
+                table.append(f"| {width}×{width} | {lr:g} | {name} | "
+                             f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} | "
+                             f"{statistics.mean(ratio):.3f} ± {sd(ratio):.3f} | "
                              f"{', '.join(map(str, ranks)) if ranks != [0] else '—'} |")
     lines = [
         "# FeDLRT: floats vs accuracy with a rank cap",
         "",
-        f"digits MLP (64-64, fc2 64×64 factorized from rank 8), K = 20, Dirichlet 0.5, "
+        f"digits MLP (hidden w-w, fc2 w×w factorized from rank 8), K = 20, Dirichlet 0.5, "
         f"{args.rounds} rounds of one local epoch, full correction, ϑ = 0.02; "
         f"{args.seeds} seeds (mean ± sd); floats relative to FedAvg's of the same seed and lr; "
         f"final ranks over the seeds. torch {torch.__version__}, 1 thread, "
         f"{time.perf_counter() - start:.0f} s in all. Written by "
         "experiments/benchmarks/bench_fedlrt_cap.py.",
         "",
-        "| lr | variant | test accuracy | floats / FedAvg's | final rank of fc2 |",
-        "|---|---|---|---|---|",
+        "| fc2 | lr | variant | test accuracy | floats / FedAvg's | final rank of fc2 |",
+        "|---|---|---|---|---|---|",
         *table,
     ]
     if not args.fast:
