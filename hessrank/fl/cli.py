@@ -9,7 +9,8 @@ neither torch nor pydantic.
 Flags are the field names with dashes (``--local-epochs``); booleans come as
 ``--flag/--no-flag``; lists are comma-separated (``--client-ranks 8,4,2``); dicts are JSON
 (``--model-kwargs '{"hidden": [128, 128]}'``); ``none`` clears an optional field.
-``--config FILE.json`` loads a config first; flags given on the command line override it.
+``--preset NAME`` (:mod:`hessrank.fl.presets`) sets a named group of keys first, ``--config
+FILE.json`` loads a config over it; flags given on the command line override both.
 
 Example:
     hessrank train --algo fedloru --dataset digits --clients 20 --rounds 50 --out runs/x
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from hessrank.clikit import RawDescriptionHelpFormatter, format_fields
 from hessrank.data.catalog import DATASET_CATALOG, LIMIT_HELP
 from hessrank.fl.config import TrainConfig, config_groups, field_types
+from hessrank.fl.presets import PRESETS, preset_values
 from hessrank.fl.registry import ALGORITHM_NAMES, ALGORITHMS, option_groups, users
 from hessrank.models.catalog import MODEL_CATALOG
 
@@ -134,10 +136,15 @@ def _add_model_path(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """The config from ``--config`` (if given) with every explicitly given flag applied."""
+    """The config of ``--preset`` (if given), then ``--config`` (if given: its keys override
+    the preset's), with every explicitly given flag applied last."""
     base: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        base = preset_values(args.preset)
     if getattr(args, "config", None):
-        base = TrainConfig.from_json_file(Path(args.config)).to_dict()
+        path = Path(args.config)
+        TrainConfig.from_json_file(path)  # one-line errors for a bad file
+        base.update(json.loads(path.read_text()))
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             base[f.name] = getattr(args, f.name)
@@ -150,6 +157,8 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     """``hessrank train`` with the flags as parsed (explicit config flags, then the run flags),
     so the provenance names the command however ``main`` was called."""
     argv = ["hessrank", "train", "--out", str(args.out)]
+    if getattr(args, "preset", None):
+        argv += ["--preset", str(args.preset)]
     if getattr(args, "config", None):
         argv += ["--config", str(args.config)]
     for f in dataclasses.fields(TrainConfig):
@@ -202,12 +211,15 @@ def _names(text: str) -> list[str]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """Train every (algorithm, lr) pair and pick each algorithm's best lr on validation."""
+    """Train every (algorithm, lr, seed) and pick each algorithm's best lr on the mean
+    validation score over the seeds."""
     import math
 
-    for flag in ("algo", "lr"):
+    for flag, plural in (("algo", "--algos"), ("lr", "--lrs"), ("seed", "--seeds")):
         if hasattr(args, flag):
-            raise ValueError(f"hessrank sweep takes --algos and --lrs, not --{flag}")
+            raise ValueError(f"hessrank sweep takes {plural}, not --{flag}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     unknown = [a for a in args.algos if a not in ALGORITHM_NAMES]
     if unknown or not args.algos:
         raise ValueError(f"--algos: unknown {unknown}; choose from {', '.join(ALGORITHM_NAMES)}")
@@ -218,17 +230,34 @@ def _sweep(args: argparse.Namespace) -> int:
     configs = {}
     for algo in args.algos:  # validate every config before training any
         for lr in args.lrs:
-            args.algo, args.lr = algo, lr
-            configs[algo, lr] = build_config(args)
-    if configs[args.algos[0], args.lrs[0]].validation_fraction <= 0:
+            for seed in args.seeds:
+                args.algo, args.lr, args.seed = algo, lr, seed
+                configs[algo, lr, seed] = build_config(args)
+    if next(iter(configs.values())).validation_fraction <= 0:
         raise ValueError("hessrank sweep needs --validation-fraction > 0 to pick learning rates")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from hessrank.fl.sweep import sweep  # here: keeps `hessrank --help` free of torch
 
-    table = sweep(configs, Path(args.out), progress=not args.quiet, threads=args.threads)
-    print(table.to_string(index=False))
+    summary = sweep(configs, Path(args.out), progress=not args.quiet, threads=args.threads)
+    print(summary.to_string(index=False))
+    if len(args.seeds) < 3:
+        print(f"note: {len(args.seeds)} seed(s); a spread needs at least 3 (--seeds 0,1,2)")
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    lines = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+             for name, values in PRESETS.items()]  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=None,
+        help="apply a named set of config keys first (--config and flags override it); "
+        + "; ".join(lines) + " (docs/deviations.md)",
+    )  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -236,18 +265,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     epilog, hints = _choices_text(), field_types(constraints=False)
     sweep = subparsers.add_parser(
         "sweep",
-        help="pick each algorithm's learning rate on a validation split",
-        description="Train every algorithm of --algos at every learning rate of --lrs (one run "
-        "directory each under --out), score the last round on the validation split "
-        "(--validation-fraction, default 0.2: val_accuracy, or val_loss for regression) and "
-        "write OUT/sweep.csv and OUT/best.json (algorithm -> best lr). Other flags as for "
-        "hessrank train.",
+        help="pick each algorithm's learning rate on a validation split, over seeds",
+        description="Train every algorithm of --algos at every learning rate of --lrs with "
+        "every seed of --seeds (one run directory each under --out), score the last round on "
+        "the validation split (--validation-fraction, default 0.2: val_accuracy, or val_loss "
+        "for regression), pick each algorithm's lr by the mean score over the seeds (an lr "
+        "that diverges on any seed is never picked) and write OUT/sweep.csv (per seed), "
+        "OUT/summary.csv (per lr: mean, std, min, max over seeds) and OUT/best.json "
+        "(algorithm -> best lr). Other flags as for hessrank train.",
         epilog=epilog, formatter_class=RawDescriptionHelpFormatter, allow_abbrev=False,
     )  # fmt: skip
     sweep.add_argument("--out", required=True, help="folder for the runs and the summary")
     sweep.add_argument("--algos", type=_names, required=True, help="e.g. fedavg,fedloru,fedlrt")
     sweep.add_argument("--lrs", type=_floats, required=True, help="e.g. 0.03,0.1,0.3,1")
+    sweep.add_argument("--seeds", type=_ints, default=[0, 1, 2],
+                       help="seeds per (algorithm, lr), e.g. 0,1,2,3,4 (default: 0,1,2)")
     sweep.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
+    _add_preset_flag(sweep)
     sweep.add_argument("--quiet", action="store_true", help="no progress output")
     sweep.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch threads for every run (default: torch's own); recorded in "
@@ -264,6 +298,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="run directory to write (or resume)")
     parser.add_argument("--config", metavar="FILE.json", help="load a TrainConfig JSON first")
+    _add_preset_flag(parser)
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue a run of the same config from its last checkpoint; --no-resume "

@@ -22,6 +22,7 @@ import difflib
 import functools
 import json
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,11 @@ if TYPE_CHECKING:
 __all__ = [
     "LEGACY_DEFAULTS",
     "MAX_SEED",
+    "NEUTRAL_VALUES",
+    "RENAMED_VALUES",
     "BookkeepingOptions",
     "DataOptions",
+    "DivergenceOptions",
     "FederationOptions",
     "OptimizationOptions",
     "TrainConfig",
@@ -63,15 +67,10 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "fedlrt_init": "svd",
     "fedlrt_weighting": "size",
     "mfedloru_scheme": "width",
-    "personal_order": "personal-first",
+    "personal_order": "AB-first",
     "trunc_theta": 0.1,
 }
 """Values of later-added fields that reproduce runs saved before the fields existed."""
-
-NEUTRAL_WHEN_UNSET: tuple[str, ...] = ("adapters", "lora_targets")
-"""Keys added after fingerprints existed whose default (None) is what every earlier run did:
-left out of :meth:`TrainConfig.trajectory` while None, so earlier runs keep their
-fingerprints (and their checkpoints stay readable)."""
 
 _DATASETS = tuple(DATASET_CATALOG)
 _SCHEMES = PARTITION_SCHEMES
@@ -134,6 +133,9 @@ class OptimizationOptions:
     momentum: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
         0.0, "SGD momentum (buffer reset every round)")
     weight_decay: Annotated[float, Ge(0)] = option(0.0, "SGD weight decay")
+    max_grad_norm: Annotated[float, Ge(0)] = option(
+        0.0, "clip every local step's gradient to this total 2-norm before weight decay and "
+        "momentum, as torch.nn.utils.clip_grad_norm_ (0: off)")  # fmt: skip
     seed: Annotated[int, Interval(ge=0, le=MAX_SEED)] = option(
         0, "seeds model init, split, sampling and batches (same seed, same weights)")
 
@@ -153,18 +155,76 @@ class BookkeepingOptions:
         {}, "JSON dict of free-form notes (algorithms add their open choices)")
 
 
+@option_group
+class DivergenceOptions:
+    """Divergence checks (they stop a run, never change its weights)."""
+
+    divergence_factor: Annotated[float, Ge(0)] = option(
+        1e3, "stop when a client's local loss or the training loss exceeds this multiple of "
+        "the initial (round 0) training loss (0: off)")  # fmt: skip
+    weight_bound: Annotated[float, Ge(0)] = option(
+        1e6, "stop when a weight a client sends or the server holds exceeds this magnitude "
+        "(0: off)")  # fmt: skip
+
+    def check(self, used: bool) -> None:
+        if 0 < self.divergence_factor <= 1:
+            raise ValueError(
+                f"config key 'divergence_factor' must be 0 (off) or > 1, got "
+                f"{self.divergence_factor}; the loss may not even exceed its initial value"
+            )
+
+
 _RUN_GROUPS = (DataOptions, FederationOptions, OptimizationOptions)
+
+NEUTRAL_VALUES: dict[str, Any] = {
+    "max_grad_norm": 0.0,
+    "factorize_rule": "inner",
+    "lora_init": "dense-variance",
+    "lowrank_dropout": 0.0,
+    "merge_mode": "reinit",
+    "rank_cap": "none",
+    "adapters": None,
+    "lora_targets": None,
+}
+"""Trajectory keys added after fingerprint version 1, with the value that does what runs
+did before they existed: at that value a key is left out of :meth:`TrainConfig.trajectory`,
+so every earlier run keeps its fingerprint."""
+
+
+RENAMED_VALUES: dict[str, dict[str, str]] = {
+    "personal_order": {"global-first": "LU-first", "personal-first": "AB-first"},
+}
+"""Config values renamed: old spelling → new. An old spelling is still accepted (one-line
+FutureWarning; silently when a saved run is read) and stored in the new one; the fingerprint
+hashes the old spelling, so a run keeps its identity across the rename."""
+
+
+def _renamed(values: dict[str, Any], warn: bool) -> dict[str, Any]:
+    """``values`` with old spellings (:data:`RENAMED_VALUES`) replaced by the new ones."""
+    for key, table in RENAMED_VALUES.items():
+        old = values.get(key)
+        if isinstance(old, str) and old in table:
+            if warn:
+                warnings.warn(
+                    f"config key {key!r}: {old!r} is deprecated, use {table[old]!r} (pFedLoRU's "
+                    "pairs are named as in the authors' rebuttal: L, U shared, A, B local)",
+                    FutureWarning, stacklevel=4,
+                )  # fmt: skip
+            values[key] = table[old]
+    return values
 
 
 def config_groups() -> tuple[type, ...]:
     """The option groups of :class:`TrainConfig` in display order: the run's, the
-    algorithms' (registry order), bookkeeping."""
-    return (*_RUN_GROUPS, *option_groups(), BookkeepingOptions)
+    algorithms' (registry order), bookkeeping, divergence checks."""
+    return (*_RUN_GROUPS, *option_groups(), BookkeepingOptions, DivergenceOptions)
 
 
 def _not_trajectory() -> set[str]:
-    """Keys that do not change the weights: bookkeeping and where the data is read from."""
-    return {f.name for f in dataclasses.fields(BookkeepingOptions)} | {"data_root"}
+    """Keys that do not change the weights: bookkeeping, the divergence checks and where the
+    data is read from."""
+    groups = (BookkeepingOptions, DivergenceOptions)
+    return {f.name for g in groups for f in dataclasses.fields(g)} | {"data_root"}
 
 
 @dataclass
@@ -182,14 +242,14 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         for f in dataclasses.fields(self):  # lists given as tuples: store the JSON form
             if isinstance(getattr(self, f.name), tuple):
                 setattr(self, f.name, list(getattr(self, f.name)))
-        values = _validate(self.to_dict())
+        values = _validate(_renamed(self.to_dict(), warn=True))
         for f in dataclasses.fields(self):
             setattr(self, f.name, values[f.name])
         entry = ALGORITHMS[self.algo]
-        for group in option_groups():
+        for group in (DivergenceOptions, *option_groups()):
             check = getattr(group, "check", None)
-            if check is not None:
-                check(self, group in entry.options)  # self: the whole config
+            if check is not None:  # self: the whole config; run groups are always used
+                check(self, group is DivergenceOptions or group in entry.options)
 
     # ---- dict and JSON forms -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -239,7 +299,7 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         """A config as a run directory saved it: keys it lacks (written before they existed)
         get the values that reproduce what that run did (:data:`LEGACY_DEFAULTS`), not
         today's defaults."""
-        data = dict(data)
+        data = _renamed(dict(data), warn=False)
         for key, value in LEGACY_DEFAULTS.items():
             data.setdefault(key, value)
         entry = ALGORITHMS.get(str(data.get("algo")))
@@ -270,15 +330,20 @@ class TrainConfig(*reversed(config_groups())):  # type: ignore[misc]
         bookkeeping (``save_every``, ``eval_every``, ``record_updates``, ``notes``) and
         ``data_root``, without the option groups the algorithm does not read, without
         ``rounds`` unless the learning-rate schedule depends on it (cosine), and without the
-        :data:`NEUTRAL_WHEN_UNSET` keys while they are None."""
+        later-added keys at their :data:`NEUTRAL_VALUES`; renamed values in their old spelling
+        (:data:`RENAMED_VALUES`)."""
         entry = ALGORITHMS[self.algo]
         unused = {f.name for g in option_groups() if g not in entry.options
                   for f in dataclasses.fields(g)}  # fmt: skip
         skip = _not_trajectory() | unused
         if self.lr_schedule != "cosine":
             skip.add("rounds")
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in skip and not (k in NEUTRAL_WHEN_UNSET and v is None)}  # fmt: skip
+        skip |= {k for k, v in NEUTRAL_VALUES.items() if getattr(self, k) == v}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        for key, table in RENAMED_VALUES.items():  # hashed in the spelling runs were saved in
+            old = {new: old for old, new in table.items()}
+            if d.get(key) in old:
+                d[key] = old[d[key]]
         return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
 
     def fingerprint(self) -> str:

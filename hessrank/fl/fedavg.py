@@ -200,13 +200,19 @@ class LocalSGD(Client):
         self, model: nn.Module, params: list[nn.Parameter], data: ClientData, lr: float,
         rng: torch.Generator, steps: int | None = None,
     ) -> LocalResult:  # fmt: skip
-        """:func:`local_sgd` with the config's schedule (``steps`` overrides local_steps)."""
+        """:func:`local_sgd` with the config's schedule (``steps`` overrides local_steps),
+        optimizer and clipping."""
         cfg = self.config
         return local_sgd(
             model, params, data, self.task, lr=lr, batch_size=cfg.batch_size,
             epochs=cfg.local_epochs, steps=cfg.local_steps if steps is None else steps,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, generator=rng,
+            max_grad_norm=cfg.max_grad_norm, stochastic=self.stochastic(),
         )  # fmt: skip
+
+    def stochastic(self) -> bool:
+        """Whether the worker's forward pass draws random numbers (LoRA: low-rank dropout)."""
+        return False
 
     def __call__(
         self, task: ClientTask, data: ClientData, state: ClientState, rng: torch.Generator

@@ -39,25 +39,41 @@ def init_generator(config: TrainConfig, stream: int) -> torch.Generator:
 
 def from_scratch(config: TrainConfig) -> bool:
     """W0 = 0 with both factors random unless ``--no-from-scratch`` (default: the papers'
-    pure rank-r model, as the authors' code initializes it)."""
+    pure rank-r model). The scales of the two factors are ``config.lora_init``: the default
+    ``dense-variance`` is hessrank's choice, not the authors' code (which is ``kaiming``; see
+    :mod:`hessrank.fl.layers` and docs/deviations.md)."""
     return True if config.from_scratch is None else bool(config.from_scratch)
 
 
 def lora_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
-    """Factorize ``model`` in place as the config says (``factorize``, ``rank``,
-    ``lora_alpha``, ``from_scratch``; draws from :func:`init_generator` stream 0, so server
-    and clients build the same layers); returns the factorized layer names."""
+    """Factorize ``model`` in place as the config says (``factorize``, ``factorize_rule``,
+    ``rank``, ``lora_alpha``, ``from_scratch``, ``lora_init``, ``lowrank_dropout``; draws from
+    :func:`init_generator` stream 0, so server and clients build the same layers); returns the
+    factorized layer names."""
     factorize(
         model, config.factorize, rank=config.rank, alpha=config.lora_alpha,
         from_scratch=from_scratch(config), generator=init_generator(config, 0),
+        rule=config.factorize_rule, init=config.lora_init, dropout=config.lowrank_dropout,
     )  # fmt: skip
     names = list(factorized_layers(model))
     if not names:
         raise ValueError(
-            "no layer is factorized: the model has fewer than three Linear/Conv2d layers; "
-            "name layers with config.factorize or use algo='fedavg'"
+            f"no layer is factorized: factorize_rule {config.factorize_rule!r} finds none in "
+            f"model {config.model!r} (inner: fewer than three Linear/Conv2d layers; conv: "
+            "fewer than two Conv2d); name layers with config.factorize or use algo='fedavg'"
         )
     return names
+
+
+def _init_note(config: TrainConfig) -> str:
+    """The factor initialization of ``config`` in words (for config.notes)."""
+    if not from_scratch(config):
+        return "A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, W0 = dense init"
+    if config.lora_init == "kaiming":
+        return ("W0 = 0, bias 0, A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B ~ U(-1/sqrt(r), "
+                "1/sqrt(r)) (kaiming-uniform a=sqrt(5), the authors' code)")  # fmt: skip
+    return ("W0 = 0, A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B ~ U(-b, b), b = sqrt(3r)/alpha "
+            "(hessrank's dense-variance scale)")  # fmt: skip
 
 
 class FedLoRA(FedAvg):
@@ -80,9 +96,7 @@ class FedLoRA(FedAvg):
         return {
             **super().notes(),
             "factorized_layers": ",".join(self.layer_names),
-            "lora_init": "W0 = 0, A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B ~ U(-b, b), "
-            "b = sqrt(3r)/alpha" if from_scratch(self.config) else
-            "A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, W0 = dense init",
+            "lora_init": _init_note(self.config),
             "lora_aggregation": "A and B averaged separately, weights n_c",
         }  # fmt: skip
 
@@ -109,3 +123,6 @@ class LoRALocalSGD(LocalSGD):
     def build_worker(self, model: nn.Module) -> nn.Module:
         lora_factorize(model, self.config)
         return model
+
+    def stochastic(self) -> bool:
+        return self.config.lowrank_dropout > 0.0

@@ -4,7 +4,11 @@ federated low-rank update"); the heterogeneous-rank variant is :mod:`hessrank.fl
 FedLoRU is :class:`~hessrank.fl.fedlora.FedLoRA` plus accumulation: after the aggregation of
 every round t with t % τ == 0 (τ = ``config.merge_every``), every factorized layer does
 W0 ← W0 + (α/r)·B·A, then A is redrawn and B = 0 (function unchanged), so the sum of many
-rank-r updates can reach high rank while only rank-r factors travel.
+rank-r updates can reach high rank while only rank-r factors travel. That is the paper's
+description (ReLoRA's merge, ``merge_mode = "reinit"``, the default). The authors' public code
+(haemPark/fedloru_official, the ``merge()`` its README command uses) adds B·A into W0 and keeps
+A and B (``merge_mode = "accumulate"``): the function changes at the merge (the pair then
+counts twice) and no draw is made. docs/deviations.md lists every such difference.
 
 Communication of the merge (our accounting, recorded in ``config.notes``): every client holds
 W0 and applies each merge itself from the merged pair (A, B) and the shared seed of the redraw.
@@ -47,7 +51,9 @@ class FedLoRU(FedLoRA):
         return {
             **super().notes(),
             "merge": "after aggregation of rounds t with t % merge_every == 0: W0 += (alpha/r) "
-            "B A, A redrawn from the round generator, B = 0",
+            + ("B A, A redrawn from the round generator, B = 0" if self.config.merge_mode ==
+               "reinit" else "B A, A and B kept (the authors' merge(); the layer then counts "
+               "the pair twice)"),
             "merge_communication": "a sampled client that missed m merges downloads "
             "min(m r (fan_in+out), out fan_in) floats per layer before the round's message",
         }
@@ -66,8 +72,9 @@ class FedLoRU(FedLoRA):
     def server_step(self, round_idx: int, rng: torch.Generator) -> dict[str, float]:
         tau = self.config.merge_every
         if tau > 0 and round_idx % tau == 0:
+            reinit = self.config.merge_mode == "reinit"
             for layer in factorized_layers(self.model).values():
-                layer.merge_(rng)
+                layer.merge_(rng, reinit=reinit)
             self.num_merges += 1
             return {"merged": 1.0}
         return {"merged": 0.0}
@@ -102,10 +109,14 @@ def _personal_model(factorized: nn.Module, config: TrainConfig) -> nn.Module:
 class PFedLoRU(FedLoRU):
     """pFedLoRU's server: FedLoRU's, plus each client's model for evaluation.
 
-    Client c's layer is W_c = W0 + (α/r)·B·A + (α_p/r_p)·U_c·L_c, with the personal pair
-    L_c (r_p, fan_in), U_c (out, r_p) stored as ``PA``/``PB`` in the client's state
-    (:class:`PersonalClient`), never sent and never merged. Only the global tensors travel,
-    so server, aggregation and communication are FedLoRU's.
+    Names as in the authors' rebuttal: the globally shared pair is (L, U), the local one
+    (A, B). Client c's layer is W_c = W0 + (α/r)·U·L + (α_p/r_p)·B_c·A_c: the shared pair is
+    the layer's FedLoRU factors (tensors ``A`` = L, (r, fan_in), and ``B`` = U, (out, r),
+    as in every LoRA-family checkpoint), the local pair A_c (r_p, fan_in), B_c (out, r_p) is
+    stored as ``PA``/``PB`` in the client's state (:class:`PersonalClient`), never sent and
+    never merged. (Before issue 23 these docs named the pairs the other way round; the
+    arithmetic is unchanged.) Only the shared tensors travel, so server, aggregation and
+    communication are FedLoRU's.
     """
 
     name = "pfedloru"
@@ -119,15 +130,17 @@ class PFedLoRU(FedLoRU):
         cfg = self.config
         return {
             **super().notes(),
-            "personal": "per layer (alpha_p/r_p) PB PA, PA random, PB = 0; local round = "
-            f"{cfg.personal_order} (global phase on the local schedule, personal phase "
-            "personal_steps steps, 0: half the global steps when global-first, the same "
-            "schedule when personal-first); personal pair never sent, never merged; "
+            "personal": "pairs named as in the rebuttal: shared (L, U) = the layers' A, B "
+            "tensors, local (A_c, B_c) = PA, PB in the client state; per layer (alpha_p/r_p) "
+            "PB PA, PA random, PB = 0; local round = "
+            f"{cfg.personal_order} (LU phase on the local schedule, AB phase "
+            "personal_steps steps, 0: half the LU steps when LU-first, the same "
+            "schedule when AB-first); local pair never sent, never merged; "
             "client_model(c) uses it",
         }
 
     def client_model(self, client_id: int, state: ClientState) -> nn.Module:
-        """Client ``client_id``'s dense model W0 + (α/r)·B·A + (α_p/r_p)·U_c·L_c."""
+        """Client ``client_id``'s dense model W0 + (α/r)·U·L + (α_p/r_p)·B_c·A_c."""
         if not state:
             raise ValueError(f"client {client_id} has no personal pair in the client states")
         model = copy.deepcopy(self._personal_template)
@@ -137,16 +150,18 @@ class PFedLoRU(FedLoRU):
 
 
 class PersonalClient(LoRALocalSGD):
-    """pFedLoRU's client: two local phases per round, on the global pair and on its own.
+    """pFedLoRU's client: two local phases per round, on the shared pair L, U and on its own
+    local pair A_c, B_c (the rebuttal's names, :class:`PFedLoRU`).
 
-    Default (``personal_order = "global-first"``, the order of the authors' rebuttal): first
-    the global pair A, B and the non-factorized trainables (personal pair frozen) on the
-    configured schedule (``local_epochs`` / ``local_steps``), then the personal pair alone
-    for ``personal_steps`` steps — 0 means half as many steps as the global phase took (at
+    Default (``personal_order = "LU-first"``, the order of the authors' rebuttal): first
+    the shared pair L, U and the non-factorized trainables (local pair frozen) on the
+    configured schedule (``local_epochs`` / ``local_steps``), then the local pair alone
+    for ``personal_steps`` steps — 0 means half as many steps as the LU phase took (at
     least 1): "more epochs on the global pair", our reading, recorded in the notes.
-    ``personal_order = "personal-first"`` is the reverse (personal_steps 0: the same schedule
-    as the global phase). State: the personal pair (init: L_c random like A, U_c = 0, one
-    draw per client at setup, :meth:`initial_states`).
+    ``personal_order = "AB-first"`` is the reverse (personal_steps 0: the same schedule
+    as the LU phase). State: the local pair (init: A_c random like L, B_c = 0, one
+    draw per client at setup, :meth:`initial_states`). The old names of the orders,
+    ``global-first`` / ``personal-first``, are accepted with a deprecation warning.
     """
 
     def build_worker(self, model: nn.Module) -> nn.Module:
@@ -178,7 +193,7 @@ class PersonalClient(LoRALocalSGD):
         named = dict(worker.named_parameters())
         p_params = [named[n] for n in state]
         g_params = [p for n, p in named.items() if p.requires_grad and n not in state]
-        if cfg.personal_order == "personal-first":
+        if cfg.personal_order == "AB-first":
             p_res = self.local(worker, p_params, data, task.lr, rng,
                                steps=cfg.personal_steps or None)  # fmt: skip
             g_res = self.local(worker, g_params, data, task.lr, rng)

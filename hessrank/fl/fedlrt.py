@@ -27,6 +27,8 @@ client c's local data, one round (docs/design.md) is:
    ``local_steps`` = 0); batch_size ≥ n_c gives full-batch gradient descent, the setting of the
    paper's analysis. The non-factorized parameters (biases, unfactorized layers) take the same
    plain SGD steps on L_c,B, without correction, starting from the global values (as in FedAvg).
+   With ``max_grad_norm`` c > 0 the stochastic gradient (of S̃ and the non-factorized
+   parameters together) is clipped to 2-norm c before the correction is added, as in FedAvg.
 5. *Aggregation and truncation.* The server averages S̃ = Σ_c w_c S̃_c (and the non-factorized
    floating-point state; integer buffers come from the first client, as in FedAvg), takes the
    SVD S̃ = P Σ Qᵀ and keeps the smallest r' with ‖(σ_{r'+1}, σ_{r'+2}, …)‖₂ ≤ ϑ ‖Σ‖_F,
@@ -43,6 +45,13 @@ as in FedAvg (client drift), so the global-loss descent guarantee of the paper c
 coefficients of the factorized layers only. When the non-factorized layers are a small part of
 the model (the default leaves only the first and last layer dense) the effect is FedAvg's drift
 on those layers.
+
+*Communication cap* (``rank_cap``). Ranks grow when ϑ lets new directions in, and a grown
+rank can make a FeDLRT round send more floats than FedAvg's (issue 23). ``rank_cap =
+"fedavg"`` bounds every layer's rank, at the start and after each truncation, by the largest
+r whose worst round (a = b = r new columns) sends no more floats for that layer than
+FedAvg's round, 2·m·n (:func:`fedavg_rank_cap`); the default ``"none"`` keeps r_max as the
+only bound.
 
 *Initialization* (``fedlrt_init``). ``scaled-svd`` (default): the rank-r truncated SVD of the
 dense init, with S rescaled to keep the dense init's Frobenius norm; ``svd``: the plain
@@ -175,13 +184,52 @@ def truncation_rank(sigma: Tensor, theta: float, r_min: int, r_max: int) -> int:
     return max(1, min(max(keep, r_min), r_max, k))
 
 
+def layer_floats(m: int, n: int, r: int, a: int, b: int, correction: str) -> tuple[int, int]:
+    """(down, up) floats per client and round for one m × n factorized layer of rank r with a
+    and b new basis columns (the module docstring's formula, without the dense state D)."""
+    k, l = r + a, r + b
+    down = (m + n) * r + r * r + m * a + n * b
+    up = (m + n) * r + k * l
+    if correction == "full":
+        down, up = down + k * l, up + k * l
+    elif correction == "simplified":
+        down, up = down + r * r, up + r * r
+    return down, up
+
+
+def fedavg_rank_cap(m: int, n: int, correction: str) -> int:
+    """The largest rank r (at least 1) whose worst round — a = min(r, m − r), b = min(r, n − r)
+    new columns — moves no more floats for an m × n layer than FedAvg's round, 2·m·n
+    (``rank_cap = "fedavg"``). Per client and round, with full correction that is
+    3(m + n)r + 13r² ≤ 2mn while 2r ≤ min(m, n)."""
+    best = 1
+    for r in range(1, min(m, n) + 1):
+        if sum(layer_floats(m, n, r, min(r, m - r), min(r, n - r), correction)) <= 2 * m * n:
+            best = r
+    return best
+
+
+def layer_rank_caps(model: nn.Module, names: list[str], config: TrainConfig) -> dict[str, int]:
+    """Per factorized layer (dense ``model``), the rank bound: r_max, and with ``rank_cap =
+    "fedavg"`` also :func:`fedavg_rank_cap` of its matrix view."""
+    caps = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        m, n = int(w.shape[0]), int(w[0].numel())
+        cap = config.r_max
+        if config.rank_cap == "fedavg":
+            cap = min(cap, fedavg_rank_cap(m, n, config.correction))
+        caps[name] = cap
+    return caps
+
+
 def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
     """Replace the layers of ``config.factorize`` (default: every Linear/Conv2d but the first
     and last) in place by U S Vᵀ layers at rank ``min(config.rank, m, n)`` (truncated SVD of
     the dense init, rescaled with ``fedlrt_init = "scaled-svd"``); returns their names."""
     names = list(config.factorize) if config.factorize is not None else None
     if names is None:
-        names = default_factorizable(model)
+        names = default_factorizable(model, config.factorize_rule)
     if not names:
         raise ValueError(
             "FeDLRT found no layer to factorize (the default skips the first and last "
@@ -189,10 +237,12 @@ def fedlrt_factorize(model: nn.Module, config: TrainConfig) -> list[str]:
             "single-layer model"
         )
     names = check_factorizable(model, names)
+    caps = layer_rank_caps(model, names, config) if config.rank_cap != "none" else {}
     for n in names:
         layer = usv_from_dense(
-            model.get_submodule(n), config.rank, keep_norm=config.fedlrt_init == "scaled-svd"
-        )
+            model.get_submodule(n), min(config.rank, caps.get(n, config.rank)),
+            keep_norm=config.fedlrt_init == "scaled-svd",
+        )  # fmt: skip
         set_submodule(model, n, layer)
     return names
 
@@ -284,6 +334,7 @@ class FeDLRT(Strategy):
         check_config(config)
         self._template = copy.deepcopy(model)
         self.layer_names = fedlrt_factorize(model, config)
+        self.rank_caps = layer_rank_caps(self._template, self.layer_names, config)
         super().__init__(model, config)
         self._factor_keys = _factor_keys(self.layer_names)
         self._round: _Round | None = None
@@ -308,7 +359,11 @@ class FeDLRT(Strategy):
             "fedlrt.augmentation": "new directions of (I-UU^T)G_U with singular value <= "
             "sqrt(eps)*||G_U||_2 dropped; S~ may be rectangular when a side cannot grow",
             "fedlrt.truncation": "smallest r' with ||sigma[r':]|| <= theta*||sigma||_F, clamped "
-            "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR",
+            "to [r_min, r_max] and the augmented size; bases re-orthonormalized by QR"
+            + ("; rank_cap fedavg: per layer also <= the largest rank whose round sends no "
+               "more than FedAvg's 2mn floats: " + ", ".join(
+                   f"{n} {c}" for n, c in self.rank_caps.items())
+               if config.rank_cap == "fedavg" else ""),
             "fedlrt.simplified": "simplified correction: grad_S L_c (r x r) sent with the basis "
             "gradients, averaged grad_S L broadcast with the new columns",
             "fedlrt.train_loss": "weighted loss of the sampled clients at the round-start "
@@ -427,7 +482,7 @@ class FeDLRT(Strategy):
         for n, A in r.aug.items():
             s_bar = sum(w * res[0][n] for w, res in zip(r.weights, results))
             P, sigma, Qh = torch.linalg.svd(s_bar, full_matrices=False)
-            r_new = truncation_rank(sigma, cfg.trunc_theta, cfg.r_min, cfg.r_max)
+            r_new = truncation_rank(sigma, cfg.trunc_theta, cfg.r_min, self.rank_caps[n])
             U_new = A.U @ P[:, :r_new]
             V_new = A.V @ Qh[:r_new].T
             qu, ru = torch.linalg.qr(U_new)
@@ -536,6 +591,17 @@ class FeDLRT(Strategy):
         self.model.load_state_dict(tensors)
 
 
+def _clipped(grads: tuple[Tensor | None, ...], max_norm: float) -> tuple[Tensor | None, ...]:
+    """The gradients times min(1, c / (‖g‖₂ + 1e-6)), ‖g‖₂ over all of them together: what
+    ``torch.nn.utils.clip_grad_norm_`` does to ``.grad`` (local_sgd's clipping)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tuple(None if g is None else g * coef for g in grads)
+
+
 def check_config(config: TrainConfig) -> None:
     """What FeDLRT needs beyond the config's own checks (one line each)."""
     if config.momentum != 0.0 or config.weight_decay != 0.0:
@@ -552,7 +618,8 @@ class FeDLRTClient(Client):
     ``basis``: message = global model; reply ``<layer>.GU/.GS/.GV`` (step 1), metric
     ``loss``. ``correction``: message = augmented model; reply ``<layer>.GS`` = ∇_S̃ L_c
     (step 3, full correction). ``train``: message = augmented model (+ ``corr.<layer>``);
-    reply ``<layer>.S`` = S̃_c and the client's non-factorized state (step 4).
+    reply ``<layer>.S`` = S̃_c and the client's non-factorized state (step 4), metric ``loss``
+    (the mean of its mini-batch losses).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, task: Task) -> None:
@@ -572,8 +639,9 @@ class FeDLRTClient(Client):
             coef = self._coef_grad(dense, factors, data)
             return ClientReply({f"{n}.GS": g for n, g in coef.items()}), state
         if task.phase == "train":
-            s_out, dense_out = self._train(dense, factors, corr, data, task.lr, rng)
-            return ClientReply({**dense_out, **{f"{n}.S": s for n, s in s_out.items()}}), state
+            s_out, dense_out, loss = self._train(dense, factors, corr, data, task.lr, rng)
+            tensors = {**dense_out, **{f"{n}.S": s for n, s in s_out.items()}}
+            return ClientReply(tensors, {"loss": loss}), state
         raise ValueError(f"FeDLRT phases are {FeDLRT.phases}, got {task.phase!r}")
 
     def _prepare(self, data: ClientData) -> tuple[Tensor, Tensor]:
@@ -664,10 +732,11 @@ class FeDLRTClient(Client):
         data: ClientData,
         lr: float,
         generator: torch.Generator,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
         """Step 4: s* SGD steps on S̃ (+ correction) and on the non-factorized parameters.
 
-        Returns the client's S̃_c per layer and its non-factorized state.
+        Returns the client's S̃_c per layer, its non-factorized state and the mean of its
+        mini-batch losses (each before its step; the divergence check reads it).
         """
         work = self._load(dense, factors)
         layers = _layers(work, self.layer_names)
@@ -686,10 +755,12 @@ class FeDLRTClient(Client):
         batches = batch_indices(
             n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, generator=generator
         )
+        total = 0.0
         for step, idx in enumerate(batches):
             # a batch holding every sample is the full local batch: skip the reordering
             xb, yb = (x, y) if idx.numel() == n else (x[idx], y[idx])
             loss = self._loss(work, xb, yb)
+            total += float(loss.detach())
             if not bool(torch.isfinite(loss.detach())):
                 value = float(loss.detach())
                 raise NonFiniteError(
@@ -697,6 +768,8 @@ class FeDLRTClient(Client):
                     f"{step + 1} of {len(batches)}", client_id=data.client_id,
                 )  # fmt: skip
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if cfg.max_grad_norm > 0.0:
+                grads = _clipped(grads, cfg.max_grad_norm)
             with torch.no_grad():
                 for i, (p, g) in enumerate(zip(params, grads)):
                     step = torch.zeros_like(p) if g is None else g
@@ -705,4 +778,4 @@ class FeDLRTClient(Client):
                     p.sub_(lr * step)
         s_out = {nm: layers[nm].S.detach().clone() for nm in self.layer_names}
         dense_out = {k: v.clone() for k, v in _dense_state(work, self._factor_keys).items()}
-        return s_out, dense_out
+        return s_out, dense_out, total / len(batches)

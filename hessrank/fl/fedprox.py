@@ -41,5 +41,5 @@ class ProxLocalSGD(LocalSGD):
             model, params, data, self.task, lr=lr, batch_size=cfg.batch_size,
             epochs=cfg.local_epochs, steps=cfg.local_steps if steps is None else steps,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, generator=rng,
-            penalty=None if mu == 0.0 else penalty,
+            penalty=None if mu == 0.0 else penalty, max_grad_norm=cfg.max_grad_norm,
         )  # fmt: skip

@@ -14,9 +14,18 @@ Initialization (documented choices; all draws use an explicit ``torch.Generator`
   * fine-tuning style (default): W0 = the dense layer's weight, A ~ U(−1/√fan_in, 1/√fan_in)
     (what ``nn.Linear``'s Kaiming-uniform with a = √5 gives, fan_in = in or in·kh·kw), B = 0,
     so the factorized network computes exactly the dense one;
-  * from scratch: W0 = 0, A as above and B ~ U(−b, b) with b = √(3r)/α, chosen so that each
-    entry of (α/r)·B·A has the variance 1/(3·fan_in) of the dense default initialization;
-  * after a merge: A redrawn as above, B = 0.
+  * from scratch, ``init="dense-variance"`` (default): W0 = 0, A as above and B ~ U(−b, b)
+    with b = √(3r)/α, chosen so that each entry of (α/r)·B·A has the variance 1/(3·fan_in) of
+    the dense default initialization;
+  * from scratch, ``init="kaiming"`` (the FedLoRU authors' code, haemPark/fedloru_official):
+    W0 = 0, the layer's bias 0, A and B both Kaiming-uniform with a = √5, i.e. A as above and
+    B ~ U(−1/√r, 1/√r) (B's fan-in is r). Entry variance of (α/r)·B·A: α²/(9·r²·fan_in), i.e.
+    1/(3·fan_in)·α²/(3r²) — with α = r the dense-variance entries are √3× larger;
+  * after a merge: A redrawn as above, B = 0 (``merge_(reinit=False)``: A and B kept).
+
+Low-rank dropout (``dropout`` p > 0; the authors' code): in train mode the path is
+x ↦ B(dropout_p(A x)), dropout between the two factors as in the authors' LoWRank2DConv;
+in eval mode, and with p = 0, no dropout.
 
 An optional *personal* pair (pFedLoRU) adds (α_p/r_p)·U·L with L (r_p, fan_in), U (out, r_p),
 initialized like A and B; it is named ``PA`` (= L) and ``PB`` (= U) in the state dict.
@@ -32,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "INITS",
+    "RULES",
     "LoRAConv2d",
     "LoRALinear",
     "default_factorizable",
@@ -41,6 +52,12 @@ __all__ = [
     "factorized_layers",
     "is_factorized",
 ]
+
+
+INITS = ("dense-variance", "kaiming")
+"""The from-scratch factor initializations (module docstring)."""
+RULES = ("inner", "conv")
+"""The rules of :func:`default_factorizable`."""
 
 
 def _uniform(shape: tuple[int, ...], bound: float, like: Tensor, generator: torch.Generator | None):
@@ -72,11 +89,18 @@ class _LoRABase(nn.Module):
         alpha: float,
         from_scratch: bool,
         generator: torch.Generator | None,
+        init: str = "dense-variance",
+        dropout: float = 0.0,
     ) -> None:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise ValueError(f"unknown factor init {init!r}; choose one of {', '.join(INITS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"low-rank dropout must be in [0, 1), got {dropout}")
         self.rank = int(rank)
         self.alpha = float(alpha)
+        self.dropout = float(dropout)
         w0 = torch.zeros_like(base_weight) if from_scratch else base_weight.detach().clone()
         self.weight0 = nn.Parameter(w0, requires_grad=False)
         self.A = nn.Parameter(torch.empty(self._a_shape(rank), dtype=w0.dtype, device=w0.device))
@@ -89,7 +113,12 @@ class _LoRABase(nn.Module):
         self.reinit_(generator)
         if from_scratch:
             with torch.no_grad():
-                b = math.sqrt(3.0 * rank) / self.alpha
+                if init == "kaiming":
+                    b = 1.0 / math.sqrt(rank)
+                    if self.bias is not None:
+                        self.bias.zero_()
+                else:
+                    b = math.sqrt(3.0 * rank) / self.alpha
                 self.B.copy_(_uniform(self.B.shape, b, self.B, generator))
 
     # shapes of the factors as module weights
@@ -140,10 +169,20 @@ class _LoRABase(nn.Module):
         self.B.zero_()
 
     @torch.no_grad()
-    def merge_(self, generator: torch.Generator | None = None) -> None:
-        """W0 ← W0 + (α/r)·B·A, then :meth:`reinit_` — the layer's function is unchanged."""
+    def merge_(self, generator: torch.Generator | None = None, *, reinit: bool = True) -> None:
+        """W0 ← W0 + (α/r)·B·A, then :meth:`reinit_` — the layer's function is unchanged.
+
+        ``reinit=False`` (the authors' ``merge()``): A and B are kept, so the layer then
+        computes W0 + 2·(α/r)·B·A (the pair's contribution counted twice); no draw."""
         self.weight0.add_(self.scale * self._product(self.B, self.A, self.weight0.shape))
-        self.reinit_(generator)
+        if reinit:
+            self.reinit_(generator)
+
+    def _between(self, h: Tensor) -> Tensor:
+        """The low-rank path's dropout on A's output (train mode, p > 0; else ``h``)."""
+        if self.dropout > 0.0 and self.training:
+            return F.dropout(h, self.dropout, training=True)
+        return h
 
     @torch.no_grad()
     def add_personal_(
@@ -183,19 +222,23 @@ class LoRALinear(_LoRABase):
         *,
         from_scratch: bool = False,
         generator: torch.Generator | None = None,
+        init: str = "dense-variance",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.out_dim, self.fan_in = base.out_features, base.in_features
         self.in_features, self.out_features = base.in_features, base.out_features
         self.in_tail: tuple[int, ...] = (base.in_features,)
         self.b_tail: tuple[int, ...] = ()
-        self._init_factors(base.weight, base.bias, rank, alpha, from_scratch, generator)
+        self._init_factors(
+            base.weight, base.bias, rank, alpha, from_scratch, generator, init, dropout
+        )
 
     def _base(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _factor_path(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return F.linear(F.linear(x, A), B)
+        return F.linear(self._between(F.linear(x, A)), B)
 
 
 class LoRAConv2d(_LoRABase):
@@ -213,6 +256,8 @@ class LoRAConv2d(_LoRABase):
         *,
         from_scratch: bool = False,
         generator: torch.Generator | None = None,
+        init: str = "dense-variance",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if base.groups != 1 or base.padding_mode != "zeros":
@@ -227,13 +272,16 @@ class LoRAConv2d(_LoRABase):
         self.out_dim, self.fan_in = base.out_channels, base.in_channels * kh * kw
         self.in_tail = (base.in_channels, kh, kw)
         self.b_tail = (1, 1)
-        self._init_factors(base.weight, base.bias, rank, alpha, from_scratch, generator)
+        self._init_factors(
+            base.weight, base.bias, rank, alpha, from_scratch, generator, init, dropout
+        )
 
     def _base(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     def _factor_path(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(x, A, None, self.stride, self.padding, self.dilation), B)
+        h = F.conv2d(x, A, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(self._between(h), B)
 
 
 LoRALayer = _LoRABase
@@ -249,11 +297,21 @@ def factorizable_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def default_factorizable(model: nn.Module) -> list[str]:
-    """Every Linear/Conv2d except the first and the last in module order (FedLoRU's default:
-    the input stem and the classifier head stay dense). Empty for fewer than three layers."""
+def default_factorizable(model: nn.Module, rule: str = "inner") -> list[str]:
+    """The layers factorized when none are named.
+
+    ``rule="inner"``: every Linear/Conv2d except the first and the last in module order
+    (hessrank's default: the input stem and the classifier head stay dense; empty for fewer
+    than three layers). ``rule="conv"``: every Conv2d except the first (the stem), every
+    Linear dense — what the FedLoRU authors' code factorizes (its ResNets' convolutions in the
+    residual blocks); empty for a model without two Conv2d layers.
+    """
     names = factorizable_names(model)
-    return names[1:-1]
+    if rule == "inner":
+        return names[1:-1]
+    if rule == "conv":
+        return [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)][1:]
+    raise ValueError(f"unknown factorize rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
 def check_factorizable(model: nn.Module, names: list[str]) -> list[str]:
@@ -286,6 +344,10 @@ def factorize(
     alpha: float = 8.0,
     from_scratch: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    rule: str = "inner",
+    init: str = "dense-variance",
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Replace the named Linear/Conv2d submodules of ``model`` (in place) by LoRA layers.
 
@@ -297,14 +359,19 @@ def factorize(
         from_scratch: W0 = 0 and both factors random (see module docstring) instead of
             W0 = dense weight, B = 0.
         generator: source of every random draw (layers initialized in ``names`` order).
+        rule: which layers when ``names`` is None (:func:`default_factorizable`).
+        init: the from-scratch scales, ``"dense-variance"`` or ``"kaiming"`` (module docstring).
+        dropout: low-rank dropout p between A and B in train mode (module docstring).
     Returns:
         ``model``, whose listed layers are :class:`LoRALinear` / :class:`LoRAConv2d`.
     """
-    names = check_factorizable(model, default_factorizable(model) if names is None else names)
+    default = default_factorizable(model, rule) if names is None else names
+    names = check_factorizable(model, default)
     for name in names:
         base = model.get_submodule(name)
         cls = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
-        layer = cls(base, rank, alpha, from_scratch=from_scratch, generator=generator)
+        layer = cls(base, rank, alpha, from_scratch=from_scratch, generator=generator,
+                    init=init, dropout=dropout)  # fmt: skip
         set_submodule(model, name, layer)
     return model
 

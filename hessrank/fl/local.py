@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import clip_grad_norm_
 
 from hessrank.fl.protocol import ClientData, NonFiniteError
 
@@ -114,6 +115,8 @@ def local_sgd(
     generator: torch.Generator,
     penalty: Callable[[], Tensor] | None = None,
     correction: Sequence[Tensor] | None = None,
+    max_grad_norm: float = 0.0,
+    stochastic: bool = False,
 ) -> LocalResult:
     """Train ``params`` of ``model`` in place by SGD on ``data`` (model in train mode).
 
@@ -121,17 +124,50 @@ def local_sgd(
     (+ ``penalty()``, FedProx's proximal term) by the update of ``torch.optim.SGD(lr,
     momentum, weight_decay)`` (no dampening, no Nesterov), with a constant ``correction``
     c_p added to each parameter's gradient (SCAFFOLD's c − c_i; none by default):
-        g ← ∇L_B + wd·θ + c_p;  m ← g (first step) or μ·m + g;  θ ← θ − lr·m,
+        g ← clip(∇L_B) + wd·θ + c_p;  m ← g (first step) or μ·m + g;  θ ← θ − lr·m,
     written out here because ``torch.optim`` imports torch._dynamo on its first step (seconds
-    of start-up). The momentum buffer is fresh for every call, i.e. for every round. Batches
-    come from :func:`batch_indices`. Parameters not in ``params`` get no update (their
-    gradients are not even computed).
+    of start-up). clip (``max_grad_norm`` = c > 0) is ``torch.nn.utils.clip_grad_norm_`` over
+    ``params``: every gradient times min(1, c / (‖∇L_B‖₂ + 1e-6)), the 2-norm taken over all
+    of them together; c = 0 leaves the gradient alone. The momentum buffer is fresh for every
+    call, i.e. for every round. Batches come from :func:`batch_indices`. Parameters not in
+    ``params`` get no update (their gradients are not even computed).
+
+    ``stochastic``: the forward pass draws random numbers (low-rank dropout). One seed is
+    then drawn from ``generator`` after the batches, and the loop runs with torch's global
+    RNG seeded by it and restored afterwards, so the masks are a function of the generator's
+    state and the global RNG is left as it was. Without it nothing more is drawn.
     """
     params = list(params)
     start = time.perf_counter()
     batches = batch_indices(
         data.size, batch_size, epochs=epochs, steps=steps, generator=generator
     )
+    if stochastic:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        devices = [data.inputs.device] if data.inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return _loop(model, params, data, task, batches, lr, momentum, weight_decay,
+                         penalty, correction, max_grad_norm, start)  # fmt: skip
+    return _loop(model, params, data, task, batches, lr, momentum, weight_decay, penalty,
+                 correction, max_grad_norm, start)  # fmt: skip
+
+
+def _loop(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: ClientData,
+    task: Task,
+    batches: list[Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    penalty: Callable[[], Tensor] | None,
+    correction: Sequence[Tensor] | None,
+    max_grad_norm: float,
+    start: float,
+) -> LocalResult:
+    """The steps of :func:`local_sgd` over ``batches``."""
     trainable = {id(p) for p in params}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved:
@@ -153,6 +189,8 @@ def local_sgd(
                     f"{step + 1} of {len(batches)}", client_id=data.client_id,
                 )  # fmt: skip
             loss.backward()
+            if max_grad_norm > 0.0:
+                clip_grad_norm_(params, max_grad_norm)
             _sgd_step(params, buffers, lr, momentum, weight_decay, correction)
             total += value
     finally:

@@ -79,7 +79,9 @@ def learning_rate(config: TrainConfig, round_idx: int) -> float:
 
 class RoundObserver:
     """Sees a round from outside: its start, every reply, its end. Methods do nothing by
-    default; an observer never changes the round."""
+    default; an observer never changes the round, but may stop it by raising
+    :class:`~hessrank.fl.protocol.NonFiniteError` (the divergence checks,
+    :mod:`hessrank.fl.divergence`)."""
 
     def round_started(self, round_idx: int, strategy: Strategy) -> None:
         """Before the first phase."""

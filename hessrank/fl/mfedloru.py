@@ -197,6 +197,7 @@ def rank_model(template: nn.Module, names: list[str], config: TrainConfig, rank:
     return factorize(
         copy.deepcopy(template), names, rank=rank, alpha=config.lora_alpha * rank / config.rank,
         generator=torch.Generator(),  # values are overwritten; keep the global RNG
+        dropout=config.lowrank_dropout,
     )  # fmt: skip
 
 

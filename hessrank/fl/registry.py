@@ -37,6 +37,7 @@ __all__ = [
     "CONSTRAINT_NAMES",
     "ALGORITHM_NAMES",
     "AlgorithmEntry",
+    "FactorOptions",
     "FeDLRTOptions",
     "LoRAOptions",
     "LowRankOptions",
@@ -78,6 +79,10 @@ class LowRankOptions:
     factorize: list[str] | None = option(
         None, "comma-separated layer names to factorize (default: every Linear/Conv2d but the "
         "first and last)")  # fmt: skip
+    factorize_rule: Literal["inner", "conv"] = option(
+        "inner", "the layers factorized when --factorize is not given: inner (every "
+        "Linear/Conv2d but the first and last) or conv (every Conv2d but the first, every "
+        "Linear dense: the FedLoRU authors' code)")  # fmt: skip
 
 
 @option_group
@@ -138,6 +143,31 @@ class AdapterOptions:
                     "--adapters peft W0 is the model's base and the adapted projections are "
                     "--lora-targets: drop it"
                 )
+        # the factor options of hessrank's own LoRA layers: PEFT initializes its adapters
+        # itself (A Kaiming-uniform, B = 0), has no low-rank dropout here, and FedLoRU's PEFT
+        # merge re-initializes (merge_adapters)
+        for key, neutral in (("lora_init", "dense-variance"), ("lowrank_dropout", 0.0),
+                             ("merge_mode", "reinit"), ("factorize_rule", "inner")):  # fmt: skip
+            value = getattr(self, key, neutral)
+            if value != neutral:
+                raise ValueError(
+                    f"config key {key!r} ({value!r}) is for hessrank's own LoRA layers, not "
+                    f"--adapters peft; drop it (or leave it at {neutral!r})"
+                )
+
+
+@option_group
+class FactorOptions:
+    """LoRA factors' initialization and dropout."""
+
+    lora_init: Literal["dense-variance", "kaiming"] = option(
+        "dense-variance", "from-scratch factor scales: dense-variance (A ~ U(+-1/sqrt(fan_in)), "
+        "B ~ U(+-sqrt(3r)/alpha): (alpha/r) B A has the dense init's variance) or kaiming (A "
+        "and B kaiming-uniform(a=sqrt(5)), B ~ U(+-1/sqrt(r)), factorized layers' bias 0: "
+        "the FedLoRU authors' code)")  # fmt: skip
+    lowrank_dropout: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.0, "dropout between A and B on the low-rank path during local training, masks "
+        "seeded from the round generator (0: off; the FedLoRU authors' code: 0.1)")  # fmt: skip
 
 
 @option_group
@@ -146,16 +176,21 @@ class MergeOptions:
 
     merge_every: Annotated[int, Ge(0)] = option(
         5, "tau: merge (alpha/r) B A into W0 every tau rounds (0: never)")
+    merge_mode: Literal["reinit", "accumulate"] = option(
+        "reinit", "reinit (the paper, ReLoRA: W0 += (alpha/r) B A, A redrawn, B = 0; function "
+        "unchanged) or accumulate (the authors' merge(): W0 += (alpha/r) B A, A and B kept)")
 
 
 @option_group
 class PersonalOptions:
-    """pFedLoRU's personal pair."""
+    """pFedLoRU's local (personal) pair A, B; the shared pair is L, U (the authors' rebuttal)."""
 
     personal_rank: Annotated[int, Ge(1)] = option(4, "personal rank r_p")
     personal_alpha: Annotated[float, Gt(0)] = option(4.0, "personal alpha_p")
-    personal_order: Literal["global-first", "personal-first"] = option(
-        "global-first", "local phases: global-first (the paper) or personal-first")
+    personal_order: Literal["LU-first", "AB-first", "global-first", "personal-first"] = option(
+        "LU-first", "local phases: LU-first (the shared pair L, U first, then the local pair "
+        "A, B: the rebuttal's order) or AB-first; global-first / personal-first are the "
+        "deprecated names of the same two")  # fmt: skip
     personal_steps: Annotated[int, Ge(0)] = option(
         0, "steps on the personal pair (0: half the global phase's steps)")
 
@@ -194,6 +229,10 @@ class FeDLRTOptions:
         "Frobenius norm) or svd (plain truncated SVD)")  # fmt: skip
     fedlrt_weighting: Literal["uniform", "size"] = option(
         "uniform", "client weights: uniform (the paper's (1/C) sum_c L_c) or size (n_c / N)")
+    rank_cap: Literal["none", "fedavg"] = option(
+        "none", "none (ranks bounded by r_max only) or fedavg (per layer, also by the largest "
+        "rank whose round, the rank doubled by the augmentation, sends no more floats than "
+        "FedAvg's 2 m n; the starting rank too)")  # fmt: skip
 
     def check(self, used: bool) -> None:
         if self.r_max < self.r_min:
@@ -245,7 +284,7 @@ def _resolve(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-_LORA = (LowRankOptions, LoRAOptions)
+_LORA = (LowRankOptions, LoRAOptions, FactorOptions)
 _M = "hessrank.fl."
 ALGORITHMS: dict[str, AlgorithmEntry] = {
     e.name: e

@@ -38,6 +38,7 @@ from filelock import FileLock, Timeout
 from torch import Tensor
 
 from hessrank.fl.config import TrainConfig
+from hessrank.fl.divergence import DivergedError, DivergenceGuard
 from hessrank.fl.evaluation import evaluate
 from hessrank.fl.loop import RoundObserver, UpdateRecorder, learning_rate, sample_clients
 from hessrank.fl.protocol import (
@@ -115,7 +116,9 @@ def train(
             a damaged history or a non-finite, misshapen or foreign last checkpoint; another
             process is training into ``out``; or training diverged
             (:class:`~hessrank.fl.protocol.NonFiniteError`: the message names round and
-            client and the last finite checkpoint is kept).
+            client and the last finite checkpoint is kept; its subclass
+            :class:`~hessrank.fl.divergence.DivergedError` when a loss or weight passed the
+            ``divergence_factor`` / ``weight_bound`` checks while still finite).
     """
     return train_many(
         [(config, out)], resume=resume, progress=progress, callback=callback, device=device,
@@ -254,6 +257,8 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     ``rounds`` (a run may be extended), unless a cosine schedule depends on ``rounds``."""
     d = config.to_dict()
     d.pop("notes")
+    for key in ("divergence_factor", "weight_bound"):  # a stopped run may resume with others
+        d.pop(key)
     if config.lr_schedule != "cosine":
         d.pop("rounds")
     return json.loads(json.dumps(d))  # tuples → lists, as after a JSON round trip
@@ -397,6 +402,9 @@ def _train_locked(
 
     recorder = UpdateRecorder() if cfg.record_updates else None
     observers: list[RoundObserver] = [recorder] if recorder is not None else []
+    initial = rows[0] if saved_rounds else row  # round 0's metrics row
+    guard = DivergenceGuard.from_config(cfg, initial.get("train_loss"))
+    observers.append(guard)
     last_saved = start
     previous = (fed.strategy.state_tensors(), fed.states.copy(), _rng_state(gen), dict(cum))
     desc = f"{cfg.algo} rounds" + (f" {start + 1}-{cfg.rounds}" if start else "")
@@ -406,6 +414,7 @@ def _train_locked(
         t0 = time.perf_counter()
         lr = learning_rate(cfg, t)
         sampled = sample_clients(cfg.clients, cfg.client_fraction, gen)
+        evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
         try:
             stats = fed.round(t, [setup.clients[i] for i in sampled], lr, gen, execute,
                               observers)  # fmt: skip
@@ -413,25 +422,30 @@ def _train_locked(
             bad = first_non_finite(state)
             if bad is not None:
                 raise NonFiniteError(f"the aggregated state has non-finite values in {bad!r}")
+            guard.check_weights(state, "the aggregated model")
+            ev = evaluate(setup) if evaluated else {
+                "train_loss": None, "test_loss": None, "test_accuracy": None
+            }
+            guard.check_loss(ev["train_loss"], "the training loss of the aggregated model")
         except NonFiniteError as err:
             bar.close()
-            if t - 1 > last_saved:  # keep the state after round t - 1, the last finite one
+            if t - 1 > last_saved:  # keep the state after round t - 1, the last good one
                 fed.strategy.load_state_tensors(previous[0])
                 _save(setup, writer, t - 1, previous)
                 last_saved = t - 1
-            raise NonFiniteError(
+            kind = DivergedError if isinstance(err, DivergedError) else NonFiniteError
+            way_out = ("lower --lr, or raise --divergence-factor / --weight-bound (0: off)"
+                       if kind is DivergedError else "lower --lr")  # fmt: skip
+            raise kind(
                 f"training diverged in round {t} (lr {lr:g}): {err.args[0]}; stopped, the last "
-                f"finite checkpoint is round {last_saved} in {out}; lower --lr",
+                f"{'good' if kind is DivergedError else 'finite'} checkpoint is round "
+                f"{last_saved} in {out}; {way_out}",
                 client_id=err.client_id,
             ) from None
         if recorder is not None:
             writer.updates(t, recorder.updates)
         cum["up"] += sum(stats.floats_up.values())
         cum["down"] += sum(stats.floats_down.values())
-        evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
-        ev = evaluate(setup) if evaluated else {
-            "train_loss": None, "test_loss": None, "test_accuracy": None
-        }
         row = _metrics_row(t, ev, cum, lr, sampled, stats)
         row["seconds"] = time.perf_counter() - t0
         writer.append_metrics(row)

@@ -126,7 +126,7 @@ class ScaffoldClient(LocalSGD):
             worker, params, data, self.task, lr=task.lr, batch_size=cfg.batch_size,
             epochs=cfg.local_epochs, steps=cfg.local_steps, momentum=0.0,
             weight_decay=cfg.weight_decay, generator=rng,
-            correction=[cg - ci for cg, ci in zip(c, c_i)],
+            correction=[cg - ci for cg, ci in zip(c, c_i)], max_grad_norm=cfg.max_grad_norm,
         )  # fmt: skip
         scale = 1.0 / (result.num_steps * task.lr)
         new_c = [ci - cg + (x0 - p.detach()) * scale for ci, cg, x0, p in zip(c_i, c, x, params)]

@@ -224,11 +224,11 @@ def test_pfedloru_trains_global_pair_first_with_more_steps():
     seen = _phases(fed)
     fed.round(1, _clients()[:1], lr=0.2, rng=_gen())
     assert seen == [("global", 6), ("personal", 3)]
-    rev = _fed("pfedloru", merge_every=0, personal_order="personal-first", personal_steps=2)
+    rev = _fed("pfedloru", merge_every=0, personal_order="AB-first", personal_steps=2)
     seen = _phases(rev)
     rev.round(1, _clients()[:1], lr=0.2, rng=_gen())
     assert seen == [("personal", 2), ("global", 3)]
-    assert "global-first" in fed.notes()["personal"]
+    assert "LU-first" in fed.notes()["personal"]
 
 
 def test_mfedloru_hierarchical_nested_updates():
@@ -263,3 +263,25 @@ def test_mfedloru_hierarchical_nested_updates():
     nested = {rc: rc * (4 + 10) + rc * (9 + 4) for rc in (4, 2)}
     assert stats.floats_up == {0: dense + nested[4], 1: dense + nested[2]}
     assert stats.floats_down == {0: _low_rank_floats(4), 1: _low_rank_floats(4)}
+
+
+# ---- pFedLoRU's names (issue 23: the rebuttal calls the shared pair L, U) ----------------
+# fingerprint of TrainConfig(algo="pfedloru", personal_order="personal-first") before the rename
+PERSONAL_FIRST_BEFORE = "a999b5174faf208305427b84d6bb402bf7d144f040f0774e22925346d7a0f902"
+
+
+@pytest.mark.parametrize("old,new", [("global-first", "LU-first"), ("personal-first", "AB-first")])
+def test_old_order_names_are_accepted_with_one_deprecation_line(old, new):
+    with pytest.warns(FutureWarning, match=f"'{old}' is deprecated, use '{new}'") as seen:
+        cfg = TrainConfig(algo="pfedloru", personal_order=old)
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    assert cfg.personal_order == new
+    assert cfg.fingerprint() == TrainConfig(algo="pfedloru", personal_order=new).fingerprint()
+
+
+def test_renamed_orders_keep_the_fingerprints_of_saved_runs(recwarn):
+    cfg = TrainConfig(algo="pfedloru", personal_order="AB-first")
+    assert cfg.fingerprint() == PERSONAL_FIRST_BEFORE
+    saved = {**cfg.to_dict(), "personal_order": "personal-first"}  # a run saved before
+    assert TrainConfig.from_saved(saved).personal_order == "AB-first"
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]  # reading is silent

@@ -15,12 +15,21 @@ from torch import Tensor, nn
 
 from hessrank.data.datasets import load_dataset
 from hessrank.data.task import ClassificationTask, RegressionTask, Task
+from hessrank.fl import train
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.dlrt_layers import USVConv2d, USVLinear
-from hessrank.fl.fedlrt import FeDLRT, augment_basis, truncation_rank
+from hessrank.fl.fedlrt import (
+    FeDLRT,
+    augment_basis,
+    fedavg_rank_cap,
+    layer_floats,
+    truncation_rank,
+)
 from hessrank.fl.loop import Federation
 from hessrank.fl.protocol import ClientData
 from hessrank.models import build_model
+
+from .test_runner import tiny
 
 FULL_BATCH = 10**9  # batch_size >= n_c: every local step is a full-batch gradient step
 
@@ -421,3 +430,44 @@ def test_client_weighting(weighting: str) -> None:
     expected = 0.5 * sum(losses) if weighting == "uniform" else 0.25 * losses[0] + 0.75 * losses[1]
     assert stats.train_loss == pytest.approx(expected, rel=1e-12)
     assert algo.notes()["fedlrt.weighting"].startswith(weighting)
+
+
+# ---- the communication cap (issue 23) -----------------------------------------------------------
+@pytest.mark.parametrize("m,n", [(64, 64), (16, 16), (784, 256), (10, 3)])
+@pytest.mark.parametrize("correction", ["full", "simplified", "none"])
+def test_fedavg_rank_cap_is_the_largest_rank_within_fedavgs_floats(m, n, correction):
+    def worst(r: int) -> int:
+        return sum(layer_floats(m, n, r, min(r, m - r), min(r, n - r), correction))
+
+    cap = fedavg_rank_cap(m, n, correction)
+    assert cap == 1 or worst(cap) <= 2 * m * n
+    assert all(worst(r) > 2 * m * n for r in range(cap + 1, min(m, n) + 1))
+    if correction == "full" and 2 * cap <= min(m, n):
+        assert worst(cap) == 3 * (m + n) * cap + 13 * cap * cap  # the docstring's closed form
+
+
+def test_rank_cap_keeps_every_round_below_fedavgs_floats(tmp_path):
+    """The tiny MLP's 16 x 16 layer: cap 3 with full correction (3*32*3 + 13*9 = 405 <= 512,
+    r = 4 gives 592); started at rank 4 and free to grow (theta 0.001), it stays at <= 3 and
+    every round sends fewer floats per client than FedAvg's; without the cap it grows past."""
+    base = tiny(algo="fedlrt", rounds=4, rank=4, trunc_theta=0.001, lr=0.3)
+    capped = train({**base, "rank_cap": "fedavg"}, tmp_path / "c", progress=False).metrics()
+    free = train(base, tmp_path / "f", progress=False).metrics()
+    fedavg = train(tiny(algo="fedavg", rounds=4, lr=0.3), tmp_path / "a", progress=False).metrics()
+    assert all(max(r.values()) <= 3 for r in capped["ranks"].iloc[1:])
+    assert max(free["ranks"].iloc[-1].values()) > 3
+    per_client = {
+        name: [(row.floats_up_total + row.floats_down_total) / len(row.sampled)
+               for row in table.iloc[1:].itertuples()]
+        for name, table in (("capped", capped), ("fedavg", fedavg))
+    }  # fmt: skip
+    assert max(per_client["capped"]) <= min(per_client["fedavg"])
+
+
+def test_layer_floats_is_what_the_strategy_counts():
+    clients = _lsq_clients(2, 30, 12, 10, seed=3)
+    fed = _fed(_linear_net(12, 10), _config(rank=3, factorize=["0"], local_steps=2))
+    stats = fed.round(1, clients, 0.1, torch.Generator().manual_seed(0))
+    r_pre = int(stats.extra["rank_pre/0"])
+    down, up = layer_floats(10, 12, 3, r_pre - 3, r_pre - 3, "full")
+    assert set(stats.floats_down.values()) == {down} and set(stats.floats_up.values()) == {up}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hessrank.fl import RunDir, train
+from hessrank.fl.presets import PRESETS
 from hessrank.fl.rundir import read_checkpoint
 from hessrank.fl.runner import train_many
 
@@ -28,6 +29,8 @@ ALGOS = {  # name -> config changes: every registered algorithm, both mFedLoRU s
     "fedavg": {}, "fedprox": {"prox_mu": 0.1}, "fedlora": {}, "fedloru": {},
     "pfedloru": {}, "mfedloru": {}, "mfedloru_width": {"mfedloru_scheme": "width"},
     "fedlrt": {}, "scaffold": {},
+    "fedloru_preset": {  # the authors' settings (issue 23) on the MLP: dropout masks travel too
+        **{k: v for k, v in PRESETS["fedloru-official"].items() if k != "factorize_rule"}},
 }  # fmt: skip
 RESUMED = ("pfedloru", "mfedloru", "fedlrt", "scaffold")  # client state or several phases
 if importlib.util.find_spec("peft") and importlib.util.find_spec("transformers"):

@@ -198,6 +198,9 @@ def test_model_path_gives_the_frozen_base(tmp_path, capsys):
     ({"algo": "fedavg"}, "config key 'adapters' applies to fedlora, fedloru only, not 'fedavg'"),
     ({"from_scratch": True}, "'from_scratch' \\(True\\) is for hessrank's own LoRA layers"),
     ({"factorize": ["fc1"]}, "'factorize' \\(\\['fc1'\\]\\) is for hessrank's own LoRA"),
+    ({"lora_init": "kaiming"}, "'lora_init' \\('kaiming'\\) is for hessrank's own LoRA"),
+    ({"lowrank_dropout": 0.1}, "'lowrank_dropout' \\(0.1\\) is for hessrank's own LoRA"),
+    ({"merge_mode": "accumulate"}, "'merge_mode' \\('accumulate'\\) is for hessrank's own"),
 ])  # fmt: skip
 def test_configs_that_cannot_work_are_one_line_errors(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message) as err:
