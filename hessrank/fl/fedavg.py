@@ -214,12 +214,17 @@ class LocalSGD(Client):
         """Whether the worker's forward pass draws random numbers (LoRA: low-rank dropout)."""
         return False
 
+    def worker_for(self, task: ClientTask, state: ClientState) -> nn.Module:
+        """The model that trains ``task``: the client's one worker (a tiered client picks the
+        worker of its rank)."""
+        return self.worker
+
     def __call__(
         self, task: ClientTask, data: ClientData, state: ClientState, rng: torch.Generator
     ) -> tuple[ClientReply, ClientState]:
         if task.phase != "train":
             raise ValueError(f"this client has only the phase 'train', got {task.phase!r}")
-        worker = self.worker
+        worker = self.worker_for(task, state)
         worker.load_state_dict(task.held, strict=False)
         worker.load_state_dict(task.message, strict=False)
         trainable = [p for p in worker.parameters() if p.requires_grad]

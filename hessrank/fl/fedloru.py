@@ -31,50 +31,44 @@ from hessrank.fl.layers import densify, factorized_layers
 from hessrank.fl.local import LocalResult
 from hessrank.fl.protocol import ClientData, ClientReply, ClientState, ClientTask
 
-__all__ = ["FedLoRU", "PFedLoRU", "PersonalClient"]
+__all__ = ["FedLoRU", "MergeLedger", "PFedLoRU", "PersonalClient"]
 
 
-class FedLoRU(FedLoRA):
-    """FedLoRA with a merge every ``config.merge_every`` rounds (0 disables merging).
+class MergeLedger:
+    """FedLoRU's merge schedule and its bookkeeping, for a server strategy (mixed in before
+    it): a merge after the aggregation of every round t with t % τ == 0 (τ =
+    ``config.merge_every``), the merges each client has applied, the catch-up download of a
+    client that missed m merges (per layer min(m·r·(fan_in + out), out·fan_in) floats) and
+    the ledger in the checkpoint. A subclass says how a merge is done (:meth:`merge`) and
+    what a layer's pair costs (:meth:`merge_shapes`)."""
 
-    Training from scratch (W0 = 0, both factors random) is the default, as in the paper and
-    the authors' code; ``from_scratch=False`` starts from the dense init with B = 0."""
-
-    name = "fedloru"
+    config: TrainConfig
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         super().__init__(model, config)
         self.num_merges = 0
         self.synced = [0] * config.clients  # merges each client has applied
 
-    def notes(self) -> dict[str, str]:
-        return {
-            **super().notes(),
-            "merge": "after aggregation of rounds t with t % merge_every == 0: W0 += (alpha/r) "
-            + ("B A, A redrawn from the round generator, B = 0" if self.config.merge_mode ==
-               "reinit" else "B A, A and B kept (the authors' merge(); the layer then counts "
-               "the pair twice)"),
-            "merge_communication": "a sampled client that missed m merges downloads "
-            "min(m r (fan_in+out), out fan_in) floats per layer before the round's message",
-        }
+    def merge(self, rng: torch.Generator) -> None:
+        """Merge every pair into its base weights (drawing from ``rng``)."""
+        raise NotImplementedError
+
+    def merge_shapes(self) -> list[tuple[int, int, int]]:
+        """(r, fan_in, out) of every merged pair."""
+        raise NotImplementedError
 
     def sync_floats(self, client_id: int) -> int:
         missed = self.num_merges - self.synced[client_id]
         self.synced[client_id] = self.num_merges
         if missed <= 0:
             return 0
-        total = 0
-        for layer in factorized_layers(self.model).values():
-            pair = missed * layer.rank * (layer.fan_in + layer.out_dim)
-            total += min(pair, layer.weight0.numel())
-        return total
+        return sum(min(missed * r * (fan_in + out), fan_in * out)
+                   for r, fan_in, out in self.merge_shapes())  # fmt: skip
 
     def server_step(self, round_idx: int, rng: torch.Generator) -> dict[str, float]:
         tau = self.config.merge_every
         if tau > 0 and round_idx % tau == 0:
-            reinit = self.config.merge_mode == "reinit"
-            for layer in factorized_layers(self.model).values():
-                layer.merge_(rng, reinit=reinit)
+            self.merge(rng)
             self.num_merges += 1
             return {"merged": 1.0}
         return {"merged": 0.0}
@@ -94,6 +88,35 @@ class FedLoRU(FedLoRA):
             msg = f"FedLoRU state lacks {err.args[0]!r}; not a FedLoRU checkpoint"
             raise ValueError(msg) from None
         super().load_state_tensors(tensors)
+
+
+class FedLoRU(MergeLedger, FedLoRA):
+    """FedLoRA with a merge every ``config.merge_every`` rounds (0 disables merging).
+
+    Training from scratch (W0 = 0, both factors random) is the default, as in the paper and
+    the authors' code; ``from_scratch=False`` starts from the dense init with B = 0."""
+
+    name = "fedloru"
+
+    def notes(self) -> dict[str, str]:
+        return {
+            **super().notes(),
+            "merge": "after aggregation of rounds t with t % merge_every == 0: W0 += (alpha/r) "
+            + ("B A, A redrawn from the round generator, B = 0" if self.config.merge_mode ==
+               "reinit" else "B A, A and B kept (the authors' merge(); the layer then counts "
+               "the pair twice)"),
+            "merge_communication": "a sampled client that missed m merges downloads "
+            "min(m r (fan_in+out), out fan_in) floats per layer before the round's message",
+        }
+
+    def merge_shapes(self) -> list[tuple[int, int, int]]:
+        return [(layer.rank, layer.fan_in, layer.out_dim)
+                for layer in factorized_layers(self.model).values()]  # fmt: skip
+
+    def merge(self, rng: torch.Generator) -> None:
+        reinit = self.config.merge_mode == "reinit"
+        for layer in factorized_layers(self.model).values():
+            layer.merge_(rng, reinit=reinit)
 
 
 def _personal_model(factorized: nn.Module, config: TrainConfig) -> nn.Module:

@@ -268,17 +268,9 @@ class WidthClient(_TieredClient):
         self.layer_names = list(factorized_layers(self.worker))
         self._workers: dict[int, nn.Module] = {}
 
-    def __call__(
-        self, task: ClientTask, data: ClientData, state: ClientState, rng: torch.Generator
-    ) -> tuple[ClientReply, ClientState]:
+    def worker_for(self, task: ClientTask, state: ClientState) -> nn.Module:
+        """The rank-r_c model of this client's tier (built once per tier)."""
         rc = _tier(state, task.client_id)
         if rc not in self._workers:
             self._workers[rc] = rank_model(self.template, self.layer_names, self.config, rc)
-        worker = self._workers[rc]
-        worker.load_state_dict(task.held, strict=False)
-        worker.load_state_dict(task.message, strict=False)
-        trainable = [p for p in worker.parameters() if p.requires_grad]
-        result = self.local(worker, trainable, data, task.lr, rng)
-        out = worker.state_dict()
-        reply = {k: out[k].detach().clone() for k in task.message}
-        return ClientReply(reply, reply_metrics(result)), state
+        return self._workers[rc]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from hessrank.fl.config import TrainConfig
 from hessrank.fl.fedavg import FedAvg
+from hessrank.fl.fedloru import MergeLedger
 from hessrank.models.adapters import adapter_names, has_adapters, merge_adapters
 
 __all__ = ["PeftFedLoRA", "PeftFedLoRU", "adapted_shapes"]
@@ -90,16 +91,12 @@ class PeftFedLoRA(FedAvg):
         return {name: r for name, (r, _, _) in self.shapes.items()}
 
 
-class PeftFedLoRU(PeftFedLoRA):
+class PeftFedLoRU(MergeLedger, PeftFedLoRA):
     """FedLoRU's server on PEFT adapters: :class:`PeftFedLoRA` plus a merge every
-    ``merge_every`` rounds (0: never)."""
+    ``merge_every`` rounds (0: never), with FedLoRU's bookkeeping
+    (:class:`~hessrank.fl.fedloru.MergeLedger`)."""
 
     name = "fedloru"
-
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
-        super().__init__(model, config)
-        self.num_merges = 0
-        self.synced = [0] * config.clients  # merges each client has applied
 
     def notes(self) -> dict[str, str]:
         return {
@@ -110,34 +107,8 @@ class PeftFedLoRU(PeftFedLoRA):
             "min(m r (in+out), in out) floats per projection before the round's message",
         }
 
-    def sync_floats(self, client_id: int) -> int:
-        missed = self.num_merges - self.synced[client_id]
-        self.synced[client_id] = self.num_merges
-        if missed <= 0:
-            return 0
-        return sum(min(missed * r * (fan_in + out), fan_in * out)
-                   for r, fan_in, out in self.shapes.values())  # fmt: skip
+    def merge_shapes(self) -> list[tuple[int, int, int]]:
+        return list(self.shapes.values())
 
-    def server_step(self, round_idx: int, rng: torch.Generator) -> dict[str, float]:
-        tau = self.config.merge_every
-        if tau > 0 and round_idx % tau == 0:
-            merge_adapters(self.model, rng)
-            self.num_merges += 1
-            return {"merged": 1.0}
-        return {"merged": 0.0}
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        out = super().state_tensors()
-        out["fedloru.num_merges"] = torch.tensor([self.num_merges], dtype=torch.int64)
-        out["fedloru.synced"] = torch.tensor(self.synced, dtype=torch.int64)
-        return out
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        try:
-            self.num_merges = int(tensors.pop("fedloru.num_merges")[0])
-            self.synced = [int(v) for v in tensors.pop("fedloru.synced")]
-        except KeyError as err:
-            msg = f"FedLoRU state lacks {err.args[0]!r}; not a FedLoRU checkpoint"
-            raise ValueError(msg) from None
-        super().load_state_tensors(tensors)
+    def merge(self, rng: torch.Generator) -> None:
+        merge_adapters(self.model, rng)
