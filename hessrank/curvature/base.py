@@ -36,7 +36,7 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from hessrank.curvature.data import Batches, as_batches
-from hessrank.curvature.params import LossFn, ParameterSpace
+from hessrank.curvature.params import LossFn, OnParameterSpace, ParameterSpace
 from hessrank.curvature.routes import RouteRequest, Workload, plan_route
 from hessrank.curvature.stacked import couples_samples
 from hessrank.data.inputs import slice_inputs
@@ -96,7 +96,7 @@ def check_no_labels_in_inputs(batches: Batches) -> None:
             "labels as the targets of (inputs, targets) instead, and the task's loss is used")
 
 
-class CurvatureOperator:
+class CurvatureOperator(OnParameterSpace):
     """A curvature matrix of a model's mean loss over ``data``, as a (1, p, p) operator.
 
     Args:
@@ -223,24 +223,12 @@ class CurvatureOperator:
         return (1, p, p)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.space.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.space.device
-
-    @property
     def num_samples(self) -> int:
         """N, over all ranks when distributed."""
         return self.total_samples
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t, self.process_group)
-
-    @property
-    def param_names(self) -> list[str]:
-        return self.space.names
 
     @property
     def element_size(self) -> int:

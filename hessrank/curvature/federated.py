@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from hessrank.curvature.base import all_reduce_sum, check_finite_product
 from hessrank.curvature.data import Batches
-from hessrank.curvature.params import LossFn
+from hessrank.curvature.params import LossFn, OnParameterSpace
 from hessrank.curvature.protocol import ClientOperator, CombinableOperator, UnitOperator
 from hessrank.curvature.registry import curvature_class
 from hessrank.curvature.stacked import Units, couples_samples, make_units, plan_unit_size
@@ -52,7 +52,7 @@ from hessrank.data.task import Task
 STRATEGIES = ("auto", "stacked", "per-client")
 
 
-class FederatedOperator:
+class FederatedOperator(OnParameterSpace):
     """Stacked operator of J = K + 1 curvature matrices: clients 0..K−1, then the server.
 
     Args:
@@ -285,21 +285,9 @@ class FederatedOperator:
         return len(self.clients)
 
     @property
-    def param_names(self) -> list[str]:
-        return self.space.names
-
-    @property
     def shape(self) -> tuple[int, int, int]:
         p = self.space.dim
         return (self.num_clients + 1, p, p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.space.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.space.device
 
     @property
     def subject_names(self) -> list[str]:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from hessrank.curvature.base import all_reduce_sum, check_finite_product, check_no_labels_in_inputs
 from hessrank.curvature.data import Batches, as_batches
-from hessrank.curvature.params import LossFn, ParameterSpace
+from hessrank.curvature.params import LossFn, OnParameterSpace, ParameterSpace
 from hessrank.curvature.routes import ATTENTION_KERNELS
 from hessrank.data.task import ClassificationTask, NextTokenTask, RegressionTask, Task, as_task
 
@@ -118,7 +118,7 @@ def output_hessian_columns(task: Task, out: Tensor, y: Tensor, kind: str,
         "RegressionTask) or use kind='mc' or kind='empirical'")
 
 
-class KFACOperator:
+class KFACOperator(OnParameterSpace):
     """K-FAC of a model's mean loss over ``data`` (module docstring) as a (1, p, p) operator.
 
     Args:
@@ -324,20 +324,8 @@ class KFACOperator:
         return (1, p, p)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.space.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.space.device
-
-    @property
     def num_samples(self) -> int:
         return self.total_samples
-
-    @property
-    def param_names(self) -> list[str]:
-        return self.space.names
 
     def matmat(self, V: Tensor) -> Tensor:
         """C V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""

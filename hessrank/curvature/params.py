@@ -164,6 +164,25 @@ def check_finite_params(model: nn.Module) -> None:
                 )
 
 
+class OnParameterSpace:
+    """What an operator on a :class:`ParameterSpace` (``self.space``) reads from it: the
+    names, dtype and device of θ."""
+
+    space: ParameterSpace
+
+    @property
+    def param_names(self) -> list[str]:
+        return self.space.names
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.space.device
+
+
 class ParameterSpace:
     """θ (the selected parameters of ``model``), a twin fixed in ``mode``, flat ↔ dict.
 
