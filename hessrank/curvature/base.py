@@ -96,7 +96,66 @@ def check_no_labels_in_inputs(batches: Batches) -> None:
             "labels as the targets of (inputs, targets) instead, and the task's loss is used")
 
 
-class CurvatureOperator(OnParameterSpace):
+class OperatorOnSpace(OnParameterSpace):
+    """The protocol part of an operator C of one loss on a :class:`ParameterSpace`, built on
+    its ``apply_rows`` ((k, p) rows → (k, p) rows of C v): shape (1, p, p), blocks, vectors,
+    the scipy view, and where products run (the space's mode and the route's attention
+    kernel). Shared by the exact curvatures and K-FAC."""
+
+    route: dict
+    total_samples: int
+
+    def apply_rows(self, R: Tensor, reduce: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    def context(self):
+        """Where products run: the parameter space's mode and, for a model with
+        scaled-dot-product attention, the route's attention kernel."""
+        return self.space.product_context(self.route.get("attention"))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        p = self.space.dim
+        return (1, p, p)
+
+    @property
+    def num_samples(self) -> int:
+        """N, over all ranks when distributed."""
+        return self.total_samples
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """C V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""
+        p, nd = self.space.dim, V.ndim
+        W = V[None, :, None] if nd == 1 else V[None] if nd == 2 else V
+        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] != p:
+            raise ValueError(f"expected V of shape (1, {p}, k), got {tuple(V.shape)}")
+        out = self.apply_block(W[0])
+        return out[:, 0] if nd == 1 else out if nd == 2 else out[None]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v)
+
+    def apply_block(self, V: Tensor) -> Tensor:
+        """C V for a (p, k) block (one pass over the data for the exact curvatures)."""
+        if V.ndim != 2 or V.shape[0] != self.space.dim:
+            raise ValueError(f"expected a block of shape ({self.space.dim}, k), "
+                             f"got {tuple(V.shape)}")
+        return self.apply_rows(self.space.rows(V)).T
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64) for cross-checks."""
+        p = self.space.dim
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X, dtype=np.float64)
+            Y = self.apply_block(torch.as_tensor(X.reshape(p, -1)))
+            Y = Y.detach().cpu().to(torch.float64).numpy()
+            return Y[:, 0] if X.ndim == 1 else Y
+
+        return LinearOperator((p, p), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
+
+
+class CurvatureOperator(OperatorOnSpace):
     """A curvature matrix of a model's mean loss over ``data``, as a (1, p, p) operator.
 
     Args:
@@ -201,11 +260,6 @@ class CurvatureOperator(OnParameterSpace):
         raise NotImplementedError
 
     # ---- route ------------------------------------------------------------------------------
-    def context(self):
-        """Where products run: the parameter space's mode and, for a model with
-        scaled-dot-product attention, the route's attention kernel."""
-        return self.space.product_context(self.route.get("attention"))
-
     def estimated_cache_mb(self, samples: int | None = None, batches: int | None = None
                            ) -> float:
         """Rough memory of kept linearizations, 4 × activations + 3 × p per batch: of all
@@ -217,41 +271,12 @@ class CurvatureOperator(OnParameterSpace):
         return self.workload.activations_per_sample
 
     # ---- operator protocol ------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        p = self.space.dim
-        return (1, p, p)
-
-    @property
-    def num_samples(self) -> int:
-        """N, over all ranks when distributed."""
-        return self.total_samples
-
     def _all_reduce(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t, self.process_group)
 
     @property
     def element_size(self) -> int:
         return self.space.element_size
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """C V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""
-        p, nd = self.space.dim, V.ndim
-        W = V[None, :, None] if nd == 1 else V[None] if nd == 2 else V
-        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] != p:
-            raise ValueError(f"expected V of shape (1, {p}, k), got {tuple(V.shape)}")
-        out = self.apply_block(W[0])
-        return out[:, 0] if nd == 1 else out if nd == 2 else out[None]
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.matmat(v)
-
-    def apply_block(self, V: Tensor) -> Tensor:
-        """C V for a (p, k) block: Σ_b (n_b/N) C_b V, one pass over the data."""
-        if V.ndim != 2 or V.shape[0] != self.space.dim:
-            raise ValueError(f"expected a block of shape ({self.space.dim}, k), "
-                             f"got {tuple(V.shape)}")
-        return self.apply_rows(self.space.rows(V)).T
 
     def apply_rows(self, R: Tensor, reduce: bool = True) -> Tensor:
         """(k, p) rows of tangents → (k, p) rows of C v: every batch, weighted, checked.
@@ -279,18 +304,6 @@ class CurvatureOperator(OnParameterSpace):
         out = self._all_reduce(out)
         check_finite_product(out, self.curvature)
         return out
-
-    def to_scipy(self) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64) for cross-checks."""
-        p = self.space.dim
-
-        def mm(X: np.ndarray) -> np.ndarray:
-            X = np.asarray(X, dtype=np.float64)
-            Y = self.apply_block(torch.as_tensor(X.reshape(p, -1)))
-            Y = Y.detach().cpu().to(torch.float64).numpy()
-            return Y[:, 0] if X.ndim == 1 else Y
-
-        return LinearOperator((p, p), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
 
     # ---- vectors, loss, gradient ------------------------------------------------------------
     def unflatten(self, V: Tensor) -> dict[str, Tensor]:

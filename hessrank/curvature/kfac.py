@@ -41,15 +41,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from hessrank.curvature.base import all_reduce_sum, check_finite_product, check_no_labels_in_inputs
+from hessrank.curvature.base import (
+    OperatorOnSpace,
+    all_reduce_sum,
+    check_finite_product,
+    check_no_labels_in_inputs,
+)
 from hessrank.curvature.data import Batches, as_batches
-from hessrank.curvature.params import LossFn, OnParameterSpace, ParameterSpace
+from hessrank.curvature.params import LossFn, ParameterSpace
 from hessrank.curvature.routes import ATTENTION_KERNELS
 from hessrank.data.task import ClassificationTask, NextTokenTask, RegressionTask, Task, as_task
 
@@ -118,7 +121,7 @@ def output_hessian_columns(task: Task, out: Tensor, y: Tensor, kind: str,
         "RegressionTask) or use kind='mc' or kind='empirical'")
 
 
-class KFACOperator(OnParameterSpace):
+class KFACOperator(OperatorOnSpace):
     """K-FAC of a model's mean loss over ``data`` (module docstring) as a (1, p, p) operator.
 
     Args:
@@ -314,31 +317,6 @@ class KFACOperator(OnParameterSpace):
         return server
 
     # ---- operator protocol ------------------------------------------------------------------
-    def context(self):
-        """Where the factors are computed: the mode and, for attention, the route's kernel."""
-        return self.space.product_context(self.route.get("attention"))
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        p = self.space.dim
-        return (1, p, p)
-
-    @property
-    def num_samples(self) -> int:
-        return self.total_samples
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """C V for V of shape (1, p, k), (p, k) or (p,); returns the same shape."""
-        p, nd = self.space.dim, V.ndim
-        W = V[None, :, None] if nd == 1 else V[None] if nd == 2 else V
-        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] != p:
-            raise ValueError(f"expected V of shape (1, {p}, k), got {tuple(V.shape)}")
-        out = self.apply_rows(self.space.rows(W[0])).T
-        return out[:, 0] if nd == 1 else out if nd == 2 else out[None]
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.matmat(v)
-
     def apply_rows(self, R: Tensor, reduce: bool = True) -> Tensor:
         """(k, p) rows → (k, p) rows of C v. The factors are global (all-reduced once), so
         ``reduce=False`` under a process group returns the product on rank 0 and zeros on
@@ -367,22 +345,6 @@ class KFACOperator(OnParameterSpace):
         if reduce:
             check_finite_product(out, self.curvature)
         return out
-
-    def apply_block(self, V: Tensor) -> Tensor:
-        """C V for a (p, k) block."""
-        return self.apply_rows(self.space.rows(V)).T
-
-    def to_scipy(self) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64) for cross-checks."""
-        p = self.space.dim
-
-        def mm(X: np.ndarray) -> np.ndarray:
-            X = np.asarray(X, dtype=np.float64)
-            Y = self.apply_block(torch.as_tensor(X.reshape(p, -1)))
-            Y = Y.detach().cpu().to(torch.float64).numpy()
-            return Y[:, 0] if X.ndim == 1 else Y
-
-        return LinearOperator((p, p), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
 
     # ---- the exact spectrum -----------------------------------------------------------------
     def spectrum(self) -> Tensor:
