@@ -99,15 +99,18 @@ def render(records: list[dict]) -> str:
         "`make check` is the fast subset (`-m \"not slow\"`), `make test` everything (what CI",
         "runs). *two studies*: two `hessrank study` runs of `federated_digits.toml` (3",
         "replicates each) train and analyze beside the suite. *load*: mean 1-minute load",
-        "average sampled every 5 s while the target ran. Every per-test limit is 300 s",
+        "average sampled every 5 s while the target ran; *load before*: the 1-minute load",
+        "average just before the cell started (other work on the machine, e.g. 1.0 for one",
+        "busy core). Every per-test limit is 300 s",
         "(pytest-timeout); `make test` as a whole is bounded by `timeout` (SUITE_LIMIT).",
         "",
-        "| target | condition | wall | exit | load | pytest | revision | machine |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | condition | load before | wall | exit | load | pytest | revision | machine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| `make {r['target']}` | {r['condition']} | {r['wall_s'] / 60:.1f} min | "
+            f"| `make {r['target']}` | {r['condition']} | {r.get('load_before', '–')} | "
+            f"{r['wall_s'] / 60:.1f} min | "
             f"{r['exit']} | {r['load_mean']} | {r['summary']} | {r['revision']} | "
             f"{r['cores']} cores |"
         )
@@ -127,6 +130,7 @@ def main() -> None:
         for condition in args.conditions:
             for target in targets:
                 workdir = Path(tempfile.mkdtemp(prefix="bench_suite_"))
+                before = round(os.getloadavg()[0], 2)  # what else runs on the machine
                 procs = _start_studies(workdir) if condition == "two studies" else []
                 try:
                     rec = _run(target)
@@ -134,6 +138,7 @@ def main() -> None:
                     _stop(procs)
                     shutil.rmtree(workdir, ignore_errors=True)
                 rec.update(condition=condition, revision=_revision(), cores=os.cpu_count(),
+                           load_before=before,
                            python=platform.python_version())  # fmt: skip
                 records = [r for r in records
                            if (r["target"], r["condition"]) != (target, condition)] + [rec]
