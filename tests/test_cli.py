@@ -70,12 +70,14 @@ def test_import_hessrank_is_lazy_and_every_public_name_resolves():
 
 
 def test_analyze_help_lists_match_the_library():
+    """The subject forms are spelled out for --help (the parser sits beside torch code); the
+    quantities are read from the registry when the parser is built (test_registry.py), not
+    copied at import, so a registered quantity is never missing from --help."""
     from hessrank.analysis import cli as analysis_cli
     from hessrank.analysis.subjects import VALID_FORMS
-    from hessrank.analysis.trajectory import QUANTITIES
 
     assert analysis_cli.VALID_FORMS == VALID_FORMS
-    assert tuple(analysis_cli.QUANTITIES) == tuple(QUANTITIES)
+    assert not hasattr(analysis_cli, "QUANTITIES")
 
 
 # ---- help content --------------------------------------------------------------------------

@@ -28,8 +28,6 @@ from hessrank.curvature.registry import curvature_help  # imports no torch
 VALID_FORMS = "server, clients, clients:0,3,5, subset:NxD (e.g. subset:50x5), test"
 """The subject forms (tests check them against :data:`hessrank.analysis.subjects.VALID_FORMS`,
 which sits beside torch code and cannot be imported for --help)."""
-QUANTITIES = tuple(_REGISTRY)
-"""The quantity names, from the registry."""
 _DEFAULTS = {f.name: f.default for f in AnalysisSettings.__dataclass_fields__.values()}
 
 
