@@ -38,9 +38,13 @@ def test_registry_and_parsing():
         parse_quantities("stable_rank")
 
 
-def test_cli_help_lists_match_the_registries():
+def test_cli_help_lists_match_the_registries(capsys):
     from hessrank.analysis import cli
     from hessrank.analysis.subjects import VALID_FORMS
+    from hessrank.cli import build_parser
 
-    assert cli.QUANTITIES == tuple(QUANTITIES)
     assert cli.VALID_FORMS == VALID_FORMS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name} (" in text for name in QUANTITIES)
