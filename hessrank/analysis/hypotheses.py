@@ -14,7 +14,10 @@ entry in :data:`KINDS`.
     alignment       A_rank − A_full: of recorded client updates (unit = client) or of
                     gradients per layer (unit = layer)
     matched-size    per client: client − mean of its size-matched random subsets
-    matched-label   per client: client − mean of its label-matched random subsets
+    matched-label   per client: client − mean of its label-matched random subsets (class
+                    labels)
+    matched-histogram  per client: client − mean of its character-histogram-matched random
+                    subsets (next-token data: a sample is a sequence, with no class label)
 
 f is the hypothesis's transform (identity or log). This module imports only pydantic and the
 standard library at load time (the CLI help reads it); the unit builders import the
@@ -49,7 +52,9 @@ class SpecContext:
     subset_sizes: sizes of the ``subset:NxD`` subjects of [analyze]; server, clients: whether
     the server / any client is analyzed; row_quantities: the ``quantity`` values the [analyze]
     quantities produce; alignment_ranks: of [analyze] (0 = full); nested_sizes,
-    matched_draws: of [controls]; record_updates: of [train].
+    matched_draws: of [controls]; record_updates: of [train]; targets: what a sample's
+    target is, by the [train] dataset's task ("labels": one class, "tokens": a sequence of
+    token ids, "values": regression targets, "" when unknown).
     """
 
     subset_sizes: frozenset[int] = frozenset()
@@ -60,6 +65,7 @@ class SpecContext:
     nested_sizes: frozenset[int] = frozenset()
     matched_draws: int = 0
     record_updates: bool = False
+    targets: str = ""
 
 
 class HypothesisTable(Table):
@@ -132,6 +138,10 @@ class MatchedLabel(HypothesisTable):
     kind: Literal["matched-label"]
 
 
+class MatchedHistogram(HypothesisTable):
+    kind: Literal["matched-histogram"]
+
+
 # ---- checks against the rest of the spec ------------------------------------------------------
 def _quantity(h: HypothesisTable, ctx: SpecContext) -> str | None:
     if h.quantity not in ctx.row_quantities:
@@ -186,11 +196,25 @@ def _check_alignment(h: Alignment, ctx: SpecContext) -> str | None:
     return None
 
 
+# what each matched kind matches, by the targets it needs (controls.matched_kinds draws them)
+_MATCHED_TARGETS = {"matched-label": "labels", "matched-histogram": "tokens"}
+_TARGET_WORDS = {"labels": "class labels (one per sample)",
+                 "tokens": "next-token targets (a sequence of tokens per sample)",
+                 "values": "regression targets (no class or token histogram)"}
+
+
 def _check_matched(h: HypothesisTable, ctx: SpecContext) -> str | None:
     if ctx.matched_draws < 1:
         return f"{h.kind} needs [controls] matched_draws >= 1"
     if not ctx.clients:
         return f"{h.kind} needs clients among [analyze] subjects"
+    need = _MATCHED_TARGETS.get(h.kind)
+    if need and ctx.targets and ctx.targets != need:
+        fits = [k for k, t in _MATCHED_TARGETS.items() if t == ctx.targets]
+        way = (f"use kind = \"{fits[0]}\"" if fits
+               else "matched-size is the control that applies")
+        return (f"{h.kind} matches {_TARGET_WORDS[need]}, but this study's dataset has "
+                f"{_TARGET_WORDS[ctx.targets]}: {way}")
     return _controls_quantity(h)
 
 
@@ -228,7 +252,9 @@ def _units_matched(table, h: HypothesisTable, updates=None):
     t = t.assign(value=inf.transform_values(t["value"].astype(float), h.transform))
     ctrl = t[t["subject_kind"] == h.kind]
     if ctrl.empty:
-        raise ValueError(f"hypothesis {h.name!r} ({h.kind}) needs [controls] matched_draws > 0")
+        raise ValueError(f"hypothesis {h.name!r} ({h.kind}) found no {h.kind} rows: it needs "
+                         "[controls] matched_draws > 0 and targets it can match (class labels "
+                         "for matched-label, token sequences for matched-histogram)")
     m = ctrl.groupby(["replicate", "round", "client"])["value"].mean()
     cl = t[t["subject_kind"] == "client"].copy()
     cl["client"] = cl["subject"].str.removeprefix("client").astype(int)
@@ -280,6 +306,10 @@ KINDS: Mapping[str, HypothesisKind] = {k.name: k for k in (
     HypothesisKind("matched-label", "client − mean of its label-matched random subsets; > 0: "
                    "more than size and label histogram explain", MatchedLabel, _check_matched,
                    _units_matched),
+    HypothesisKind("matched-histogram", "next-token data: client − mean of its random subsets "
+                   "of as many sequences with a matched token histogram; > 0: more than size "
+                   "and character histogram explain", MatchedHistogram, _check_matched,
+                   _units_matched),
 )}
 """Every hypothesis kind, by name."""
 
@@ -291,8 +321,9 @@ Hypothesis = Annotated[Union[tuple(k.model for k in KINDS.values())],  # noqa: U
 def kinds_help() -> str:
     """The kinds and their keys, for ``hessrank study --help``."""
     lines = []
+    width = max(len(name) for name in KINDS)
     for k in KINDS.values():
         keys = k.keys()
-        lines.append(f"  {k.name:14s} {k.summary}" + (f" [keys: {', '.join(keys)}]"
-                                                       if keys else ""))
+        lines.append(f"  {k.name:{width}s} {k.summary}" + (f" [keys: {', '.join(keys)}]"
+                                                             if keys else ""))
     return "\n".join(lines)

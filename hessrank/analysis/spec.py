@@ -47,6 +47,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from hessrank.analysis.hypotheses import KINDS, Hypothesis, SpecContext, kinds_help
 from hessrank.analysis.schema import Table, closest, one_line_error
 from hessrank.analysis.settings import AnalysisSettings
+from hessrank.data.catalog import DATASET_CATALOG
 from hessrank.fl.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ ANALYZE_RESERVED = ("seed", "progress", "force", "prune", "shard", "lock_timeout
                     "model_factory", "dataset", "clients", "data_root")
 """AnalysisSettings fields a spec's [analyze] may not set: the study sets them."""
 
+_TARGETS = {"classification": "labels", "next-token": "tokens", "regression": "values"}
+"""A dataset's task → what its samples' targets are (:class:`SpecContext` ``targets``)."""
+
 def _methods() -> tuple[str, ...]:
     from hessrank.analysis.inference import METHODS  # keeps --help fast (pandas, scipy)
 
@@ -90,7 +94,8 @@ class StudyTable(Table):
 
 class ControlsTable(Table):
     matched_draws: int = Field(0, ge=0, description="per client, random subsets of the "
-                               "server's data of the client's size and of its label histogram")
+                               "server's data of the client's size, and of its label histogram "
+                               "(class labels) or its token histogram (next-token sequences)")
     nested_sizes: list[int] = Field(default_factory=list, description="sizes of nested "
                                     "subsets S_n1 ⊂ S_n2 ⊂ …")
     nested_draws: int = Field(1, ge=1, description="independent nested chains")
@@ -368,6 +373,7 @@ class StudySpec(Table):
         subjects = parse_subjects(settings.subjects or ())
         rows = {r for q in settings.quantities or () for r in QUANTITIES[q].produces}
         controls = self.controls or ControlsTable()
+        task = DATASET_CATALOG[self.train_config().dataset].task
         return SpecContext(
             subset_sizes=frozenset(s.size for s in subjects if s.kind == "subset"),
             server=any(s.kind == "server" for s in subjects),
@@ -376,7 +382,8 @@ class StudySpec(Table):
             alignment_ranks=frozenset(0 if r is None else r for r in settings.alignment_ranks),
             nested_sizes=frozenset(controls.nested_sizes),
             matched_draws=controls.matched_draws,
-            record_updates=bool(self.train.get("record_updates")))
+            record_updates=bool(self.train.get("record_updates")),
+            targets=_TARGETS.get(task, ""))
 
 
 def analysis_settings(analyze: dict[str, Any]) -> AnalysisSettings:

@@ -24,11 +24,13 @@ so that the trainer's config and ``--help`` read them without importing torch.""
 @dataclass(frozen=True)
 class DatasetInfo:
     """summary: one line; options: option name → help line (``limit`` is implied);
-    needs_root: read from a local folder given as ``data_root``."""
+    needs_root: read from a local folder given as ``data_root``; task: the name of the
+    loader's :class:`~hessrank.data.task.Task` (what a target is, read by study-spec checks)."""
 
     summary: str
     options: dict[str, str] = field(default_factory=dict)
     needs_root: bool = False
+    task: str = "classification"
 
 
 _LSQ = {
@@ -47,10 +49,12 @@ DATASET_CATALOG: dict[str, DatasetInfo] = {
         {"n": "samples, train + test", "dim": "input dimension", "classes": "classes",
          "separation": "distance of each class mean from the origin"},
     ),  # fmt: skip
-    "lowrank-lsq": DatasetInfo("low-rank least squares y = W* x (synthetic regression)", _LSQ),
+    "lowrank-lsq": DatasetInfo("low-rank least squares y = W* x (synthetic regression)", _LSQ,
+                               task="regression"),
     "hetero-lsq": DatasetInfo(
         "least squares with per-group W*_g and inputs (synthetic, heterogeneous clients)",
         {**_LSQ, "groups": "sub-populations", "heterogeneity": "spread of the groups' W*_g"},
+        task="regression",
     ),
     "mnist": DatasetInfo("MNIST from a local torchvision-layout folder", needs_root=True),
     "fashion-mnist": DatasetInfo("Fashion-MNIST from a local folder", needs_root=True),
@@ -61,6 +65,7 @@ DATASET_CATALOG: dict[str, DatasetInfo] = {
         {"min_lines": "lines a role needs to be a client", "roles": "keep this many roles",
          "seq_len": "characters per sample", "stride": "characters between window starts",
          "test_fraction": "share of each role's text held out for test"},
+        task="next-token",
     ),  # fmt: skip
 }
 """Dataset name → :class:`DatasetInfo`, in the order of the loaders' registry."""

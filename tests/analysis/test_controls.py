@@ -76,7 +76,12 @@ def test_analyze_controls_on_a_run(trained_run):
                             nested_draws=1, matvecs=10, seed=0)
     run = RunDir(trained_run)
     sizes = [int(y.shape[0]) for _, y in run.client_data()]
-    assert set(t["subject_kind"]) == set(ct.CONTROL_KINDS)
+    assert set(t["subject_kind"]) == {"matched-size", "matched-label", "nested"}  # labels
+    assert list(t.columns[-4:]) == list(ct.CONTROL_COLUMNS)
+    label = t[t["subject_kind"] == "matched-label"]
+    assert (label["histogram_tv"] == 0).all()  # the client's label histogram exactly
+    assert (t.loc[t["subject_kind"] == "matched-size", "histogram_tv"] > 0).all()
+    assert t.loc[t["subject_kind"] != "nested", "client_share"].between(0, 1).all()
     ms = t[(t["subject_kind"] == "matched-size") & (t["round"] == 0)]
     assert len(ms) == 2 * len(sizes)
     assert (ms["subject_size"].to_numpy() == np.repeat(sizes, 2)).all()
@@ -89,11 +94,14 @@ def test_analyze_controls_on_a_run(trained_run):
     assert got == pytest.approx(ct.label_entropy(y[draw_subset(len(y), 10, 5)]))
 
 
-def test_matched_controls_refuse_sequence_targets():
-    """Next-token targets (n, T) have no class label per sample: the label-matched draw would
-    index flattened token positions, so matched controls are refused in one line."""
+def test_matched_controls_of_sequence_targets_match_sizes_and_histograms():
+    """Next-token targets (n, T) have no class label per sample: label matching would index
+    flattened token positions, so sequences get size- and token-histogram-matched controls
+    (tests/analysis/test_controls_sequences.py tests them in depth)."""
     clients = [(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3, dtype=torch.long))] * 2
-    with pytest.raises(ValueError, match=r"targets have shape \(8, 3\).*matched_draws to 0"):
-        ct.control_groups(clients, matched_draws=1)
+    groups, info = ct.control_groups(clients, matched_draws=1)
+    assert [g.subjects[0].kind for g in groups] == ["matched-size", "matched-histogram"] * 2
+    assert all(s.data[1].shape == (4, 3) for g in groups for s in g.subjects)
+    assert info["client1_hist0"]["histogram_tv"] == 0.0  # one token everywhere
     groups, _ = ct.control_groups(clients, nested_sizes=[2])  # nested controls still work
     assert [g.subjects[0].size for g in groups] == [2]

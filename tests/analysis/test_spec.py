@@ -152,7 +152,7 @@ def test_study_help_describes_the_format_and_imports_nothing_heavy():
 
 def test_the_registry_carries_each_kind_whole():
     assert list(hypotheses.KINDS) == ["client-server", "subset-size", "nested", "alignment",
-                                      "matched-size", "matched-label"]
+                                      "matched-size", "matched-label", "matched-histogram"]
     for name, kind in hypotheses.KINDS.items():
         assert kind.model.model_fields["kind"].annotation.__args__ == (name,)
         assert callable(kind.check) and callable(kind.units) and kind.summary
