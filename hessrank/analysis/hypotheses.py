@@ -19,7 +19,10 @@ entry in :data:`KINDS`.
     matched-histogram  per client: client − mean of its character-histogram-matched random
                     subsets (next-token data: a sample is a sequence, with no class label)
 
-f is the hypothesis's transform (identity or log). This module imports only pydantic and the
+The matched kinds that match a histogram are checked against the [train] dataset's task
+(:class:`SpecContext` ``targets``): matched-label on token sequences, matched-histogram on
+class labels and both on regression targets are refused in one line naming the kind that
+fits. f is the hypothesis's transform (identity or log). This module imports only pydantic and the
 standard library at load time (the CLI help reads it); the unit builders import the
 analysis code when they run.
 """
