@@ -121,3 +121,27 @@ def test_alignment_notebook_reads_recorded_updates(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "client updates of 1 recorded rounds analyzed" in text
+
+
+@pytest.mark.slow
+def test_language_models_notebook_says_when_the_study_is_missing(tmp_path, monkeypatch, capsys):
+    """At full size notebook 06 reads STUDY_DIR; a directory without hypotheses.csv gives one
+    clear line and no verdict table (its study cells run here on their own: the parameters,
+    the imports and section 5, without training anything)."""
+    jupytext = pytest.importorskip("jupytext")
+    pytest.importorskip("IPython")
+    monkeypatch.syspath_prepend(str(NOTEBOOKS))
+    monkeypatch.chdir(NOTEBOOKS)
+    code = [c.source for c in jupytext.read(NOTEBOOKS / "06_language_models.py").cells
+            if c.cell_type == "code"]
+    first_study_cell = next(i for i, s in enumerate(code) if "run_study(" in s)
+    scope: dict = {}
+    exec(code[0], scope)  # the parameters cell
+    assert scope["SIZE"] == "full"
+    scope["STUDY_DIR"] = str(tmp_path / "no_study")
+    for source in [code[1], *code[first_study_cell:]]:
+        exec(source, scope)
+    out = capsys.readouterr().out
+    assert f"STUDY DIRECTORY MISSING: {tmp_path / 'no_study'} holds no hypotheses.csv" in out
+    assert "no study directory: no verdicts" in out and "inconclusive" not in out
+    assert scope["hyp"] is None
