@@ -31,6 +31,13 @@ def test_plan_route_without_a_model():
     assert plan_route(conv, RouteRequest(hvp="auto"))["block"] == "loop"
     ggn = dataclasses.replace(MLP, curvature="ggn")
     assert "hvp" not in plan_route(ggn, RouteRequest())
+    # output-space curvatures push blocks by vmap whenever 8 activation copies fit
+    for name in ("ggn", "fisher"):
+        for w in (dataclasses.replace(MLP, curvature=name),
+                  dataclasses.replace(conv, curvature=name)):
+            assert plan_route(w, RouteRequest())["block"] == "vmap"
+            tight = 8 * w.activations_per_sample * max(w.batch_sizes) * w.element_size / 2**20
+            assert plan_route(w, RouteRequest(cache_budget_mb=0.99 * tight))["block"] == "loop"
     assert plan_route(MLP, RouteRequest(hvp="fwd-rev"))["cache"] is False
 
 
