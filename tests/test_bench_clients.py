@@ -5,6 +5,7 @@ its committed results."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from scipy import stats
 
 from experiments.benchmarks.bench_clients import (
     COLUMNS,
+    RESULTS_CSV,
     cell_summary,
     main,
     paired_interval,
@@ -20,6 +22,8 @@ from experiments.benchmarks.bench_clients import (
     t_interval,
 )
 from experiments.figures.make_figures import CSV_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_t_interval_is_the_textbook_one():
@@ -99,3 +103,16 @@ def test_bad_sampled_setting_is_one_line(capsys):
         main(["--sampled", "100"])
     assert exit_info.value.code == 2
     assert "--sampled item '100' is not K:C" in capsys.readouterr().err
+def test_committed_figure_is_drawn_from_the_committed_results():
+    """paper_figures/accuracy_vs_clients.csv is the benchmark's clients.csv summarized: a rerun
+    of the benchmark without regenerating the figure makes this fail."""
+    runs = pd.read_csv(RESULTS_CSV)
+    want = cell_summary(runs[runs["partition"] == "dirichlet"])
+    drawn = pd.read_csv(ROOT / "paper_figures" / "accuracy_vs_clients.csv")
+    assert list(drawn.columns) == CSV_COLUMNS["accuracy_vs_clients"]
+    assert len(drawn) == len(want)
+    for col in ("mean", "ci_low", "ci_high"):
+        np.testing.assert_allclose(drawn[col], want[col], rtol=1e-5, err_msg=(
+            "paper_figures/accuracy_vs_clients is stale: run python experiments/figures/"
+            "make_figures.py --out paper_figures --only accuracy_vs_clients"))
+    assert drawn["clients"].tolist() == want["clients"].tolist()
