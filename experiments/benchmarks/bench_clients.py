@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,7 +376,7 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
-def _names(valid) -> callable:
+def _names(valid) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [t.strip() for t in text.split(",") if t.strip()]
         bad = [n for n in names if n not in valid]
@@ -446,7 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=UserWarning)  # the trainer's notes on stderr
 
     def say(message: str) -> None:
         print(f"[clients] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
