@@ -193,7 +193,9 @@ def tune(dataset: str, algos, lrs, seeds, rounds: int, extra: dict, work: Path):
                                       "eval_every": rounds})
         for a in algos for lr in lrs for seed in seeds
     }  # fmt: skip
-    summary = sweep(configs, work / "sweep" / dataset, progress=False, threads=1)
+    hidden = "-".join(map(str, extra.get("model_kwargs", {}).get("hidden", [])))
+    where = work / "sweep" / (f"{dataset}_R{rounds}" + (f"_h{hidden}" if hidden else ""))
+    summary = sweep(configs, where, progress=False, threads=1)
     best = {a: float(lr) for a, lr in summary.loc[summary["best"], ["algo", "lr"]].values}
     return best, summary
 
