@@ -163,6 +163,10 @@ def accuracy_vs_clients(ctx: Context) -> Made:
                 yerr = [part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]]
                 ax.errorbar(x, part["mean"], yerr=yerr, color=f"C{i}", marker="o", ms=4,
                             capsize=2, label=algo if part is full else None, **style)
+            for r in g[g["diverged"] > 0].itertuples():  # seeds left out of the mean
+                ax.annotate(f"† {r.diverged}/{r.seeds} diverged", (r.clients * offsets[algo],
+                            r.mean), textcoords="offset points", xytext=(4, -10), fontsize=6,
+                            color=f"C{i}")
             if not full.empty and not sampled.empty:  # dotted link to the sampled setting
                 last, pt = full.iloc[-1], sampled.iloc[0]
                 ax.plot([last["clients"] * offsets[algo], pt["clients"] * offsets[algo]],
@@ -173,6 +177,8 @@ def accuracy_vs_clients(ctx: Context) -> Made:
         if (sub["client_fraction"] < 1).any():
             ax.plot([], [], color="0.4", marker="o", mfc="white", ls=":",
                     label="hollow: a fraction C of the K clients per round")
+        # accuracy lies in [0, 1]: a t interval of 2 seeds may reach past it (the CSV has it)
+        ax.set_ylim(max(0.0, float(sub["ci_low"].min()) - 0.02), 1.0)
         ax.set_xscale("log")
         ax.set_xticks(ks, labels)
         ax.minorticks_off()
