@@ -34,8 +34,8 @@ CSV_COLUMNS: dict[str, list[str]] = {
     ],
     "theory_model": ["model", "n", "source", "stable_rank", "stderr", "draws"],
     "accuracy_vs_clients": [
-        "algo", "clients", "last5_test_accuracy", "last5_test_accuracy_sd",
-        "final_test_accuracy", "floats_per_round",
+        "dataset", "partition", "clients", "client_fraction", "algo", "seeds", "diverged",
+        "mean", "ci_low", "ci_high", "floats", "lr",
     ],
 }
 """Columns of each figure's CSV (tests check them)."""

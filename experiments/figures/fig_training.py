@@ -125,46 +125,93 @@ def communication(ctx: Context) -> Made:
 # ---- figure 7: accuracy vs number of clients ------------------------------------------------
 def accuracy_vs_clients(ctx: Context) -> Made:
     """Test accuracy of the four algorithms as the same training data is split over more
-    clients (the setting of FedLoRU's Fig. 2b, on digits): every other setting fixed."""
-    s = ctx.scale
-    rows = []
-    for k in s.client_counts:
-        for algo in ALGOS:
-            cfg = {**digits_config(algo, s, ctx.seed), "clients": int(k)}
-            name = f"digits_{algo}" if k == s.clients else f"digits_{algo}_K{k}"
-            m = train_run(ctx, cfg, name).metrics()
-            m = m[m["round"] > 0]
-            acc = m["test_accuracy"].astype(float).dropna()
-            rows.append({"algo": algo, "clients": int(k),
-                         "last5_test_accuracy": float(acc.iloc[-5:].mean()),
-                         "last5_test_accuracy_sd": float(acc.iloc[-5:].std(ddof=1)),
-                         "final_test_accuracy": float(acc.iloc[-1]),
-                         "floats_per_round": float((m["floats_up_total"]
-                                                    + m["floats_down_total"]).mean())})
-    df = pd.DataFrame(rows, columns=CSV_COLUMNS["accuracy_vs_clients"])
+    clients (the setting of FedLoRU's Fig. 2b), drawn from the clients benchmark's per-run
+    results (``experiments/benchmarks/results/clients.csv``, ``bench_clients.py``; nothing
+    is trained here): mean and 95 % t interval over seeds per algorithm and K, Dirichlet(0.5)
+    partition, one panel per dataset; K = 100 with client fraction C = 0.1 drawn apart
+    (hollow markers, dotted)."""
+    from experiments.benchmarks.bench_clients import (
+        ALGOS as BENCH_ALGOS,
+    )
+    from experiments.benchmarks.bench_clients import (
+        RESULTS_CSV,
+        cell_summary,
+        paired_summary,
+    )
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
-    for i, (algo, sub) in enumerate(df.groupby("algo", sort=False)):
-        ax.errorbar(sub["clients"], sub["last5_test_accuracy"],
-                    yerr=sub["last5_test_accuracy_sd"], color=f"C{i}", marker="o", ms=4,
-                    capsize=2, label=algo)
-    ax.set_xscale("log")
-    ax.set_xticks(list(s.client_counts), [str(k) for k in s.client_counts])
-    ax.minorticks_off()
-    ax.set_xlabel("number of clients K (same training data, split Dirichlet α=0.5)")
-    ax.set_ylabel(f"test accuracy, mean ± sd of the last 5 of {s.rounds} rounds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle(f"Accuracy vs number of clients on digits (rank {s.rank} on fc1, fc2)",
-                 fontsize=9)
+    runs = pd.read_csv(RESULTS_CSV)
+    runs = runs[runs["partition"] == "dirichlet"]
+    df = cell_summary(runs)[CSV_COLUMNS["accuracy_vs_clients"]]
+    pairs = paired_summary(runs)
+    datasets = list(dict.fromkeys(df["dataset"]))
+    algos = [a for a in BENCH_ALGOS if a in set(df["algo"])]
+    ctx.say(f"accuracy_vs_clients: {len(runs)} Dirichlet runs read from {RESULTS_CSV.name}")
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.0 * len(datasets), 3.9),
+                             layout="constrained", squeeze=False)
+    offsets = {a: 1.0 + 0.035 * (i - (len(algos) - 1) / 2) for i, a in enumerate(algos)}
+    for ax, dataset in zip(axes[0], datasets):
+        sub = df[df["dataset"] == dataset]
+        for i, algo in enumerate(algos):
+            g = sub[sub["algo"] == algo].sort_values("clients")
+            full, sampled = g[g["client_fraction"] == 1.0], g[g["client_fraction"] < 1.0]
+            for part, style in ((full, {"ls": "-", "mfc": f"C{i}"}),
+                                (sampled, {"ls": "none", "mfc": "white"})):
+                if part.empty:
+                    continue
+                x = part["clients"] * offsets[algo]
+                yerr = [part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]]
+                ax.errorbar(x, part["mean"], yerr=yerr, color=f"C{i}", marker="o", ms=4,
+                            capsize=2, label=algo if part is full else None, **style)
+            for r in g[g["diverged"] > 0].itertuples():  # seeds left out of the mean
+                ax.annotate(f"† {r.diverged}/{r.seeds} diverged", (r.clients * offsets[algo],
+                            r.mean), textcoords="offset points", xytext=(4, -10), fontsize=6,
+                            color=f"C{i}")
+            if not full.empty and not sampled.empty:  # dotted link to the sampled setting
+                last, pt = full.iloc[-1], sampled.iloc[0]
+                ax.plot([last["clients"] * offsets[algo], pt["clients"] * offsets[algo]],
+                        [last["mean"], pt["mean"]], color=f"C{i}", ls=":", lw=1)
+        ks = sorted(set(sub["clients"]))
+        labels = [f"{k}\nC = {c:g}" if c < 1 else f"{k}"
+                  for k, c in sorted(set(zip(sub["clients"], sub["client_fraction"])))]
+        if (sub["client_fraction"] < 1).any():
+            ax.plot([], [], color="0.4", marker="o", mfc="white", ls=":",
+                    label="hollow: a fraction C of the K clients per round")
+        # accuracy lies in [0, 1]: a t interval of 2 seeds may reach past it (the CSV has it)
+        ax.set_ylim(max(0.0, float(sub["ci_low"].min()) - 0.02), 1.0)
+        ax.set_xscale("log")
+        ax.set_xticks(ks, labels)
+        ax.minorticks_off()
+        ax.set_xlabel("number of clients K (C: fraction sampled per round; else all)")
+        ax.set_ylabel("final test accuracy, mean ± 95 % CI over seeds")
+        seeds = int(sub["seeds"].max())
+        ax.set_title(f"{dataset}, Dirichlet α = 0.5, {seeds} seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    rounds = sorted(set(runs["rounds"][~runs["diverged"].astype(bool)]))
+    fig.suptitle("Accuracy vs number of clients (lr tuned per algorithm and dataset; "
+                 f"{'/'.join(map(str, rounds))} rounds; from bench_clients.py)", fontsize=9)
 
     parts = []
-    for algo, sub in df.groupby("algo", sort=False):
-        first, last = sub.iloc[0], sub.iloc[-1]
-        parts.append(f"{algo} {first['last5_test_accuracy']:.3f} at K = {first['clients']} → "
-                     f"{last['last5_test_accuracy']:.3f} at K = {last['clients']}")
-    reading = ("test accuracy (mean of the last 5 rounds) as the clients multiply: "
-               + "; ".join(parts) + ".")
-    configs = {"train": {a: digits_config(a, s, ctx.seed) for a in ALGOS},
-               "clients": list(s.client_counts)}
+    for dataset in datasets:
+        p = pairs[(pairs["dataset"] == dataset) & (pairs["partition"] == "dirichlet")]
+        diffs = ", ".join(
+            f"{r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] at K = {r.clients}"
+            + (f" (C = {r.client_fraction:g})" if r.client_fraction < 1 else "")
+            for r in p.itertuples())
+        above = int((p["ci_low"] > 0).sum())
+        below = int((p["ci_high"] < 0).sum())
+        parts.append(f"{dataset}: FedLoRU − FedAvg {diffs}; the 95 % CI lies above 0 at "
+                     f"{above}, below 0 at {below} and covers 0 at {len(p) - above - below} "
+                     f"of {len(p)} settings")
+    reading = ("final test accuracy, paired difference over seeds with its 95 % t interval, "
+               "Dirichlet(0.5): " + "; ".join(parts) + ".")
+    lrs = {d: {a: float(runs.loc[(runs["dataset"] == d) & (runs["algo"] == a), "lr"].iloc[0])
+               for a in algos} for d in datasets}
+    configs = {"source": "experiments/benchmarks/results/clients.csv (bench_clients.py; "
+                         "its clients.md has the command, machine and the lr sweep)",
+               "runs": int(len(runs)), "partition": "dirichlet", "lr": lrs,
+               "settings": sorted({f"K={k}, C={c:g}" for k, c in
+                                   zip(runs["clients"], runs["client_fraction"])}),
+               "seeds": sorted(int(x) for x in set(runs["seed"]))}
     return Made(df, fig, configs, reading)

