@@ -40,13 +40,18 @@ check: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hessrank tests experiments notebooks
 
-# Peers (pyhessian) go into the same venv only for benchmarks; hessrank/ never imports them.
-$(VENV)/.installed-bench: $(STAMP)
-	$(PIP) install -q $(TORCH_PIN) -e ".[bench]"
+# Peers (pyhessian, curvlinops) get their own venv: curvlinops pulls torchvision, and with
+# torchvision beside torch 2.13 transformers no longer imports, which `make test` needs.
+# hessrank/ never imports the peers.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q $(TORCH_PIN) -e ".[dev,bench]"
 	touch $@
 
-bench: $(VENV)/.installed-bench
-	$(PY) experiments/benchmarks/run_all.py
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python experiments/benchmarks/run_all.py
 
 figures: $(STAMP)
 	$(PY) experiments/figures/make_figures.py --out paper_figures

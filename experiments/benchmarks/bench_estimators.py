@@ -51,8 +51,10 @@ try:
     from pyhessian.utils import hessian_vector_product as ph_hvp
 except ImportError as err:  # pragma: no cover - the reference is an optional extra
     raise SystemExit(
-        f"pyhessian is needed for this benchmark ({err}); install it without touching torch: "
-        ".venv/bin/pip install torch==2.13.0 pyhessian==0.1"
+        f"pyhessian is needed for this benchmark ({err}); install it in a separate environment "
+        "(the peers pull torchvision, which breaks transformers in .venv): python -m venv "
+        ".venv-bench && .venv-bench/bin/pip install -e . torch==2.13.0 pyhessian==0.1 "
+        "curvlinops-for-pytorch"
     ) from None
 
 # the module (``pyhessian.hessian`` the attribute is the class, shadowing the submodule)

@@ -64,8 +64,10 @@ try:
     from curvlinops import HessianLinearOperator, hutchinson_squared_fro
 except ImportError as err:  # pragma: no cover - an optional benchmark extra
     raise SystemExit(
-        f"curvlinops is needed for this benchmark ({err}); install it next to the pinned CPU "
-        "torch in one command: .venv/bin/pip install torch==2.13.0 curvlinops-for-pytorch"
+        f"curvlinops is needed for this benchmark ({err}); install it in a separate "
+        "environment (it pulls torchvision, which breaks transformers in .venv): python -m venv "
+        ".venv-bench && .venv-bench/bin/pip install -e . torch==2.13.0 pyhessian==0.1 "
+        "curvlinops-for-pytorch"
     ) from None
 
 RESULTS = HERE / "results" / "peers.md"

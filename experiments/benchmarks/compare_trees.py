@@ -175,9 +175,15 @@ def compare_runs(a: Path, b: Path) -> tuple[list[str], list[str]]:
         problems.append("partition.json differs")
     ca = json.loads((a / "config.json").read_text())
     cb = json.loads((b / "config.json").read_text())
-    diff = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
-    if diff:
-        (notes if set(diff) <= {"server_lr"} else problems).append(f"config.json: {diff}")
+    added = sorted(set(cb) - set(ca))  # options the new tree added (at their defaults: the
+    if added:                          # tensors above say whether the defaults kept the bits)
+        notes.append(f"config.json new options: {added}")
+    changed = sorted(k for k in set(ca) & set(cb) if ca[k] != cb[k])
+    if changed:  # "notes" is free text the algorithms write about their open choices
+        (notes if set(changed) <= {"notes"} else problems).append(
+            f"config.json changed: {changed}")
+    if set(ca) - set(cb):
+        problems.append(f"config.json lost: {sorted(set(ca) - set(cb))}")
     return problems, notes
 
 
