@@ -279,9 +279,14 @@ def count_floats(tensors: Mapping[str, Tensor]) -> int:
 
 
 def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
-    """The first key whose floating-point tensor has a NaN or ±inf entry, else None."""
+    """The first key whose floating-point tensor has a NaN or ±inf entry, else None.
+
+    A NaN or ±inf entry makes the sum NaN or ±inf, so a finite sum proves every entry finite
+    without the elementwise mask; a non-finite sum (possibly an overflow of finite entries) is
+    settled by the elementwise check."""
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if (t.is_floating_point() and not bool(torch.isfinite(t.sum()))
+                and not bool(torch.isfinite(t).all())):
             return key
     return None
 
