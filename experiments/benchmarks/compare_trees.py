@@ -178,7 +178,13 @@ def compare_runs(a: Path, b: Path) -> tuple[list[str], list[str]]:
     added = sorted(set(cb) - set(ca))  # options the new tree added (at their defaults: the
     if added:                          # tensors above say whether the defaults kept the bits)
         notes.append(f"config.json new options: {added}")
-    changed = sorted(k for k in set(ca) & set(cb) if ca[k] != cb[k])
+    from hessrank.fl.config import RENAMED_VALUES
+
+    renamed = sorted(k for k, m in RENAMED_VALUES.items()
+                     if k in ca and k in cb and m.get(ca[k]) == cb[k])
+    if renamed:
+        notes.append(f"config.json values renamed on purpose: {renamed}")
+    changed = sorted(k for k in set(ca) & set(cb) if ca[k] != cb[k] and k not in renamed)
     if changed:  # "notes" is free text the algorithms write about their open choices
         (notes if set(changed) <= {"notes"} else problems).append(
             f"config.json changed: {changed}")
