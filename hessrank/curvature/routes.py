@@ -42,8 +42,9 @@ most this many entries (small, overhead-bound products) and the model has no con
 OUTPUT_SPACE = ("ggn", "fisher")
 """Curvatures whose product is Jᵀ M J v (a ``jvp`` and a ``vjp`` of the outputs): their blocks
 go through ``vmap`` whenever 8 copies of a batch's activations fit the budget, conv and large
-batches included (``results/routes.md``: the loop was 1.13-1.42x the ``vmap`` block on the
-MLP, CNN and ResNet in float32 and on the CNN in float64)."""
+batches included (``experiments/benchmarks/results/routes.md``: per vector, the cached loop
+took 0.99-1.52x the cached ``vmap`` block in the 12 GGN/Fisher cells of the MLP, the CNN and
+the tiny transformer, float32 and float64)."""
 
 HVP_ROUTES = ("rev-rev", "fwd-rev", "graph")
 BLOCKS = ("loop", "vmap")
