@@ -32,13 +32,11 @@ temporary directory is used and removed. Needs the ``hf`` and ``text`` extras.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,38 +106,18 @@ def numbers(run: RunDir, a: bt.Analysis, train_s: float, clients: int) -> dict[s
 
 
 def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
-    other = n["wall"] - n["estimator"]
     return [
         ["checkpoints analysed", f"{n['checkpoints']} (rounds {', '.join(map(str, n['rounds']))})"],
         ["Hessians estimated (checkpoints × (K + 1))", n["hessians"]],
         ["parameters differentiated", f"{n['params']}: {n['adapters']:,} adapter floats of "
                                       f"{n['p']:,} parameters"],
-        ["matvecs per Hessian", ", ".join(map(str, n["matvecs"]))],
-        ["torch threads", threads],
-        ["**analysis wall clock, process start to exit**",
-         f"**{n['wall']:.1f} s ({n['wall'] / 60:.2f} min)**"],
-        ["seconds per checkpoint", f"{n['per_checkpoint']:.2f}"],
-        ["seconds per Hessian", f"{n['wall'] / n['hessians']:.3f}"],
-        ["in the estimator (stable_rank calls)",
-         f"{n['estimator']:.1f} s ({n['estimator'] / n['wall']:.0%})"],
-        ["other (start-up, imports, data and checkpoint loading, operator set-up, writing)",
-         f"{other:.1f} s ({other / n['wall']:.0%})"],
-        ["CPU seconds of the analysis process (user + sys)",
-         f"{n['cpu']:.1f} ({n['cpu'] / n['wall']:.2f} cores on average)"],
-        ["product route", n["strategy"]],
-        ["training wall clock (not part of the target)", f"{n['train']:.1f} s"],
+        *bt.timing_rows(n, threads, "product route"),
     ]  # fmt: skip
 
 
 def reading(n: dict[str, Any], threads: int, busy: float) -> str:
-    minutes = n["wall"] / 60
-    verdict = "under" if minutes < TARGET_MINUTES else "over"
-    load = (f" Other work kept {busy:.1f} cores busy at the start, so an idle machine should "
-            "do at least as well." if busy >= 0.5 else "")
-    return (f"With {threads} torch thread(s) the analysis of {n['checkpoints']} checkpoints "
-            f"({n['hessians']} adapters-only Hessians at {MATVECS} matvecs) took {minutes:.1f} "
-            f"minutes end to end, {n['per_checkpoint']:.1f} s per checkpoint — {verdict} the "
-            f"{TARGET_MINUTES:.0f} minutes of the target.{load}")
+    return bt.reading(n, threads, busy, hessians="adapters-only Hessians",
+                      target_minutes=TARGET_MINUTES, target="minutes of the target")
 
 
 def report(n: dict[str, Any], a: bt.Analysis, config: TrainConfig, threads: int, busy: float,
@@ -177,15 +155,7 @@ def report(n: dict[str, Any], a: bt.Analysis, config: TrainConfig, threads: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (target: 2 cores)")
-    ap.add_argument("--fast", action="store_true",
-                    help="3 roles, 2 rounds; prints only unless --out is given")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="keep the run here (default: a temporary directory, removed)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+    ap = bt.trajectory_parser(__doc__.splitlines()[0], "3 roles, 2 rounds", RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out if args.out is not None or args.fast else RESULTS
@@ -193,20 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                           *(argv if argv is not None else sys.argv[1:])])
     busy = _timing.busy_cores()
     config = train_config(FAST if args.fast else FULL, args.seed)
-    with tempfile.TemporaryDirectory(prefix="bench_lm_trajectory_") as tmp:
-        run_dir = (args.workdir or Path(tmp)) / "run"
-        print(f"training {config.algo} ({config.adapters} adapters) {config.model}: "
-              f"{config.clients} roles, {config.rounds} rounds", flush=True)
-        run, train_s = bt.train_run(config, run_dir)
-        print(f"analyzing {len(run.rounds())} checkpoints", flush=True)
-        a = bt.run_analysis(run_dir, args.threads, args.seed)
-        n = numbers(run, a, train_s, config.clients)
-    text = report(n, a, config, args.threads, busy, command)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-    print(a.stdout.strip())
-    print(text)
+    a, n = bt.measure(config, args.workdir, args.threads, args.seed,
+                      f"{config.algo} ({config.adapters} adapters) {config.model}: "
+                      f"{config.clients} roles, {config.rounds} rounds",
+                      lambda run, a, train_s: numbers(run, a, train_s, config.clients))
+    bt.publish(report(n, a, config, args.threads, busy, command), out, a)
     return 0
 
 

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,11 +174,11 @@ def numbers(run: RunDir, a: Analysis, train_s: float, clients: int) -> dict[str,
     }
 
 
-def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
+def timing_rows(n: dict[str, Any], threads: int, route_label: str) -> list[list[object]]:
+    """The rows every trajectory benchmark reports, from "matvecs per Hessian" on: threads,
+    wall clock, per checkpoint and per Hessian, the estimator's share, CPU, route, training."""
     other = n["wall"] - n["estimator"]
     return [
-        ["checkpoints analysed", f"{n['checkpoints']} (rounds {n['rounds'][0]}–{n['rounds'][-1]})"],
-        ["Hessians estimated (checkpoints × (K + 1))", n["hessians"]],
         ["matvecs per Hessian", ", ".join(map(str, n["matvecs"]))],
         ["torch threads", threads],
         ["**analysis wall clock, process start to exit**",
@@ -190,20 +191,31 @@ def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
          f"{other:.1f} s ({other / n['wall']:.0%})"],
         ["CPU seconds of the analysis process (user + sys)",
          f"{n['cpu']:.1f} ({n['cpu'] / n['wall']:.2f} cores on average)"],
-        ["product strategy", n["strategy"]],
+        [route_label, n["strategy"]],
         ["training wall clock (not part of the target)", f"{n['train']:.1f} s"],
     ]
 
 
-def reading(n: dict[str, Any], threads: int, busy: float) -> str:
+def table_rows(n: dict[str, Any], threads: int) -> list[list[object]]:
+    return [
+        ["checkpoints analysed", f"{n['checkpoints']} (rounds {n['rounds'][0]}–{n['rounds'][-1]})"],
+        ["Hessians estimated (checkpoints × (K + 1))", n["hessians"]],
+        *timing_rows(n, threads, "product strategy"),
+    ]
+
+
+def reading(n: dict[str, Any], threads: int, busy: float, *, hessians: str = "Hessians",
+            target_minutes: float = TARGET_MINUTES,
+            target: str = "minutes this report reads \"in minutes\" as") -> str:
+    """The report's one-sentence reading: wall clock against ``target_minutes``."""
     minutes = n["wall"] / 60
-    verdict = "under" if minutes < TARGET_MINUTES else "over"
+    verdict = "under" if minutes < target_minutes else "over"
     load = (f" Other work kept {busy:.1f} cores busy at the start, so an idle machine should "
             "do at least as well." if busy >= 0.5 else "")
-    return (f"With {threads} torch threads the analysis of {n['checkpoints']} checkpoints "
-            f"({n['hessians']} Hessians at {MATVECS} matvecs) took {minutes:.1f} minutes end to "
-            f"end, {n['per_checkpoint']:.1f} s per checkpoint — {verdict} the {TARGET_MINUTES:.0f} "
-            f"minutes this report reads \"in minutes\" as.{load}")
+    return (f"With {threads} torch thread(s) the analysis of {n['checkpoints']} checkpoints "
+            f"({n['hessians']} {hessians} at {MATVECS} matvecs) took {minutes:.1f} minutes end "
+            f"to end, {n['per_checkpoint']:.1f} s per checkpoint — {verdict} the "
+            f"{target_minutes:.0f} {target}.{load}")
 
 
 def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, busy: float,
@@ -289,16 +301,22 @@ def before_after(base: Path, repeats: int, threads: int, seed: int, fast: bool,
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+def trajectory_parser(description: str, fast: str, results: Path) -> argparse.ArgumentParser:
+    """The options every trajectory benchmark takes (``fast`` says what --fast shrinks)."""
+    ap = argparse.ArgumentParser(description=description, allow_abbrev=False)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (target: 2 cores)")
     ap.add_argument("--fast", action="store_true",
-                    help="5 clients, 3 rounds; prints only unless --out is given")
+                    help=f"{fast}; prints only unless --out is given")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep the run here (default: a temporary directory, removed)")
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"markdown output (default {RESULTS.relative_to(REPO)}; none with --fast)")
+                    help=f"markdown output (default {results.relative_to(REPO)}; none with --fast)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = trajectory_parser(__doc__.splitlines()[0], "5 clients, 3 rounds", RESULTS)
     ap.add_argument("--base", type=Path, default=None,
                     help="another checkout: time its analysis against this one's, interleaved "
                          f"(writes {BEFORE_AFTER.relative_to(REPO)})")
@@ -318,21 +336,35 @@ def main(argv: list[str] | None = None) -> int:
                           *(argv if argv is not None else sys.argv[1:])])
     busy = _timing.busy_cores()
     config = train_config(size["clients"], size["rounds"], args.seed)
+    a, n = measure(config, args.workdir, args.threads, args.seed,
+                   f"{config.algo} {config.model}: {config.clients} clients, "
+                   f"{config.rounds} rounds",
+                   lambda run, a, train_s: numbers(run, a, train_s, config.clients))
+    publish(report(n, a, config, args.threads, busy, command), out, a)
+    return 0
+
+
+def measure(config: TrainConfig, workdir: Path | None, threads: int, seed: int, label: str,
+            summarize: Callable[[RunDir, Analysis, float], dict[str, Any]]
+            ) -> tuple[Analysis, dict[str, Any]]:
+    """Train ``config`` (in ``workdir``/run, else a temporary directory), time the analysis
+    process on it, and ``summarize(run, analysis, training seconds)`` while the run exists."""
     with tempfile.TemporaryDirectory(prefix="bench_trajectory_") as tmp:
-        run_dir = (args.workdir or Path(tmp)) / "run"
-        print(f"training {config.algo} {config.model}: {config.clients} clients, "
-              f"{config.rounds} rounds", flush=True)
+        run_dir = (workdir or Path(tmp)) / "run"
+        print(f"training {label}", flush=True)
         run, train_s = train_run(config, run_dir)
         print(f"analyzing {len(run.rounds())} checkpoints", flush=True)
-        a = run_analysis(run_dir, args.threads, args.seed)
-        n = numbers(run, a, train_s, config.clients)
-    text = report(n, a, config, args.threads, busy, command)
+        a = run_analysis(run_dir, threads, seed)
+        return a, summarize(run, a, train_s)
+
+
+def publish(text: str, out: Path | None, a: Analysis) -> None:
+    """Write the report to ``out`` (when given) and print the analysis output and the report."""
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     print(a.stdout.strip())
     print(text)
-    return 0
 
 
 if __name__ == "__main__":
