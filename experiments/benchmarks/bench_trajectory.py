@@ -37,6 +37,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -359,7 +360,9 @@ def measure(config: TrainConfig, workdir: Path | None, threads: int, seed: int, 
 
 
 def publish(text: str, out: Path | None, a: Analysis) -> None:
-    """Write the report to ``out`` (when given) and print the analysis output and the report."""
+    """Write the report to ``out`` (when given) and print the analysis output and the report;
+    the scratch run directory is shown as RUN (no path of this machine in a results file)."""
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/bench_\w+/run", "RUN", text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
