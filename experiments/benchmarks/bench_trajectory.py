@@ -88,11 +88,27 @@ def train_config(clients: int, rounds: int, seed: int) -> TrainConfig:
     """FedAvg on digits with the CNN, Dirichlet(0.5) split, a checkpoint every round; local
     schedule as in ``hessrank.demo`` (2 epochs, lr 0.1, batch 16: test accuracy ≈ 0.8 after 20
     rounds, where the default lr 0.05 and 1 epoch leave the CNN near chance)."""
-    return TrainConfig(
-        algo="fedavg", dataset="digits", model="cnn", clients=clients, partition="dirichlet",
-        dirichlet_alpha=0.5, rounds=rounds, local_epochs=2, lr=0.1, batch_size=16,
-        save_every=1, eval_every=1, seed=seed,
-    )
+    return TrainConfig(**train_settings(clients, rounds, seed))
+
+
+def train_settings(clients: int, rounds: int, seed: int) -> dict[str, Any]:
+    """The keys :func:`train_config` sets (an older checkout's trainer takes them too)."""
+    return dict(algo="fedavg", dataset="digits", model="cnn", clients=clients,
+                partition="dirichlet", dirichlet_alpha=0.5, rounds=rounds, local_epochs=2,
+                lr=0.1, batch_size=16, save_every=1, eval_every=1, seed=seed)
+
+
+_TRAIN_WITH = """import json, sys
+from hessrank.fl.runner import train
+train(json.loads(sys.argv[1]), sys.argv[2], resume=False, progress=False)
+"""
+
+
+def train_with(code: Path, settings: dict[str, Any], run_dir: Path) -> None:
+    """Train ``settings`` into ``run_dir`` with checkout ``code``'s trainer (a fresh process):
+    an older analysis reads only runs its own trainer wrote (it refuses unknown config keys)."""
+    subprocess.run([sys.executable, "-c", _TRAIN_WITH, json.dumps(settings), str(run_dir)],
+                   cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, check=True)
 
 
 def train_run(config: TrainConfig, run_dir: Path) -> tuple[RunDir, float]:
@@ -256,13 +272,15 @@ def before_after(base: Path, repeats: int, threads: int, seed: int, fast: bool,
     codes = {"before": base.resolve(), "after": REPO}
     times: dict[str, list[float]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="bench_trajectory_") as tmp:
-        run_dir = Path(tmp) / "run"
-        run, _ = train_run(config, run_dir)
+        run_dirs = {name: Path(tmp) / name / "run" for name in codes}
+        for name, code in codes.items():  # each checkout analyzes the run its trainer wrote
+            train_with(code, train_settings(size["clients"], size["rounds"], seed),
+                       run_dirs[name])
         tables = {}
         for r in range(repeats):
             order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
             for name in order:
-                a = run_analysis(run_dir, threads, seed, codes[name])
+                a = run_analysis(run_dirs[name], threads, seed, codes[name])
                 times[name].append(a.wall)
                 tables[name] = a.table
                 print(f"round {r}: {name} {a.wall:.1f} s", flush=True)
@@ -287,7 +305,8 @@ def before_after(base: Path, repeats: int, threads: int, seed: int, fast: bool,
         f"Produced by `{command}`; before = {base_rev}, after = {new_rev}. Each contender: a "
         f"fresh `hessrank {shlex.join(analyze_argv(Path('RUN'), Path('OUT'), threads, seed))}` "
         f"process on {config.clients} clients × {config.rounds + 1} checkpoints of the run "
-        "described in `trajectory.md`, timed from start to exit.",
+        "described in `trajectory.md` (each checkout analyzes the run its own trainer "
+        "wrote), timed from start to exit.",
         "",
         _timing.markdown_table(["code", "median wall s", "per round s"], rows),
         "",
