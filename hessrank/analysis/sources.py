@@ -9,8 +9,9 @@ task, and says what it is by content:
   ``partition.json``. A checkpoint folder: the data (every client's data hash, the test set's)
   and how the model is built from it (the factory's name). An analysis directory belongs to
   one fingerprint.
-- ``checkpoint_hash(round)``: SHA-256 of the checkpoint's bytes (the unit keys' ingredient),
-  after checking the
+- ``checkpoint_hash(round)``: SHA-256 of the checkpoint (the unit keys' ingredient): for a
+  hessrank run its :func:`content_hash` (a safetensors file's bytes change with every write:
+  its header orders the metadata at random), for a folder the file's bytes; after checking the
   checkpoint is this run's: a hessrank checkpoint must carry its own round, and where it
   carries its run's fingerprint and a content hash (written by the trainer,
   :func:`hessrank.fl.rundir.RunDir.read` checks them) they must match;
@@ -629,9 +630,10 @@ class RunSource:
         return self.run.checkpoint_path(round)
 
     def checkpoint_hash(self, round: int) -> str:
-        """The file's hash, once the checkpoint is known to be this run's round ``round``."""
+        """The checkpoint's :func:`content_hash`, once it is known to be this run's round
+        ``round``: not its file's bytes, whose safetensors header orders the metadata
+        differently at every write, so the same command would record other hashes."""
         path = self.run.checkpoint_path(round)
-        blob = path.read_bytes()
         tensors, meta = read_tensors(path, "checkpoint")  # unreadable: the round fails
         saved = meta.get("round")
         if saved is not None and saved.strip().isdigit() and int(saved) != int(round):
@@ -643,7 +645,7 @@ class RunSource:
         except ValueError as err:
             raise CheckpointMismatchError(str(err)) from None
         self._content[round] = content_hash(tensors, meta)
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self._content[round]
 
     def checkpoint_content(self, round: int) -> str:
         """:func:`content_hash` of the checkpoint (after :meth:`checkpoint_hash`)."""

@@ -28,6 +28,10 @@ each diagnostic per phase, :func:`hessrank.analysis.diagnostics.reversal_tests`)
 ``replicate_{i}/update_pairs.csv``) and ``study.json`` (provenance, with every invocation's
 spec).
 
+Several processes or machines that share ``out`` can compute disjoint sets of replicates
+(:func:`compute_replicates`, ``hessrank study --only``); a final :func:`run_study` reuses them
+and runs the tests.
+
 Rerunning resumes: trained replicates, analysis units, controls and diagnostics are reused
 when their settings did not change, and the tests are redone. A spec whose training settings
 ([train], study seed) differ from those the replicates in ``out`` were trained with is
@@ -50,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from hessrank.analysis import grid, planning
 from hessrank.analysis import inference as inf
@@ -68,6 +73,7 @@ __all__ = [
     "StudySpec",
     "analysis_seed",
     "build_units",
+    "compute_replicates",
     "format_plan",
     "format_verdicts",
     "infer",
@@ -268,6 +274,109 @@ def _warn_few(R: int) -> None:
                       stacklevel=3)
 
 
+def _replicate(spec: StudySpec, out: Path, i: int, progress: bool) -> dict[str, Any]:
+    """Train (or resume) replicate ``i`` and compute its analysis, controls, diagnostics
+    and update pairs; every part reuses what ``out/replicate_{i}`` already holds."""
+    rep = out / f"replicate_{i}"
+    analyze_kwargs = spec.analyze_kwargs()
+    t0 = time.perf_counter()
+    config = {**copy.deepcopy(spec.train), "seed": spec.seed + i}
+    run = train(config, rep / "run", progress=progress)
+    t1 = time.perf_counter()
+    seed = analysis_seed(spec.seed, i)
+    table = analyze(run.path, seed=seed, out=rep / "analysis", progress=progress,
+                    **analyze_kwargs)
+    if table.attrs.get("errors"):
+        raise RuntimeError(f"replicate {i}: {len(table.attrs['errors'])} analysis unit(s) "
+                           f"failed; see {rep / 'analysis' / 'errors.csv'}")
+    table = table.assign(replicate=i, train_seed=spec.seed + i)
+    table["label_entropy"] = subject_label_entropy(
+        table, RunDir(run.path).client_data()).to_numpy()
+    t2 = time.perf_counter()
+    ctrl = diag = pt = None
+    if spec.controls is not None:
+        rounds = sorted(table["round"].unique())
+        ctrl = analyze_controls(run.path, rounds=rounds,
+                                matvecs=int(analyze_kwargs.get("matvecs", 40)), seed=seed,
+                                out=rep / "controls", **spec.controls_kwargs())
+        ctrl = ctrl.assign(replicate=i, train_seed=spec.seed + i)
+    t3 = time.perf_counter()
+    if spec.diagnostics is not None:
+        conf = spec.diagnostics_kwargs()
+        rounds = conf.pop("rounds", None) or sorted(int(r) for r in table["round"].unique())
+        diag = _diagnostics_replicate(run.path, rep, seed, rounds, conf, progress)
+        diag = diag.assign(replicate=i, train_seed=spec.seed + i)
+    t4 = time.perf_counter()
+    update_ranks = spec.update_ranks()
+    if update_ranks:
+        pair_file = rep / "update_pairs.csv"
+        if pair_file.is_file():
+            pt = pd.read_csv(pair_file)
+        else:
+            pt = update_pairs(run.path, update_ranks)
+            atomic_write_text(pair_file, pt.to_csv(index=False))
+        pt = pt.assign(replicate=i)
+    return {"table": table, "controls": ctrl, "diagnostics": diag, "pairs": pt,
+            "timing": {"replicate": i, "train_s": t1 - t0, "analyze_s": t2 - t1,
+                       "controls_s": t3 - t2, "diagnostics_s": t4 - t3,
+                       "updates_s": time.perf_counter() - t4}}
+
+
+def _record_run(out: Path, spec: StudySpec, R: int, run: dict[str, Any]) -> None:
+    """Append one invocation to ``out/study.json`` (under a lock: ``--only`` processes may
+    share ``out``)."""
+    with FileLock(str(out / ".study.lock")):
+        history = []
+        if (out / "study.json").is_file():
+            history = json.loads((out / "study.json").read_text()).get("runs", [])
+        history.append(run)
+        atomic_write_text(out / "study.json", json.dumps({
+            "name": spec.name, "replicates": R, "seeds": {
+                "train": [spec.seed + i for i in range(R)],
+                "analysis": [analysis_seed(spec.seed, i) for i in range(R)]},
+            "runs": history,
+        }, indent=2))
+
+
+def compute_replicates(spec: StudySpec | str | Path, out: str | Path, only: Sequence[int], *,
+                       replicates: int | None = None, progress: bool = True,
+                       command: str | None = None) -> list[dict[str, float]]:
+    """Train and analyze only the replicates ``only`` of a study, without the tests.
+
+    The parts of a study are independent per replicate (own directory, own seeds, own
+    locks), so processes or machines that share ``out`` can each compute some replicates;
+    a later :func:`run_study` on the same ``out`` reuses them all and runs the tests. The
+    numbers are those :func:`run_study` alone would compute (same seeds, same calls).
+
+    Returns:
+        One timing row per computed replicate (seconds per part), also recorded in
+        ``out/study.json``.
+    Raises:
+        ValueError: a bad spec, an index outside ``0 .. R-1``, or ``out`` trained with other
+        settings.
+    """
+    if not isinstance(spec, StudySpec):
+        spec = load_spec(spec)
+    R = int(replicates if replicates is not None else spec.replicates)
+    bad = sorted({int(i) for i in only if not 0 <= int(i) < R})
+    if bad or not only:
+        raise ValueError(f"--only takes replicate indices in 0..{R - 1}, got "
+                         f"{', '.join(map(str, bad)) or 'none'}")
+    out = Path(out)
+    _check_resumable(out, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.json", json.dumps(spec.raw, indent=2, sort_keys=True))
+    t_start = time.perf_counter()
+    timing = [_replicate(spec, out, int(i), progress)["timing"]
+              for i in sorted({int(i) for i in only})]
+    _record_run(out, spec, R, {"command": command or " ".join(sys.argv), "replicates": R,
+                               "only": [t["replicate"] for t in timing],
+                               "python": platform.python_version(),
+                               "seconds": time.perf_counter() - t_start, "timing": timing,
+                               "spec": spec.raw})
+    return timing
+
+
 def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int | None = None,
               progress: bool = True, command: str | None = None) -> pd.DataFrame:
     """Train, analyze and test every replicate of a study; returns the hypotheses table.
@@ -297,50 +406,15 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     _warn_few(R)
     t_start = time.perf_counter()
     frames, controls, diagnostics, pairs, timing = [], [], [], [], []
-    update_ranks = spec.update_ranks()
-    analyze_kwargs = spec.analyze_kwargs()
     last_round = spec.last_round
     for i in range(R):
-        rep = out / f"replicate_{i}"
-        t0 = time.perf_counter()
-        config = {**copy.deepcopy(spec.train), "seed": spec.seed + i}
-        run = train(config, rep / "run", progress=progress)
-        t1 = time.perf_counter()
-        seed = analysis_seed(spec.seed, i)
-        table = analyze(run.path, seed=seed, out=rep / "analysis", progress=progress,
-                        **analyze_kwargs)
-        if table.attrs.get("errors"):
-            raise RuntimeError(f"replicate {i}: {len(table.attrs['errors'])} analysis unit(s) "
-                               f"failed; see {rep / 'analysis' / 'errors.csv'}")
-        table = table.assign(replicate=i, train_seed=spec.seed + i)
-        table["label_entropy"] = subject_label_entropy(
-            table, RunDir(run.path).client_data()).to_numpy()
-        frames.append(table)
-        t2 = time.perf_counter()
-        if spec.controls is not None:
-            rounds = sorted(table["round"].unique())
-            ctrl = analyze_controls(run.path, rounds=rounds,
-                                    matvecs=int(analyze_kwargs.get("matvecs", 40)), seed=seed,
-                                    out=rep / "controls", **spec.controls_kwargs())
-            controls.append(ctrl.assign(replicate=i, train_seed=spec.seed + i))
-        t3 = time.perf_counter()
-        if spec.diagnostics is not None:
-            conf = spec.diagnostics_kwargs()
-            rounds = conf.pop("rounds", None) or sorted(int(r) for r in table["round"].unique())
-            diag = _diagnostics_replicate(run.path, rep, seed, rounds, conf, progress)
-            diagnostics.append(diag.assign(replicate=i, train_seed=spec.seed + i))
-        t4 = time.perf_counter()
-        if update_ranks:
-            pair_file = rep / "update_pairs.csv"
-            if pair_file.is_file():
-                pt = pd.read_csv(pair_file)
-            else:
-                pt = update_pairs(run.path, update_ranks)
-                atomic_write_text(pair_file, pt.to_csv(index=False))
-            pairs.append(pt.assign(replicate=i))
-        timing.append({"replicate": i, "train_s": t1 - t0, "analyze_s": t2 - t1,
-                       "controls_s": t3 - t2, "diagnostics_s": t4 - t3,
-                       "updates_s": time.perf_counter() - t4})
+        parts = _replicate(spec, out, i, progress)
+        frames.append(parts["table"])
+        for name, bucket in (("controls", controls), ("diagnostics", diagnostics),
+                             ("pairs", pairs)):
+            if parts[name] is not None:
+                bucket.append(parts[name])
+        timing.append(parts["timing"])
     table = pd.concat(frames + controls, ignore_index=True)
     _write_table(out, "results", table)
     if diagnostics:
@@ -364,19 +438,10 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     regression = _regressions(table, spec, last_round)
     if regression is not None:
         atomic_write_text(out / "regression.csv", regression.to_csv(index=False))
-    history = []
-    if (out / "study.json").is_file():
-        history = json.loads((out / "study.json").read_text()).get("runs", [])
-    history.append({"command": command or " ".join(sys.argv), "replicates": R,
-                    "python": platform.python_version(),
-                    "seconds": time.perf_counter() - t_start, "timing": timing,
-                    "spec": spec.raw})
-    atomic_write_text(out / "study.json", json.dumps({
-        "name": spec.name, "replicates": R, "seeds": {
-            "train": [spec.seed + i for i in range(R)],
-            "analysis": [analysis_seed(spec.seed, i) for i in range(R)]},
-        "runs": history,
-    }, indent=2))
+    _record_run(out, spec, R, {"command": command or " ".join(sys.argv), "replicates": R,
+                               "python": platform.python_version(),
+                               "seconds": time.perf_counter() - t_start, "timing": timing,
+                               "spec": spec.raw})
     hyp.attrs["table"] = table
     hyp.attrs["regression"] = regression
     return hyp

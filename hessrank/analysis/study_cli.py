@@ -1,6 +1,7 @@
 """``hessrank study``: replicated train → analyze → verdicts, a plan, or the spec's schema.
 
     hessrank study SPEC --out DIR [--replicates R]   run (or resume) the study
+    hessrank study SPEC --out DIR --only 0,2,4       compute only these replicates, no tests
     hessrank study SPEC --check                      validate the spec, train nothing
     hessrank study SPEC --plan [--pilot DIR]         replicates × units needed, from a pilot
     hessrank study --schema                          the JSON schema of the spec format
@@ -87,9 +88,21 @@ def _study(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from hessrank.analysis.study import format_verdicts, run_study  # keeps --help fast
+    from hessrank.analysis.study import (  # keeps --help fast
+        compute_replicates,
+        format_verdicts,
+        run_study,
+    )
 
     command = "hessrank study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    if args.only is not None:
+        only = _indices(args.only)
+        timing = compute_replicates(spec, args.out, only, replicates=args.replicates,
+                                    progress=not args.quiet, command=command)
+        done = ", ".join(str(t["replicate"]) for t in timing)
+        print(f"replicate(s) {done} of {args.replicates or spec.replicates} computed in "
+              f"{args.out}; rerun without --only (same --out) to test the hypotheses")
+        return 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hyp = run_study(spec, args.out, replicates=args.replicates, progress=not args.quiet,
@@ -101,6 +114,20 @@ def _study(args: argparse.Namespace) -> int:
     print(f"-> {out / 'hypotheses.csv'} (explained in {out / 'README.md'}) and "
           f"{out / 'results.parquet'}")
     return 0
+
+
+def _indices(text: str) -> list[int]:
+    """``--only``'s replicate indices: comma-separated integers or ranges ``a-b``."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+        except ValueError:
+            raise ValueError(f"--only takes replicate indices like 0,2,5-7; got {text!r}") \
+                from None
+    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,6 +143,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--replicates", type=int, default=None,
                    help="number of replicates (default: the spec's study.replicates)")
     p.add_argument("--out", default=None, help="study directory (rerun to resume)")
+    p.add_argument("--only", default=None, metavar="I[,J,A-B]",
+                   help="train and analyze only these replicates (0-based), no tests: "
+                        "processes or machines sharing --out each compute some; a final run "
+                        "without --only reuses them and tests")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true",

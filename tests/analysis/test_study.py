@@ -381,3 +381,35 @@ min_effect = 0.05
     assert hyp["n_units"].iloc[0] == 2 * 3  # replicates × clients
 
 
+
+
+@pytest.mark.slow
+def test_replicates_computed_apart_give_the_study_one_run_gives(tmp_path, capsys):
+    """--only in two invocations, then the collecting run: the same table and verdicts as
+    one run (what lets processes or machines share a study's replicates)."""
+    spec = tmp_path / "smoke.toml"
+    spec.write_text(SPEC.split("[diagnostics]")[0] + "[inference]" + SPEC.split(
+        "[inference]")[1])
+    whole, apart = tmp_path / "whole", tmp_path / "apart"
+    assert main(["study", str(spec), "--out", str(whole), "--quiet"]) == 0
+    for only in ("1", "0-0"):
+        assert main(["study", str(spec), "--out", str(apart), "--quiet", "--only", only]) == 0
+        assert "rerun without --only" in capsys.readouterr().out
+    assert not (apart / "hypotheses.csv").exists()  # no tests before the collecting run
+    ckpt = apart / "replicate_1" / "run" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    assert main(["study", str(spec), "--out", str(apart), "--quiet"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before  # reused
+    timed = [c for c in pd.read_parquet(whole / "results.parquet").columns
+             if c.endswith("_s") or "seconds" in c or "time" in c]
+    a, b = (pd.read_parquet(d / "results.parquet").drop(columns=timed) for d in (whole, apart))
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "hypotheses.csv"),
+                                  pd.read_csv(apart / "hypotheses.csv"))
+    runs = json.loads((apart / "study.json").read_text())["runs"]
+    assert [r.get("only") for r in runs] == [[1], [0], None]
+    capsys.readouterr()
+    for bad, message in (("2", "indices in 0..1, got 2"), ("x", "like 0,2,5-7")):
+        assert main(["study", str(spec), "--out", str(apart), "--only", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
