@@ -182,6 +182,8 @@ def check_attention(model: nn.Module) -> None:
     if isinstance(model, CausalLM):
         return
     for name, module in model.named_modules():
+        # transformers has no public reader of the kernel a config chose; this property is
+        # the one its own docs read
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if isinstance(impl, str) and impl != "eager":
             where = f"module {name!r}" if name else "the model"
@@ -274,9 +276,8 @@ def _hf_gpt2(
         n_embd=width, n_layer=layers, n_head=heads, n_inner=ffn_width,
         resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, tie_word_embeddings=tie_embeddings,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
-        **(config or {}),
+        **{**(config or {}), "attn_implementation": attention},
     )
-    cfg._attn_implementation = attention
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -312,9 +313,9 @@ def _hf_llama(
         max_position_embeddings=max_positions or int(input_shape[0]),
         attention_dropout=0.0 if dropout is None else float(dropout),
         tie_word_embeddings=tie_embeddings, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, use_cache=False, **(config or {}),
+        pad_token_id=None, use_cache=False,
+        **{**(config or {}), "attn_implementation": attention},
     )
-    cfg._attn_implementation = attention
     return transformers.LlamaForCausalLM(cfg)
 
 
