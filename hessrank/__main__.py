@@ -1,9 +1,7 @@
 """``python -m hessrank ...`` (and ``torchrun --nproc-per-node N -m hessrank analyze ...``):
-the same command line as the ``hessrank`` script (:func:`hessrank.cli.main`)."""
+the same command line as the ``hessrank`` script (:func:`hessrank.cli.run`)."""
 
-import sys
-
-from hessrank.cli import main
+from hessrank.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

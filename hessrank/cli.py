@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from hessrank import __version__
+from hessrank.allocator import tune_for_autograd
 from hessrank.clikit import ArgumentParser, one_line_warnings, run_command
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
@@ -69,5 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(prog, args.func, args, debug=getattr(args, "debug", False))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``hessrank`` command (and ``python -m hessrank``): :func:`main` on ``sys.argv`` in a
+    process whose allocator is set for autograd's buffers
+    (:func:`hessrank.allocator.tune_for_autograd`: bit-identical results, about half the wall
+    time of products through a language model's kept graph)."""
+    tune_for_autograd()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hessrank.allocator import describe as describe_allocator
+from hessrank.allocator import inherit as inherit_allocator
 from hessrank.analysis.distributed import Ranks, from_environment, launched_world
 from hessrank.analysis.planner import Plan, Unit, plan, thread_key
 from hessrank.analysis.progress import Progress
@@ -311,6 +313,7 @@ class Torchrun:
 
 def _worker(run_dir, settings: AnalysisSettings, out, command) -> pd.DataFrame:
     """One pool worker (a spawned process): its shard, serially."""
+    inherit_allocator()
     return Serial().run(run_dir, settings, out=out, command=command)
 
 
@@ -419,4 +422,4 @@ def _environment(s: AnalysisSettings, source: Source, ranks: Ranks | None = None
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": s.threads if s.threads is not None else torch.get_num_threads(),
             "device": s.device, "dtype": (s.dtype or source.native_dtype).replace("torch.", ""),
-            "world_size": 1 if ranks is None else ranks.world}
+            "world_size": 1 if ranks is None else ranks.world, "allocator": describe_allocator()}
