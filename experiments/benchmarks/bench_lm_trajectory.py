@@ -100,7 +100,7 @@ def numbers(run: RunDir, a: bt.Analysis, train_s: float, clients: int) -> dict[s
         "p": sum(t.numel() for t in model.parameters()),
         "sizes": [len(y) for _, y in run.client_data()],
         "test_loss": (float(metrics["test_loss"].iloc[0]), float(metrics["test_loss"].iloc[-1])),
-        "strategy": bt.strategy_summary(a.strategies),
+        "strategy": bt.strategy_summary(a.strategies), "allocator": a.allocator,
         "params": recorded_params(run.path / "analysis"),
     }  # fmt: skip
 

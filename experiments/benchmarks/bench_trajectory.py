@@ -82,6 +82,7 @@ class Analysis:
     table: pd.DataFrame
     strategies: list[dict[str, Any]]  # the route reported per checkpoint
     stdout: str
+    allocator: str = "not recorded (an older checkout)"  # environment.allocator
 
 
 def train_config(clients: int, rounds: int, seed: int) -> TrainConfig:
@@ -149,7 +150,9 @@ def run_analysis(run_dir: Path, threads: int, seed: int, code: Path = REPO) -> A
     table = pd.read_parquet(out / "results.parquet")
     # the product route each checkpoint's operator reported (recorded in the table's rows)
     routes = [json.loads(r) for r in table.groupby("round")["route"].first()]
-    return Analysis(argv, wall, cpu, table, routes, proc.stdout + proc.stderr)
+    env = json.loads((out / "analysis.json").read_text())["calls"][-1]["environment"]
+    return Analysis(argv, wall, cpu, table, routes, proc.stdout + proc.stderr,
+                    env.get("allocator", Analysis.allocator))
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -188,6 +191,7 @@ def numbers(run: RunDir, a: Analysis, train_s: float, clients: int) -> dict[str,
         "wall": a.wall, "per_checkpoint": a.wall / checkpoints, "estimator": estimator,
         "cpu": a.cpu, "train": train_s, "p": sum(t.numel() for t in model.parameters()),
         "sizes": sizes, "accuracy": float(acc), "strategy": strategy_summary(a.strategies),
+        "allocator": a.allocator,
     }
 
 
@@ -209,6 +213,7 @@ def timing_rows(n: dict[str, Any], threads: int, route_label: str) -> list[list[
         ["CPU seconds of the analysis process (user + sys)",
          f"{n['cpu']:.1f} ({n['cpu'] / n['wall']:.2f} cores on average)"],
         [route_label, n["strategy"]],
+        ["allocator (hessrank.allocator, as recorded)", n.get("allocator", "not recorded")],
         ["training wall clock (not part of the target)", f"{n['train']:.1f} s"],
     ]
 
