@@ -1,12 +1,12 @@
 """The ``hessrank`` command's allocator setting (hessrank.allocator) against glibc's defaults.
 
-Each workload is one fresh ``hessrank`` process, run with the command's setting ("tuned") and
-with ``HESSRANK_ALLOCATOR=system`` (glibc's defaults), interleaved A B B A over ``--repeats``
-rounds; reported per workload: the median wall clock of each, the median of the per-round
-ratios tuned ÷ system (< 1: the setting is faster), user and kernel CPU seconds (the kernel's
-share is where glibc's page faults show), peak resident memory, and whether the two results
-are bit-identical (analysis tables without their ``seconds`` column; training checkpoints by
-content).
+Each workload is one fresh ``python -m hessrank`` process (what the ``hessrank`` command runs),
+with the command's setting ("tuned") and with ``HESSRANK_ALLOCATOR=system`` (glibc's defaults),
+interleaved A B B A over ``--repeats`` rounds; reported per workload: the median wall clock of
+each, the median of the per-round ratios tuned ÷ system (< 1: the setting is faster), user and
+kernel CPU seconds (the kernel's share is where glibc's page faults show), peak resident
+memory, and whether the two results are bit-identical (analysis tables without their
+``seconds`` column; training checkpoints by content).
 
 Workloads (the runs are trained once, untimed, in a scratch directory):
 
@@ -96,28 +96,44 @@ def workloads(work: Path, fast: bool) -> dict[str, dict[str, Any]]:
     }
 
 
+# the child reports its own peak resident set (VmHWM) at exit: a forked child's getrusage
+# maxrss would include this process's resident set at the fork
+CHILD = """import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as f:
+        f.write(str(kb))
+atexit.register(peak)
+sys.argv = ["hessrank", *sys.argv[1:]]
+runpy.run_module("hessrank", run_name="__main__")
+"""
+
+
 def run_once(argv: list[str], work: Path, out: Path, mode: str) -> dict[str, float]:
-    """One fresh ``python -m hessrank`` process: wall, user and kernel seconds, and its own
-    peak resident MiB (``wait4``'s usage of that child alone)."""
+    """One fresh ``python -m hessrank`` process: wall, user and kernel seconds (``wait4``'s
+    usage of that child alone), and its peak resident MiB."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "HESSRANK_ALLOCATOR"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     if mode == "system":
         env["HESSRANK_ALLOCATOR"] = "system"
     argv = [a.replace("OUT", str(out)).replace("WORK", str(work)) for a in argv]
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "hessrank", *argv], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"hessrank {shlex.join(argv)} exited {proc.returncode}:\n"
-                             f"{err.read().decode(errors='replace')[-2000:]}")
-    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime,
-            "peak_mib": usage.ru_maxrss / 1024}
+    with tempfile.TemporaryDirectory() as tmp:
+        env["BENCH_PEAK_FILE"] = peak_file = str(Path(tmp) / "peak")
+        with open(Path(tmp) / "stderr", "w+b") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                err.seek(0)
+                raise SystemExit(f"hessrank {shlex.join(argv)} exited {proc.returncode}:\n"
+                                 f"{err.read().decode(errors='replace')[-2000:]}")
+        peak_mib = int(Path(peak_file).read_text()) / 1024
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "peak_mib": peak_mib}
 
 
 def result_of(out: Path, kind: str) -> Any:
@@ -184,7 +200,7 @@ def report(rows: list[dict[str, Any]], repeats: int, busy: float, command: str) 
         f"cores busy at the start. Produced by `{command}`. Each cell: median of {repeats} "
         "fresh processes per setting, interleaved A B / B A; the ratio is the median of the "
         "per-round ratios. Peak MiB: the median over processes of each one's largest resident "
-        "set. WORK, OUT: scratch directories.",
+        "set (VmHWM, read by the process at exit). WORK, OUT: scratch directories.",
         "",
         f"Tuned, as recorded in the analysis's `environment.allocator`: `{recorded}`; "
         "system: `HESSRANK_ALLOCATOR=system`.",
