@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -376,7 +377,8 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     (:func:`hessrank.analysis.settings.probe_seed`); subsets are drawn from streams of
     ``seed``. Written to ``out/controls.parquet`` (with its settings in ``out/controls.json``)
     when ``out`` is given, and reused from there by a call with the same settings and
-    checkpoints.
+    checkpoints; until the call finishes, each finished round's rows wait in ``out/rounds``,
+    so an interrupted call resumes at its first unfinished round.
     """
     run = RunDir(run_dir)
     loss_fn = run.task()
@@ -396,8 +398,14 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
                                   nested_sizes=nested_sizes, nested_draws=nested_draws,
                                   seed=seed, task=loss_fn, proposals=proposals,
                                   patience=patience)
+    parts = _round_parts(Path(out), settings) if out is not None else None
     rows = []
     for r in rounds:
+        part = parts / f"round_{int(r)}.parquet" if parts is not None else None
+        if part is not None and part.is_file():  # this round finished before an interruption
+            rows.extend(pd.read_parquet(part).to_dict("records"))
+            continue
+        start = len(rows)
         model = run.load_model(int(r))
         for g in groups:
             op = build_operator(g, model, loss_fn)
@@ -412,13 +420,35 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
                              "stderr": float(res.stderr[j]), "matvecs": res.num_matvecs,
                              "seconds": dt, "seed": probe, "data_seed": -1,
                              **info[s.name]})
+        if part is not None:
+            _write_parquet(part, pd.DataFrame(rows[start:],
+                                              columns=[*COLUMNS, *CONTROL_COLUMNS]))
     table = pd.DataFrame(rows, columns=[*COLUMNS, *CONTROL_COLUMNS])
     if out is not None:
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        atomic_write_bytes(Path(out) / "controls.parquet", buf.getvalue())
+        _write_parquet(Path(out) / "controls.parquet", table)
         atomic_write_text(Path(out) / "controls.json", json.dumps(settings))
+        shutil.rmtree(parts, ignore_errors=True)
     return table
+
+
+def _write_parquet(path: Path, table: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _round_parts(out: Path, settings: dict) -> Path:
+    """``out/rounds``: each finished round's rows of an unfinished call, so an interrupted
+    call resumes at the first unfinished round; parts written under other settings (or an
+    older format) are dropped, being this function's own scratch."""
+    parts = out / "rounds"
+    stamp = parts / "settings.json"
+    if parts.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        atomic_write_text(stamp, json.dumps(settings))
+    return parts
 
 
 def subject_label_entropy(table: pd.DataFrame, client_data: Sequence[tuple[Tensor, Tensor]]

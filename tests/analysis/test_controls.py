@@ -105,3 +105,43 @@ def test_matched_controls_of_sequence_targets_match_sizes_and_histograms():
     assert info["client1_hist0"]["histogram_tv"] == 0.0  # one token everywhere
     groups, _ = ct.control_groups(clients, nested_sizes=[2])  # nested controls still work
     assert [g.subjects[0].size for g in groups] == [2]
+
+
+def test_an_interrupted_controls_call_resumes_at_its_first_unfinished_round(trained_run,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    kw = dict(rounds=[0, 1, 2], matched_draws=1, matvecs=10, seed=0)
+    whole = ct.analyze_controls(trained_run, out=tmp_path / "whole", **kw)
+    assert not (tmp_path / "whole" / "rounds").exists()  # scratch removed once finished
+    # interrupted during round 1: round 0's rows are kept, nothing final is written
+    calls = {"n": 0}
+    real = ct.stable_rank
+    groups = len(whole[whole["round"] == 0].groupby("seed"))
+
+    def dies_in_round_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > groups:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "stable_rank", dies_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        ct.analyze_controls(trained_run, out=tmp_path / "cut", **kw)
+    assert not (tmp_path / "cut" / "controls.parquet").exists()
+    assert [p.name for p in sorted((tmp_path / "cut" / "rounds").glob("*.parquet"))] == [
+        "round_0.parquet"]
+    # the rerun computes rounds 1 and 2 only and gives the uninterrupted table
+    calls["n"] = -10**6
+    monkeypatch.setattr(ct, "stable_rank", lambda *a, **k: (calls.__setitem__(
+        "n", calls["n"] + 1), real(*a, **k))[1])
+    resumed = ct.analyze_controls(trained_run, out=tmp_path / "cut", **kw)
+    assert calls["n"] == -10**6 + 2 * groups
+    pd.testing.assert_frame_equal(resumed.drop(columns="seconds"),
+                                  whole.drop(columns="seconds"))
+    # parts written under other settings are not reused
+    stale = tmp_path / "cut" / "rounds"
+    stale.mkdir()
+    (stale / "settings.json").write_text('{"other": 1}')
+    whole[whole["round"] == 0].to_parquet(stale / "round_0.parquet", index=False)
+    again = ct.analyze_controls(trained_run, out=tmp_path / "cut", **{**kw, "matvecs": 12})
+    assert (again["matvecs"] == 12).all() and not stale.exists()
