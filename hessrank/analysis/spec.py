@@ -319,6 +319,13 @@ class StudySpec(Table):
         """The file the spec came from (for messages)."""
         return self._where
 
+    def read_from(self, raw: dict[str, Any], where: str) -> StudySpec:
+        """Remember the spec as read (``raw``, copied) and the file it came from; returns
+        this spec."""
+        self._raw = copy.deepcopy(raw)
+        self._where = where
+        return self
+
     @property
     def last_round(self) -> int:
         """The final round of training ([train] rounds)."""
@@ -413,9 +420,7 @@ def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
         spec = StudySpec.model_validate(raw)
     except ValidationError as err:
         raise ValueError(one_line_error(err, where, tags=list(KINDS))) from None
-    spec._raw = copy.deepcopy(raw)
-    spec._where = where
-    return spec
+    return spec.read_from(raw, where)
 
 
 def load_spec(path: str | Path) -> StudySpec:

@@ -34,7 +34,7 @@ import json
 import shutil
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -257,7 +257,7 @@ class Store:
             try:
                 meta = self.meta()
                 if meta.get("format") == 2:
-                    self._import_format2()
+                    self.import_format2()
                     meta["format"] = FORMAT
                 elif meta and meta.get("format") == FORMAT:
                     self._check_db()
@@ -311,7 +311,7 @@ class Store:
             if legacy.is_dir():
                 shutil.rmtree(legacy)
 
-    def _import_format2(self) -> None:
+    def import_format2(self) -> None:
         """Move a format-2 directory's unit files and table into the store (module doc)."""
         units = self.out / "units"
         frames = []
@@ -517,35 +517,61 @@ class Store:
                                                    seed)
 
     # ---- merging ------------------------------------------------------------------------------
+    def stored_units(self) -> Iterator[tuple[str, bytes, bytes | None]]:
+        """Every stored unit as (key, its rows' frame, its densities or None)."""
+        with self._db() as con:
+            yield from con.execute("SELECT u.key, f.data, u.densities FROM units u "
+                                   "JOIN frames f ON u.frame = f.id")
+
     def _copy_units_from(self, con: sqlite3.Connection, src: Store) -> None:
-        with src._db() as sc:
-            for key, blob, dens in sc.execute("SELECT u.key, f.data, u.densities FROM units u "
-                                              "JOIN frames f ON u.frame = f.id"):
-                if con.execute("SELECT 1 FROM units WHERE key = ?", (key,)).fetchone() is None:
-                    fid = int(con.execute("INSERT INTO frames (data) VALUES (?)",
-                                          (blob,)).lastrowid)
-                    con.execute("INSERT INTO units VALUES (?, ?, ?)", (key, fid, dens))
-            for r, h in sc.execute("SELECT round, hash FROM checkpoints"):
-                con.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (r, h))
+        for key, blob, dens in src.stored_units():
+            if con.execute("SELECT 1 FROM units WHERE key = ?", (key,)).fetchone() is None:
+                fid = int(con.execute("INSERT INTO frames (data) VALUES (?)",
+                                      (blob,)).lastrowid)
+                con.execute("INSERT INTO units VALUES (?, ?, ?)", (key, fid, dens))
+        for r, h in src.checkpoints().items():
+            con.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (r, h))
 
+    def merge_from(self, sources: Sequence[tuple[Path, dict[str, Any], Store]],
+                   meta: dict[str, Any]) -> None:
+        """Under the lock: copy the units and upsert the rows of every (path, its
+        analysis.json, a readable store of it) that is not this directory, in order (later
+        rows win), add their calls to ``meta`` and write it (a format-2 ``meta`` is this
+        directory's own, imported first)."""
+        with self.locked():
+            if meta.get("format") == 2:
+                self.import_format2()
+                meta["format"] = FORMAT
+            with self._db(write=True) as con:
+                for p, m, src in sources:
+                    if p.resolve() == self.out.resolve():
+                        continue
+                    self._copy_units_from(con, src)
+                    table = src.table()
+                    if len(table):
+                        self._upsert_frame(con, table)
+                    meta["calls"].extend({**c, "merged_from": str(p)}
+                                         for c in m.get("calls", []))
+            self.write_meta(meta)
 
-def _readable(path: Path) -> Store:
-    """A Store over analysis directory ``path`` in the current format (a format-2 directory is
-    read through a temporary import, never modified)."""
-    store = Store(path)
-    if store.meta().get("format") == 2:
+    def readable(self) -> Store:
+        """This store if it is in the current format, else a temporary store imported from
+        this format-2 directory (which is never modified); the caller removes a temporary
+        one (its ``out`` differs from this one's)."""
+        if self.meta().get("format") != 2:
+            return self
         import tempfile
 
         tmp = Path(tempfile.mkdtemp(prefix="hessrank-merge-"))
         for name in ("units", "results.parquet"):
-            src = path / name
+            src = self.out / name
             if src.is_dir():
                 shutil.copytree(src, tmp / name)
             elif src.is_file():
                 shutil.copyfile(src, tmp / name)
         store = Store(tmp)
-        store._import_format2()
-    return store
+        store.import_format2()
+        return store
 
 
 def _checkpoint_conflict(paths: list[Path], stores: list[Store]) -> str | None:
@@ -600,25 +626,12 @@ def merge_dirs(sources: list[str | Path], out: str | Path) -> pd.DataFrame:
                 f"{first[1]['run']['fingerprint']}, run {first[1]['run'].get('path', '?')}) "
                 f"and {p} (fingerprint {m['run']['fingerprint']}, run "
                 f"{m['run'].get('path', '?')}); merge only one run's analyses")
-    readers = [_readable(p) for p, _ in named]
+    readers = [Store(p).readable() for p, _ in named]
     conflict = _checkpoint_conflict([p for p, _ in named], readers)
     if conflict:
         raise RunMismatchError(conflict)
-    with target.locked():
-        meta = existing or {"format": FORMAT, "run": metas[0]["run"], "calls": []}
-        if meta.get("format") == 2:
-            target._import_format2()
-            meta["format"] = FORMAT
-        with target._db(write=True) as con:
-            for (p, m), src in zip(zip(paths, metas), readers):
-                if p.resolve() == target.out.resolve():
-                    continue
-                target._copy_units_from(con, src)
-                table = src.table()
-                if len(table):
-                    target._upsert_frame(con, table)
-                meta["calls"].extend({**c, "merged_from": str(p)} for c in m.get("calls", []))
-        target.write_meta(meta)
+    meta = existing or {"format": FORMAT, "run": metas[0]["run"], "calls": []}
+    target.merge_from(list(zip(paths, metas, readers)), meta)
     for src, (p, _) in zip(readers, named):
         if src.out != p:  # a temporary import of a format-2 directory
             shutil.rmtree(src.out, ignore_errors=True)
