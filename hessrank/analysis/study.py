@@ -263,6 +263,15 @@ def _check_resumable(out: Path, spec: StudySpec) -> None:
                          "directory")
 
 
+def _open_study_dir(out: Path, spec: StudySpec) -> Path:
+    """Refuse ``out`` if trained with other settings (:func:`_check_resumable`), else create
+    it and record the spec as run."""
+    _check_resumable(out, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.json", json.dumps(spec.raw, indent=2, sort_keys=True))
+    return out
+
+
 def _warn_few(R: int) -> None:
     if R == 1:
         warnings.warn("1 replicate: the tests use the units of that one run (sampling_unit "
@@ -362,10 +371,7 @@ def compute_replicates(spec: StudySpec | str | Path, out: str | Path, only: Sequ
     if bad or not only:
         raise ValueError(f"--only takes replicate indices in 0..{R - 1}, got "
                          f"{', '.join(map(str, bad)) or 'none'}")
-    out = Path(out)
-    _check_resumable(out, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.json", json.dumps(spec.raw, indent=2, sort_keys=True))
+    out = _open_study_dir(Path(out), spec)
     t_start = time.perf_counter()
     timing = [_replicate(spec, out, int(i), progress)["timing"]
               for i in sorted({int(i) for i in only})]
@@ -399,10 +405,7 @@ def run_study(spec: StudySpec | str | Path, out: str | Path, *, replicates: int 
     R = int(replicates if replicates is not None else spec.replicates)
     if R < 1:
         raise ValueError(f"--replicates must be >= 1, got {R}")
-    out = Path(out)
-    _check_resumable(out, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.json", json.dumps(spec.raw, indent=2, sort_keys=True))
+    out = _open_study_dir(Path(out), spec)
     _warn_few(R)
     t_start = time.perf_counter()
     frames, controls, diagnostics, pairs, timing = [], [], [], [], []
