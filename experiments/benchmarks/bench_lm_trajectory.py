@@ -125,15 +125,12 @@ def report(n: dict[str, Any], a: bt.Analysis, config: TrainConfig, threads: int,
     sizes = n["sizes"]
     kw = config.dataset_kwargs
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    parts = [
+    return bt.report_page(
         "# Language-model trajectory: server + every client, adapters-only stable rank at "
         "40 matvecs",
-        "",
         f"{datetime.date.today()} — {_timing.machine_line(threads)}; CPU affinity {affinity}; "
         f"other work kept {busy:.1f} cores busy at the start.",
-        f"Produced by `{command}`. The timed analysis process: "
-        f"`hessrank {shlex.join(a.argv)}` (run dir and output in a scratch directory).",
-        "",
+        a, command,
         f"Run: the `[train]` table of `{SPEC.relative_to(REPO)}` with {config.rounds} rounds "
         f"and a checkpoint every {config.save_every}: {config.algo} with {config.adapters} "
         f"adapters (rank {config.rank}, alpha {config.lora_alpha}, merge every "
@@ -145,13 +142,7 @@ def report(n: dict[str, Any], a: bt.Analysis, config: TrainConfig, threads: int,
         f"{n['test_loss'][1]:.3f} nats per character. Analysis: default operator settings, "
         "eval mode, one FederatedOperator (K + 1 stacked Hessians) per checkpoint; no density, "
         "alignment or subsets. Single run, not repeated.",
-        "",
-        _timing.markdown_table(["quantity", "value"], table_rows(n, threads)),
-        "",
-        reading(n, threads, busy),
-        "",
-    ]
-    return "\n".join(parts)
+        table_rows(n, threads), reading(n, threads, busy))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,17 +240,26 @@ def reading(n: dict[str, Any], threads: int, busy: float, *, hessians: str = "He
             f"{target_minutes:.0f} {target}.{load}")
 
 
+def report_page(title: str, machine: str, a: Analysis, command: str, run: str,
+                rows: list[list[object]], closing: str) -> str:
+    """A trajectory benchmark's page: title, machine line, the command and the timed
+    analysis process, the run, the table of numbers, the reading."""
+    return "\n".join([
+        title, "", machine,
+        f"Produced by `{command}`. The timed analysis process: "
+        f"`hessrank {shlex.join(a.argv)}` (run dir and output in a scratch directory).",
+        "", run, "", _timing.markdown_table(["quantity", "value"], rows), "", closing, "",
+    ])
+
+
 def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, busy: float,
            command: str) -> str:
     sizes = n["sizes"]
-    parts = [
+    return report_page(
         "# Trajectory analysis end to end: server + every client, stable rank at 40 matvecs",
-        "",
         f"{datetime.date.today()} — {_timing.machine_line(threads)}; other work kept "
         f"{busy:.1f} cores busy at the start.",
-        f"Produced by `{command}`. The timed analysis process: "
-        f"`hessrank {shlex.join(a.argv)}` (run dir and output in a scratch directory).",
-        "",
+        a, command,
         f"Run: FedAvg on scikit-learn digits, model `{config.model}` (p = {n['p']:,}, "
         f"{config.dtype}), {config.clients} clients, {config.partition} split "
         f"(alpha {config.dirichlet_alpha}; client sizes {min(sizes)}–{max(sizes)}, "
@@ -259,13 +268,7 @@ def report(n: dict[str, Any], a: Analysis, config: TrainConfig, threads: int, bu
         f"accuracy {n['accuracy']:.3f}. Analysis: default operator settings, eval mode, "
         "one FederatedOperator (K + 1 stacked Hessians) per checkpoint; no density, alignment "
         "or subsets. Single run, not repeated.",
-        "",
-        _timing.markdown_table(["quantity", "value"], table_rows(n, threads)),
-        "",
-        reading(n, threads, busy),
-        "",
-    ]
-    return "\n".join(parts)
+        table_rows(n, threads), reading(n, threads, busy))
 
 
 def before_after(base: Path, repeats: int, threads: int, seed: int, fast: bool,
