@@ -296,12 +296,18 @@ pd.DataFrame(rows).round(4)
 # study `experiments/configs/federated_shakespeare_lora.toml` trains R independent replicates
 # (replicate i: seed i, its own draw of roles, init and batches; the probe vectors
 # independent too), analyzes each at its checkpoints and tests, per training phase (thirds of
-# the rounds), two log-scale effects with the replicate as the unit (a t-test over replicate
+# the rounds), four log-scale effects with the replicate as the unit (a t-test over replicate
 # means, R − 1 degrees of freedom; Holm over all tests; a minimum effect δ stated in the spec):
 #
 # - `client_minus_server`: mean over clients of log srank(H_c) − log srank(H);
 # - `n50_minus_server`: mean over 10 random 50-sequence subsets of the server's data of
-#   log srank(H_S) − log srank(H) — the sample size alone, no role in common.
+#   log srank(H_S) − log srank(H) — the sample size alone, no role in common;
+# - `client_minus_size_matched`: mean over clients of log srank(H_c) − log srank(H_M), M a
+#   random subset of the server's sequences with the client's number of sequences — what a
+#   role's data do beyond their number;
+# - `client_minus_histogram_matched`: the same with M also drawn so that its target
+#   characters' histogram is close to the client's in total variation (the sequence analogue
+#   of label matching) — what a role does beyond its size and its characters.
 #
 # Verdicts: *supported* / *reversed* when a one-sided test rejects θ ≤ +δ / θ ≥ −δ,
 # *negligible* when the equivalence test rejects |θ| ≥ δ, else *inconclusive*.

@@ -377,8 +377,9 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
     (:func:`hessrank.analysis.settings.probe_seed`); subsets are drawn from streams of
     ``seed``. Written to ``out/controls.parquet`` (with its settings in ``out/controls.json``)
     when ``out`` is given, and reused from there by a call with the same settings and
-    checkpoints; until the call finishes, each finished round's rows wait in ``out/rounds``,
-    so an interrupted call resumes at its first unfinished round.
+    checkpoints (by content, so a copied or moved run keeps its controls); until the call
+    finishes, each finished round's rows wait in ``out/rounds``, so an interrupted call
+    resumes at its first unfinished round.
     """
     run = RunDir(run_dir)
     loss_fn = run.task()
@@ -386,19 +387,24 @@ def analyze_controls(run_dir: str | Path, *, rounds: Sequence[int], matched_draw
                 "nested_sizes": sorted(int(n) for n in nested_sizes),
                 "nested_draws": int(nested_draws), "matvecs": int(matvecs), "seed": int(seed),
                 "probe_streams": "per-round-group",
-                "checkpoints": [run.checkpoint_path(int(r)).stat().st_mtime_ns for r in rounds]}
+                "checkpoints": [run.checkpoint_hash(int(r)) for r in rounds]}
     if loss_fn.name == "next-token" and matched_draws > 0:  # only runs that draw them
         settings["histogram_search"] = {"proposals": int(proposals), "patience": int(patience)}
     if out is not None:
         done, key = Path(out) / "controls.parquet", Path(out) / "controls.json"
-        if done.is_file() and key.is_file() and json.loads(key.read_text()) == settings:
-            return pd.read_parquet(done)  # computed before with the same settings: reuse
+        former = _mtime_keyed(settings, run, rounds)
+        if done.is_file() and key.is_file():
+            stored = json.loads(key.read_text())
+            if stored in (settings, former):
+                if stored != settings:  # the former key: record the content hashes now
+                    atomic_write_text(key, json.dumps(settings))
+                return pd.read_parquet(done)  # computed before with the same settings: reuse
     client_data = run.client_data()
     groups, info = control_groups(client_data, matched_draws=matched_draws,
                                   nested_sizes=nested_sizes, nested_draws=nested_draws,
                                   seed=seed, task=loss_fn, proposals=proposals,
                                   patience=patience)
-    parts = _round_parts(Path(out), settings) if out is not None else None
+    parts = _round_parts(Path(out), settings, former) if out is not None else None
     rows = []
     for r in rounds:
         part = parts / f"round_{int(r)}.parquet" if parts is not None else None
@@ -437,16 +443,26 @@ def _write_parquet(path: Path, table: pd.DataFrame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _round_parts(out: Path, settings: dict) -> Path:
+def _mtime_keyed(settings: dict, run: RunDir, rounds: Sequence[int]) -> dict:
+    """``settings`` as controls written before content hashes keyed them: the checkpoints by
+    their files' modification times (which a copy of the run changes). A table stored under
+    that key with the current files' times was computed from these checkpoints."""
+    times = [run.checkpoint_path(int(r)).stat().st_mtime_ns for r in rounds]
+    return {**settings, "checkpoints": times}
+
+
+def _round_parts(out: Path, settings: dict, former: dict) -> Path:
     """``out/rounds``: each finished round's rows of an unfinished call, so an interrupted
     call resumes at the first unfinished round; parts written under other settings (or an
-    older format) are dropped, being this function's own scratch."""
+    older format) are dropped, being this function's own scratch. Parts stamped with the
+    ``former`` key of the same settings (:func:`_mtime_keyed`) are kept and restamped."""
     parts = out / "rounds"
     stamp = parts / "settings.json"
-    if parts.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
+    stored = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if parts.is_dir() and stored not in (settings, former):
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    if not stamp.is_file():
+    if stored != settings:
         atomic_write_text(stamp, json.dumps(settings))
     return parts
 

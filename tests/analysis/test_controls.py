@@ -145,3 +145,47 @@ def test_an_interrupted_controls_call_resumes_at_its_first_unfinished_round(trai
     whole[whole["round"] == 0].to_parquet(stale / "round_0.parquet", index=False)
     again = ct.analyze_controls(trained_run, out=tmp_path / "cut", **{**kw, "matvecs": 12})
     assert (again["matvecs"] == 12).all() and not stale.exists()
+
+
+def test_controls_are_keyed_by_checkpoint_content_so_a_copied_run_keeps_them(trained_run,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    """The checkpoints key the stored controls by their content hashes, not their files'
+    modification times: a copy of the run (new times) reuses them; a table stored under the
+    former key (times) is reused, and its key rewritten, only while the times match."""
+    import json
+    import os
+    import shutil
+
+    from hessrank.fl.rundir import RunDir
+
+    kw = dict(rounds=[0, 2], matched_draws=1, matvecs=10, seed=0)
+    first = ct.analyze_controls(trained_run, out=tmp_path / "ctl", **kw)
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)  # copies the bytes; new modification times below
+    for f in (copy / "checkpoints").iterdir():
+        os.utime(f, ns=(1, 1))
+    shutil.copytree(tmp_path / "ctl", tmp_path / "ctl_copy")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("recomputed")
+
+    real = ct.stable_rank
+    monkeypatch.setattr(ct, "stable_rank", must_not_run)
+    again = ct.analyze_controls(copy, out=tmp_path / "ctl_copy", **kw)
+    pd.testing.assert_frame_equal(again, first)
+    # the former key: modification times of the same files
+    key = tmp_path / "ctl_copy" / "controls.json"
+    new = json.loads(key.read_text())
+    times = [RunDir(copy).checkpoint_path(r).stat().st_mtime_ns for r in kw["rounds"]]
+    key.write_text(json.dumps({**new, "checkpoints": times}))
+    pd.testing.assert_frame_equal(ct.analyze_controls(copy, out=tmp_path / "ctl_copy", **kw),
+                                  first)
+    assert json.loads(key.read_text()) == new  # rewritten with the content hashes
+    # former-key times that do not match the files: not reused
+    key.write_text(json.dumps({**new, "checkpoints": [t + 1 for t in times]}))
+    calls = {"n": 0}
+    monkeypatch.setattr(ct, "stable_rank", lambda *a, **k: (calls.__setitem__(
+        "n", calls["n"] + 1), real(*a, **k))[1])
+    ct.analyze_controls(copy, out=tmp_path / "ctl_copy", **kw)
+    assert calls["n"] > 0
